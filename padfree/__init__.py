@@ -1,0 +1,40 @@
+"""padfree: padding-free fine-tuning kernels for Hugging Face models.
+
+Public API (see README.md):
+    varlen_attention, lora_linear, moe_route, moe_experts   ops (torch custom ops, autograd)
+    patch, unpatch                                          switch a transformers/PEFT model over
+    use_backend                                             "auto" | "triton" | "cuda" | "reference"
+
+Importing padfree has no side effects beyond defining its torch custom ops: nothing in
+transformers is registered or patched until `patch` is called, and triton / `padfree._C` are
+only loaded when an op first needs them.
+"""
+
+from importlib import import_module
+
+from padfree._backend import use_backend
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "varlen_attention": "padfree.ops.attention",
+    "lora_linear": "padfree.ops.lora",
+    "moe_route": "padfree.ops.moe",
+    "moe_experts": "padfree.ops.moe",
+    "patch": "padfree.hf.patch",
+    "unpatch": "padfree.hf.patch",
+}
+
+__all__ = ["use_backend", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'padfree' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

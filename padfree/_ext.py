@@ -1,0 +1,120 @@
+"""Loading `padfree._C`: the C++ (CPU) and CUDA ops in `csrc/`, registered as `torch.ops.padfree.*`.
+
+Order: an ahead-of-time build (`PADFREE_BUILD_EXT=1 pip install .`), else a just-in-time build
+with ninja on first use, cached under `$PADFREE_EXT_DIR` (default `~/.cache/padfree/ext/<key>`,
+keyed by the torch version and whether CUDA is compiled in). `PADFREE_BUILD_EXT=0` forbids the
+just-in-time build. When no build is possible, the ops fall back to Triton / PyTorch and this
+module says so once; importing padfree never fails because of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from padfree._backend import warn_once
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "how": None, "error": None}
+
+
+def source_dir() -> Path:
+    """`csrc/` of a source checkout (editable install), else the copy shipped in the package."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "csrc", package / "_csrc"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("padfree's C++/CUDA sources (csrc/) were not found next to the package")
+
+
+def _cuda_buildable() -> bool:
+    from torch.utils import cpp_extension
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _build_dir(with_cuda: bool, sources: list[Path]) -> Path:
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    key = f"torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}"
+    root = Path(os.environ.get("PADFREE_EXT_DIR", Path.home() / ".cache" / "padfree" / "ext"))
+    path = root / key.replace("+", "_")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_just_in_time() -> str:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None and not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    csrc = source_dir()
+    with_cuda = _cuda_buildable()
+    sources = sorted(csrc.glob("*.cpp")) + (sorted(csrc.glob("*.cu")) if with_cuda else [])
+    flags = ["-O3", "-std=c++20"] + (["-DPADFREE_WITH_CUDA=1"] if with_cuda else [])
+    cuda_flags = ["-O3", "-std=c++20", "-DPADFREE_WITH_CUDA=1",
+                  "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    verbose = os.environ.get("PADFREE_EXT_VERBOSE", "0") == "1"
+    cpp_extension.load(
+        name="padfree_C",
+        sources=[str(s) for s in sources],
+        extra_cflags=flags,
+        extra_cuda_cflags=cuda_flags if with_cuda else None,
+        build_directory=str(_build_dir(with_cuda, sources)),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=verbose,
+    )
+    return "just-in-time build" + (" (CPU + CUDA)" if with_cuda else " (CPU only)")
+
+
+def load() -> bool:
+    """Load `padfree._C` once; True when its ops are registered."""
+    with _lock:
+        if _state["loaded"] is not None:
+            return bool(_state["loaded"])
+        try:
+            import padfree._C  # noqa: F401  (ahead-of-time build)
+
+            _state["how"] = "ahead-of-time build"
+        except ImportError:
+            if os.environ.get("PADFREE_BUILD_EXT", "") == "0":
+                _state["error"] = "PADFREE_BUILD_EXT=0 forbids the just-in-time build"
+            else:
+                try:
+                    _state["how"] = _build_just_in_time()
+                except Exception as err:  # any compiler/toolchain failure: fall back, say why
+                    _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        _state["loaded"] = _state["error"] is None
+        if not _state["loaded"]:
+            warn_once("padfree._C", f"padfree._C could not be loaded ({_state['error']}); ops that have "
+                                    "C++/CUDA kernels fall back to Triton or PyTorch")
+        return bool(_state["loaded"])
+
+
+@torch.compiler.assume_constant_result
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether `torch.ops.padfree.<op>` has a `padfree._C` kernel for `device`'s type.
+
+    Constant for the process, so `torch.compile` evaluates it once while tracing."""
+    if not load():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"padfree::{op}", key)
+
+
+def status() -> dict[str, object]:
+    """For `padfree env`: whether `_C` loaded, how, or why not."""
+    load()
+    return {"loaded": bool(_state["loaded"]), "how": _state["how"], "error": _state["error"],
+            "cuda_kernels": _state["loaded"] and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "padfree::cu_seqlens_from_position_ids", "CUDA")}

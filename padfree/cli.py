@@ -1,0 +1,126 @@
+"""The `padfree` command.
+
+    padfree env                         versions, usable backends, GPU and arch, padfree._C state
+    padfree compile-check --arch 80 90  compile every Triton kernel config to a cubin, no GPU needed
+                        [--cuda]        and every csrc/*.cu with nvcc -c
+
+Each subcommand lives in a module exposing `add_arguments(parser)` and `run(args) -> int`; the
+table `SUBCOMMANDS` maps names to those modules, which are imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("padfree.cli", "print versions, usable backends, GPU and padfree._C state"),
+    "compile-check": ("padfree.cli", "compile every Triton kernel config to cubins (no GPU needed)"),
+}
+
+
+def _env_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-build", action="store_true", help="do not build padfree._C just to report on it")
+
+
+def _env(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import torch
+
+    from padfree import _backend, _ext
+    from padfree.kernels import runtime
+
+    rows = [("python", platform.python_version()), ("torch", torch.__version__),
+            ("torch CUDA", str(torch.version.cuda))]
+    try:
+        import triton
+
+        rows.append(("triton", triton.__version__))
+    except ImportError:
+        rows.append(("triton", "not installed"))
+    for name in ("transformers", "peft", "flash_attn"):
+        try:
+            rows.append((name, importlib.import_module(name).__version__))
+        except ImportError:
+            rows.append((name, "not installed"))
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        rows.append(("GPU", f"{torch.cuda.get_device_name()} (sm_{major}{minor})"))
+    else:
+        rows.append(("GPU", "none (CUDA not available)"))
+    rows.append(("backend requested", _backend.requested_backend()))
+    triton_mode = ("interpreter (TRITON_INTERPRET=1)" if runtime.interpreting() else "compiled") \
+        if runtime.HAS_TRITON else "unavailable"
+    rows.append(("Triton kernels", triton_mode))
+    if args.no_build and os.environ.get("PADFREE_BUILD_EXT") is None:
+        os.environ["PADFREE_BUILD_EXT"] = "0"
+    status = _ext.status()
+    if status["loaded"]:
+        rows.append(("padfree._C", f"loaded ({status['how']}), CUDA kernels: {'yes' if status['cuda_kernels'] else 'no'}"))
+    else:
+        rows.append(("padfree._C", f"not loaded: {status['error']}"))
+    usable = ["reference"]
+    if runtime.HAS_TRITON and (torch.cuda.is_available() or runtime.interpreting()):
+        usable.append("triton")
+    if status["loaded"]:
+        usable.append("cuda")
+    rows.append(("usable backends", ", ".join(usable)))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--kernel", default=None, help="only kernels whose name contains this")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="also compile every csrc/*.cu with nvcc -c per arch and syntax-check the CUDA glue")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA sources, no Triton kernels")
+
+
+def _compile_check(args: argparse.Namespace) -> int:
+    from padfree import compile_check
+
+    results = [] if args.cuda_only else compile_check.run(args.arch, args.kernel, args.jobs)
+    if args.cuda or args.cuda_only:
+        results += compile_check.run_cuda_sources(args.arch)
+    failed = [r for r in results if not r.ok]
+    print(f"compile-check: {len(results) - len(failed)} ok, {len(failed)} failed")
+    return 0 if not failed else 1
+
+
+_LOCAL = {"env": (_env_arguments, _env), "compile-check": (_compile_check_arguments, _compile_check)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="padfree", description="padding-free fine-tuning kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name in _LOCAL:
+            add_arguments, run = _LOCAL[name]
+        else:
+            target = importlib.import_module(module)
+            add_arguments, run = target.add_arguments, target.run
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (RuntimeError, ValueError, FileNotFoundError) as err:
+        print(f"padfree {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Compile every registered Triton kernel, in every launch configuration, to a cubin per GPU arch.
+
+Needs no GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole
+Triton → PTX → ptxas pipeline on the host. Reports shared memory (Triton's dynamic allocation) and,
+from `cuobjdump -res-usage` on the cubin, registers and local memory (spills / stack).
+Pointer arguments are compiled with the 16-byte alignment hint a real launch gets from torch's
+allocator, so the code (vector widths, registers) matches what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+# Ampere and Hopper allow at most this much shared memory per block (opt-in), in bytes.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    label: str
+    arch: int
+    ok: bool
+    shared: int = 0
+    registers: int | None = None
+    local: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return bundled if os.path.exists(bundled) else None
+    except ImportError:
+        return None
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    tool = _cuobjdump()
+    if tool is None:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True).stdout
+    registers = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    spill = (int(stack.group(1)) if stack else 0) + (int(local.group(1)) if local else 0)
+    return (int(registers.group(1)) if registers else None), spill
+
+
+def _compile_one(job: tuple[str, int, int]) -> CompileResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from padfree.kernels import registry
+
+    kernel_name, launch_index, arch = job
+    entry = next(e for e in registry.all_kernels() if e.name == kernel_name)
+    launch = list(entry.launches())[launch_index]
+    started = time.perf_counter()
+    try:
+        arg_names = list(launch.signature)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names)
+                 if launch.signature[name].startswith("*")}
+        source = ASTSource(fn=entry.kernel, signature=launch.signature, constexprs=launch.constexprs,
+                           attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        registers, local = _resource_usage(compiled.asm["cubin"])
+        shared = int(compiled.metadata.shared)
+        result = CompileResult(kernel_name, launch.label, arch, True, shared, registers, local)
+        limit = SHARED_LIMIT.get(arch)
+        if limit is not None and shared > limit:
+            result.ok = False
+            result.error = f"needs {shared} B of shared memory, sm_{arch} allows {limit} B"
+    except Exception as err:  # report every failure, keep compiling the rest
+        message = str(err).strip().splitlines()
+        result = CompileResult(kernel_name, launch.label, arch, False,
+                               error=(message[-1] if message else type(err).__name__)[:300])
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def plan(archs: list[int], kernel_filter: str | None = None) -> list[tuple[str, int, int]]:
+    from padfree.kernels import registry
+
+    jobs = []
+    for entry in registry.all_kernels():
+        if kernel_filter and kernel_filter not in entry.name:
+            continue
+        for index, launch in enumerate(entry.launches()):
+            jobs.extend((entry.name, index, arch) for arch in archs if arch in launch.archs)
+    return jobs
+
+
+def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = None,
+        stream=sys.stdout) -> list[CompileResult]:
+    """Compile everything, print one table row per (kernel, config, arch), return the results."""
+    from padfree.kernels import runtime
+
+    if not runtime.HAS_TRITON:
+        raise RuntimeError("compile-check needs triton installed")
+    if runtime.interpreting():
+        raise RuntimeError("compile-check needs compiled kernels: unset TRITON_INTERPRET and run again")
+    work = plan(archs, kernel_filter)
+    if not work:
+        raise RuntimeError(f"no kernel matches {kernel_filter!r}")
+    workers = jobs or os.cpu_count() or 1
+    header = f"{'kernel':<44} {'config':<40} {'arch':>5} {'shared':>8} {'regs':>5} {'spill':>6} {'sec':>5}  status"
+    print(f"compiling {len(work)} (kernel, config, arch) combinations with {workers} workers", file=stream)
+    print(header, file=stream)
+    print("-" * len(header), file=stream)
+    results = []
+    context = "fork" if sys.platform.startswith("linux") else "spawn"
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(context)) as pool:
+        for result in pool.map(_compile_one, work):
+            results.append(result)
+            short = result.kernel.removeprefix("padfree.kernels.")
+            regs = "-" if result.registers is None else str(result.registers)
+            spill = "-" if result.local is None else str(result.local)
+            status = "ok" if result.ok else f"FAIL: {result.error}"
+            print(f"{short:<44} {result.label:<40} {'sm_' + str(result.arch):>5} {result.shared:>8} "
+                  f"{regs:>5} {spill:>6} {result.seconds:>5.1f}  {status}", file=stream, flush=True)
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)} compiled, {len(failed)} failed", file=stream)
+    return results
+
+
+def _nvcc_arch_flag(arch: int) -> str:
+    # Hopper's wgmma/setmaxnreg need the arch-specific target; its -gencode form also assembles
+    # plain sm_90 code (HOPPER.md: the -arch=sm_90a shorthand ran a plain sm_90 pass too).
+    suffix = "a" if arch >= 90 else ""
+    return f"-gencode=arch=compute_{arch}{suffix},code=sm_{arch}{suffix}"
+
+
+def run_cuda_sources(archs: list[int], stream=sys.stdout) -> list[CompileResult]:
+    """`nvcc -c` every csrc/*.cu for each arch, and syntax-check the C++ glue with CUDA enabled."""
+    import torch
+    from torch.utils import cpp_extension
+
+    from padfree._ext import source_dir
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc not found on PATH: the CUDA sources cannot be checked")
+    csrc = source_dir()
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for source in sorted(csrc.glob("*.cu")):
+            for arch in archs:
+                started = time.perf_counter()
+                command = [nvcc, "-c", str(source), "-o", os.path.join(scratch, "out.o"), "-O3",
+                           "-std=c++20", _nvcc_arch_flag(arch), "-Xptxas", "-v"]
+                done = subprocess.run(command, capture_output=True, text=True)
+                registers = [int(m) for m in re.findall(r"Used (\d+) registers", done.stderr)]
+                spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", done.stderr)]
+                result = CompileResult(f"csrc/{source.name}", "nvcc -c", arch, done.returncode == 0,
+                                       registers=max(registers, default=None), local=sum(spills),
+                                       seconds=time.perf_counter() - started,
+                                       error=done.stderr.strip().splitlines()[-1] if done.returncode else "")
+                results.append(result)
+        compiler = shutil.which("c++") or shutil.which("g++")
+        for source in sorted(csrc.glob("*.cpp")):
+            if compiler is None or "PADFREE_WITH_CUDA" not in source.read_text():
+                continue
+            started = time.perf_counter()
+            done = subprocess.run([compiler, "-fsyntax-only", "-std=c++20", "-DPADFREE_WITH_CUDA=1",
+                                   f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                                   *includes, str(source)], capture_output=True, text=True)
+            results.append(CompileResult(f"csrc/{source.name}", "c++ -fsyntax-only (CUDA glue)", 0,
+                                         done.returncode == 0, seconds=time.perf_counter() - started,
+                                         error=done.stderr.strip().splitlines()[-1] if done.returncode else ""))
+    for result in results:
+        arch = f"sm_{result.arch}" if result.arch else "host"
+        regs = "-" if result.registers is None else str(result.registers)
+        spill = "-" if result.local is None else str(result.local)
+        status = "ok" if result.ok else f"FAIL: {result.error}"
+        print(f"{result.kernel:<44} {result.label:<40} {arch:>5} {'':>8} {regs:>5} {spill:>6} "
+              f"{result.seconds:>5.1f}  {status}", file=stream, flush=True)
+    return results

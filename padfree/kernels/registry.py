@@ -1,0 +1,65 @@
+"""Registry of every Triton kernel of padfree and the configurations it can be launched with.
+
+Each kernel module calls `register(kernel, launches)` next to the kernel's definition, where
+`launches()` yields a `Launch` for every configuration its launcher may pick (tile sizes, warps,
+stages, and the constexpr feature flags that change the code). `padfree compile-check` compiles
+all of them to cubins without a GPU; a test asserts that every `*_kernel` in `padfree.kernels` is
+registered, so a new kernel cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One compile configuration of a kernel.
+
+    `signature` maps every argument name to its Triton type ("*fp16", "i32", "fp32", "constexpr",
+    ...) in the kernel's argument order; `constexprs` gives the values of the constexpr ones.
+    """
+
+    label: str
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 2
+    archs: tuple[int, ...] = (80, 90)
+
+
+@dataclass
+class KernelEntry:
+    name: str
+    kernel: object
+    launches: Callable[[], Iterable[Launch]]
+    module: str = field(default="")
+
+
+_REGISTRY: dict[str, KernelEntry] = {}
+
+
+def register(kernel, launches: Callable[[], Iterable[Launch]]) -> None:
+    """Register a `@triton.jit` kernel with a function yielding its `Launch` configurations."""
+    fn = getattr(kernel, "fn", kernel)
+    name = f"{fn.__module__}.{fn.__name__}"
+    _REGISTRY[name] = KernelEntry(name=name, kernel=kernel, launches=launches, module=fn.__module__)
+
+
+def import_all_kernel_modules() -> list[str]:
+    """Import every module of `padfree.kernels` so that all kernels register themselves."""
+    import padfree.kernels as package
+
+    names = []
+    for info in pkgutil.walk_packages(package.__path__, prefix="padfree.kernels."):
+        importlib.import_module(info.name)
+        names.append(info.name)
+    return names
+
+
+def all_kernels() -> list[KernelEntry]:
+    import_all_kernel_modules()
+    return sorted(_REGISTRY.values(), key=lambda e: e.name)
