@@ -1,0 +1,85 @@
+"""Shared pieces of the pytest-benchmark suites: device facts, versions, timing, extra_info.
+
+Every suite records, per benchmark, `extra_info` with shape, dtype, backend, device name,
+versions, TFLOP/s (from the FLOP count the suite passes in), GB/s (from the bytes it passes in)
+and peak memory. Timings synchronise the device inside the timed function, so pytest-benchmark's
+wall-clock stats are device times; rounds rotate nothing, so suites size their inputs well past
+the L2 cache on a GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import platform
+from collections.abc import Callable
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    for name in ("triton", "transformers", "peft", "flash_attn", "padfree"):
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except ImportError:
+            found[name] = "not installed"
+    return found
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak bytes allocated on a CUDA device while running `fn` once (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def run(benchmark, fn: Callable[[], object], *, device: torch.device, flops: float | None = None,
+        bytes_moved: float | None = None, rounds: int | None = None, warmup_rounds: int = 3,
+        **extra) -> None:
+    """Time `fn` (synchronised) with pytest-benchmark and record the standard extra_info.
+
+    `flops` / `bytes_moved` are per call of `fn`; TFLOP/s and GB/s use the median time.
+    Extra keyword arguments (shape, dtype, backend, ...) go into extra_info as they are.
+    """
+
+    def timed():
+        result = fn()
+        synchronize(device)
+        return result
+
+    if rounds is None:
+        rounds = 20 if device.type == "cuda" else 3
+    peak = peak_memory(timed, device)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    median = benchmark.stats.stats.median
+    info = benchmark.extra_info
+    info.update({key: (str(value) if isinstance(value, (torch.dtype, torch.device)) else value)
+                 for key, value in extra.items()})
+    info["device"] = device_name(device)
+    info["versions"] = versions()
+    info["date"] = datetime.date.today().isoformat()
+    info["median_s"] = median
+    info["peak_memory_bytes"] = peak
+    if flops is not None:
+        info["tflops"] = flops / median / 1e12
+    if bytes_moved is not None:
+        info["gbps"] = bytes_moved / median / 1e9

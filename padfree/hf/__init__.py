@@ -1,0 +1,1 @@
+"""Adapters that switch a transformers / PEFT model instance to padfree (see patch.py)."""
