@@ -1,0 +1,598 @@
+"""Varlen flash attention (FlashAttention-2 algorithm) in Triton: forward and backward.
+
+Work is split into (sequence, block) pairs read from `cu_seqlens` on the device: a block table
+(`block_table`) lists, for every program, the sequence it serves and its block inside that
+sequence. The table's length is an upper bound known from shapes alone (ceil(total/BLOCK) + B + 1),
+so there is no host sync, and nothing is recompiled when `max_seqlen` changes; programs past the
+real work return at once. The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose
+programs write zeros (out, dq, dk, dv) and lse = +inf. Row offsets are int64.
+
+Scores, for query i and key j of a sequence with lengths (sq, sk), diagonal offset sk - sq:
+
+    s_ij = scale * q_i . k_j;  s_ij = softcap * tanh(s_ij / softcap) (softcap);  s_ij -= slope * |i + sk - sq - j|
+    allowed: j < sk, j >= i + sk - sq - left (left >= 0), j <= i + sk - sq + right (right >= 0)
+
+Forward (per query block, online softmax in fp32, base-2 exponentials with log2(e) folded in):
+
+    m' = max(m, rowmax s);  l' = l e^(m - m') + rowsum e^(s - m');  acc' = acc e^(m - m') + (e^(s - m') Z) V
+    out = acc / l,  lse = m + log l   (out = 0 and lse = +inf for a row with no allowed key)
+
+where Z = keep / (1 - dropout_p) is the dropout mask (1 without dropout); `l` sums the undropped
+probabilities, so the normaliser matches the reference.
+
+Backward, from P = exp(s - lse) (recomputed), D_i = sum_d dO_id O_id = sum_j P_ij dP_ij:
+
+    dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - D),   dS0 = dS (1 - tanh^2) with softcap
+    dQ = scale dS0 K,  dK = scale dS0^T Q
+
+D_i equals sum_j P_ij dP_ij because O_i = sum_j P_ij Z_ij v_j. Two kernels share the work without
+atomics: `attention_bwd_dkdv_kernel` owns a key block of one key/value head and loops over every
+query head of its GQA group and every query block that can see it; `attention_bwd_dq_kernel` owns a
+query block and loops over key blocks. Every element is written by exactly one program in a fixed
+order, so the backward is bitwise reproducible run to run.
+
+Dropout draws `tl.rand(seed + ((b * Hq + h) << 32), i * sk + j)` (Philox, int64 offsets): the
+same function in forward, backward and `dropout_keep_mask`, so the backward regenerates the
+forward's mask and tests can hand the same mask to the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from padfree.kernels import registry, runtime
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIM_PADS = (16, 32, 64, 128, 256)
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|): never overflows.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(qk, qi, kj, sk, diagonal, softmax_scale, softcap, slope, window_left, window_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scores in the base-2 domain (-inf where not allowed) and tanh(raw / softcap) for softcap.
+
+    `qi` and `kj` are the query and key positions inside the sequence, shaped to broadcast against
+    `qk` (the forward and dq kernels use (M, 1) x (1, N), the dk/dv kernel the transpose).
+    """
+    if SOFTCAP:
+        capped = _tanh(qk * (softmax_scale / softcap))
+        scores = capped * (softcap * 1.4426950408889634)
+    else:
+        capped = qk
+        scores = qk * (softmax_scale * 1.4426950408889634)
+    if ALIBI:
+        distance = tl.abs(qi + diagonal - kj).to(tl.float32)
+        scores = scores - (slope * 1.4426950408889634) * distance
+    allowed = kj < sk
+    if HAS_LEFT:
+        allowed = allowed & (kj >= qi + diagonal - window_left)
+    if HAS_RIGHT:
+        allowed = allowed & (kj <= qi + diagonal + window_right)
+    return tl.where(allowed, scores, float("-inf")), capped
+
+
+@triton.jit
+def _dropout_keep(seed, seq, head, num_heads, qi, kj, sk, dropout_p):
+    stream = seed + ((seq * num_heads + head).to(tl.int64) << 32)
+    return tl.rand(stream, qi.to(tl.int64) * sk + kj) >= dropout_p
+
+
+@triton.jit
+def _key_range(block_start, BLOCK: tl.constexpr, sk, diagonal, window_left, window_right,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) some query of rows [block_start, block_start + BLOCK) may see; lo block-aligned."""
+    lo = 0
+    hi = sk
+    if HAS_LEFT:
+        lo = tl.maximum(block_start + diagonal - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(block_start + BLOCK + diagonal + window_right, sk)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _query_range(block_start, BLOCK: tl.constexpr, sq, diagonal, window_left, window_right,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Queries [lo, hi) that may see some key of [block_start, block_start + BLOCK); lo aligned."""
+    lo = 0
+    hi = sq
+    if HAS_RIGHT:
+        lo = tl.maximum(block_start - diagonal - window_right, 0)
+    if HAS_LEFT:
+        hi = tl.minimum(block_start + BLOCK - diagonal + window_left, sq)
+    return (lo // BLOCK_M) * BLOCK_M, hi
+
+
+@triton.jit
+def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                         stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
+                         softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                         ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(Blocks + pid)
+    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
+    offs_m = block_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < head_dim
+    if seq == num_seqs:
+        rows = (tl.load(CuQ + num_seqs) + offs_m).to(tl.int64)
+        row_ok = rows < total_q
+        zeros = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty)
+        tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], zeros,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + head.to(tl.int64) * total_q + rows, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_ok)
+    elif seq < num_seqs:
+        q_start = tl.load(CuQ + seq)
+        sq = tl.load(CuQ + seq + 1) - q_start
+        k_start = tl.load(CuK + seq)
+        sk = tl.load(CuK + seq + 1) - k_start
+        diagonal = sk - sq
+        kv_head = head // group
+        row_ok = offs_m < sq
+        tile_m = tl.arange(0, BLOCK_M)
+        tile_n = tl.arange(0, BLOCK_N)
+        # 64-bit scalar bases, 32-bit offsets inside a tile: cheap addresses, no overflow.
+        q_base = (q_start + block_start).to(tl.int64)
+        q = tl.load(Q + q_base * stride_qt + head * stride_qh + tile_m[:, None] * stride_qt + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + seq * stride_alibi + head)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
+                            HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tile_n
+            k_base = (k_start + start_n).to(tl.int64)
+            kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
+            k = tl.load(K + k_base * stride_kt + kv_head * stride_kh + tile_n[:, None] * stride_kt + offs_d[None, :],
+                        mask=kv_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            scores, _ = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
+                                window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            # A row with no allowed key so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(scores - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
+                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            v = tl.load(V + k_base * stride_vt + kv_head * stride_vh + tile_n[:, None] * stride_vt + offs_d[None, :],
+                        mask=kv_ok, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        has_key = l_i > 0.0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+        tl.store(Out + q_base * stride_ot + head * stride_oh + tile_m[:, None] * stride_ot + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + head.to(tl.int64) * total_q + q_base + tile_m, lse, mask=row_ok)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dot, stride_doh, total_q, head_dim,
+                               BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """D_i = sum_d dO_id O_id (fp32), laid out (Hq, total_q) like lse."""
+    head = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    ok = (rows < total_q)[:, None] & (offs_d < head_dim)[None, :]
+    out = tl.load(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=ok, other=0.0)
+    dout = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
+    tl.store(Delta + head.to(tl.int64) * total_q + rows, delta, mask=rows < total_q)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi,
+                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                              stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group, head_dim,
+                              softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                              ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(Blocks + pid)
+    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_N
+    offs_n = block_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < head_dim
+    if seq == num_seqs:
+        rows = (tl.load(CuK + num_seqs) + offs_n).to(tl.int64)
+        ok = (rows < total_k)[:, None] & d_ok[None, :]
+        tl.store(DK + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
+        tl.store(DV + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
+    elif seq < num_seqs:
+        q_start = tl.load(CuQ + seq)
+        sq = tl.load(CuQ + seq + 1) - q_start
+        k_start = tl.load(CuK + seq)
+        sk = tl.load(CuK + seq + 1) - k_start
+        diagonal = sk - sq
+        key_rows = (k_start + offs_n).to(tl.int64)
+        kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
+        k = tl.load(K + key_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + key_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
+                              HAS_LEFT, HAS_RIGHT, BLOCK_M)
+        for member in range(0, group):
+            head = kv_head * group + member
+            slope = 0.0
+            if ALIBI:
+                slope = tl.load(Alibi + seq * stride_alibi + head)
+            for start_m in range(lo, hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < sq
+                rows = (q_start + offs_m).to(tl.int64)
+                q_ok = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
+                dout = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                               mask=q_ok, other=0.0)
+                lse = tl.load(Lse + head.to(tl.int64) * total_q + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(Delta + head.to(tl.int64) * total_q + rows, mask=row_ok, other=0.0)
+                qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+                scores_t, capped_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], sk, diagonal, softmax_scale,
+                                             softcap, slope, window_left, window_right,
+                                             HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
+                p_t = tl.math.exp2(scores_t - (lse * 1.4426950408889634)[None, :])
+                dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
+                if DROPOUT:
+                    keep_t = _dropout_keep(seed, seq, head, num_heads, offs_m[None, :], offs_n[:, None], sk, dropout_p)
+                    dropped_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
+                    dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+                else:
+                    dropped_t = p_t
+                dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                if SOFTCAP:
+                    ds_t = ds_t * (1.0 - capped_t * capped_t)
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        tl.store(DK + key_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+                 (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(DV + key_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                            stride_dot, stride_doh, stride_dqt, stride_dqh,
+                            stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
+                            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                            ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(Blocks + pid)
+    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
+    offs_m = block_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < head_dim
+    if seq == num_seqs:
+        rows = (tl.load(CuQ + num_seqs) + offs_m).to(tl.int64)
+        tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
+                 mask=(rows < total_q)[:, None] & d_ok[None, :])
+    elif seq < num_seqs:
+        q_start = tl.load(CuQ + seq)
+        sq = tl.load(CuQ + seq + 1) - q_start
+        k_start = tl.load(CuK + seq)
+        sk = tl.load(CuK + seq + 1) - k_start
+        diagonal = sk - sq
+        kv_head = head // group
+        row_ok = offs_m < sq
+        rows = (q_start + offs_m).to(tl.int64)
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
+        dout = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_ok, other=0.0)
+        lse = tl.load(Lse + head.to(tl.int64) * total_q + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + head.to(tl.int64) * total_q + rows, mask=row_ok, other=0.0)
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + seq * stride_alibi + head)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
+                            HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_rows = (k_start + offs_n).to(tl.int64)
+            kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
+            k = tl.load(K + key_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(V + key_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            scores, capped = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
+                                     window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
+            p = tl.math.exp2(scores - (lse * 1.4426950408889634)[:, None])
+            dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - capped * capped)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                 (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def attention_dropout_mask_kernel(Keep, seed, seq, head_offset, num_heads, seqlen_q, seqlen_k, dropout_p,
+                                  BLOCK: tl.constexpr):
+    """The keep-mask the attention kernels use for one sequence, as int8 (Hq, sq, sk) (tests)."""
+    head = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(seed, seq, head + head_offset, num_heads, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+    index = (head.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
+    tl.store(Keep + index, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def head_dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Tile sizes per (kernel, padded head dim, 2-byte or 4-byte inputs). Chosen for Hopper/Ampere:
+# the forward keeps a (BLOCK_M, D) query tile in registers and streams (BLOCK_N, D) key/value
+# tiles; the dk/dv kernel keeps (BLOCK_N, D) k, v, dk, dv and streams narrow query blocks; the dq
+# kernel is the forward's shape. fp32 inputs (ieee dots) halve the tiles.
+_TILES = {
+    ("fwd", 16, 2): Tiles(128, 64, 4, 3), ("fwd", 32, 2): Tiles(128, 64, 4, 3),
+    ("fwd", 64, 2): Tiles(128, 64, 8, 3), ("fwd", 128, 2): Tiles(128, 64, 8, 3),
+    ("fwd", 256, 2): Tiles(64, 64, 8, 2),
+    ("dkdv", 16, 2): Tiles(32, 128, 4, 3), ("dkdv", 32, 2): Tiles(32, 128, 4, 3),
+    ("dkdv", 64, 2): Tiles(32, 128, 4, 3), ("dkdv", 128, 2): Tiles(32, 128, 8, 2),
+    ("dkdv", 256, 2): Tiles(32, 64, 8, 2),
+    ("dq", 16, 2): Tiles(128, 32, 4, 3), ("dq", 32, 2): Tiles(128, 32, 4, 3),
+    ("dq", 64, 2): Tiles(128, 32, 4, 3), ("dq", 128, 2): Tiles(128, 32, 8, 2),
+    ("dq", 256, 2): Tiles(64, 32, 8, 2),
+}
+for (_kind, _pad, _size), _t in list(_TILES.items()):
+    _TILES[(_kind, _pad, 4)] = Tiles(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2)
+DELTA_BLOCK = 64
+MASK_BLOCK = 32
+
+# Tests shrink the tiles (e.g. to 16 x 16) so that small interpreted shapes cross many tile edges.
+_tile_override: Tiles | None = None
+
+
+def tiles(kind: str, head_dim_padded: int, dtype: torch.dtype) -> Tiles:
+    if _tile_override is not None:
+        return _tile_override
+    return _TILES[(kind, head_dim_padded, 4 if dtype == torch.float32 else 2)]
+
+
+class override_tiles:
+    """Context manager forcing one tile shape for every attention kernel (tests)."""
+
+    def __init__(self, block_m: int, block_n: int):
+        self.tiles = Tiles(block_m, block_n, 4, 1)
+
+    def __enter__(self):
+        global _tile_override
+        self.saved, _tile_override = _tile_override, self.tiles
+
+    def __exit__(self, *exc):
+        global _tile_override
+        _tile_override = self.saved
+
+
+def block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> torch.Tensor:
+    """int32 (2, G): row 0 the sequence of each program (B = the tail of padding tokens, B + 1 =
+    nothing to do), row 1 its block index inside that sequence. G depends on shapes only."""
+    num_seqs = cu_seqlens.numel() - 1
+    offsets = cu_seqlens.to(torch.int64)
+    lengths = torch.cat([offsets[1:] - offsets[:-1], total - offsets[-1:]])
+    ends = torch.cumsum((lengths + block - 1) // block, 0)
+    count = triton.cdiv(total, block) + num_seqs + 1
+    program = torch.arange(count, device=cu_seqlens.device)
+    seq = torch.searchsorted(ends, program, right=True)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    index = program - starts[seq.clamp(max=num_seqs)]
+    return torch.stack([seq, index]).to(torch.int32)
+
+
+def _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, dtype):
+    return dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap > 0,
+                ALIBI=alibi_slopes is not None, DROPOUT=dropout_p > 0,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _alibi_args(alibi_slopes, fallback):
+    if alibi_slopes is None:
+        return fallback, 0
+    return alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+
+
+def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
+    """Why the Triton kernels cannot run this input, or None."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "the Triton interpreter does not support bf16 tl.dot; use fp16/fp32 on CPU"
+    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "bf16 needs sm_80 or newer"
+    return None
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+            window_right, softcap, alibi_slopes, dropout_p, seed):
+    """Launch the forward; returns out (total_q, Hq, D) and lse (Hq, total_q) fp32."""
+    total_q, num_heads, head_dim = q.shape
+    out = runtime.empty((total_q, num_heads, head_dim), q.dtype, q.device)
+    lse = runtime.empty((num_heads, total_q), torch.float32, q.device)
+    if total_q == 0 or num_heads == 0:
+        return out, lse
+    pad = head_dim_pad(head_dim)
+    tile = tiles("fwd", pad, q.dtype)
+    blocks = block_table(cu_seqlens_q, total_q, tile.block_m)
+    alibi, stride_alibi = _alibi_args(alibi_slopes, lse)
+    attention_fwd_kernel[(blocks.shape[1], num_heads)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        stride_alibi, blocks.shape[1], total_q, cu_seqlens_q.numel() - 1, num_heads, num_heads // k.shape[1],
+        head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad,
+        **_flags(alibi_slopes, window_left, window_right, softcap, dropout_p, q.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
+    """Launch the backward; returns dq, dk, dv in the dtypes of q, k, v."""
+    total_q, num_heads, head_dim = q.shape
+    total_k, num_kv_heads, _ = k.shape
+    dq = runtime.empty(q.shape, q.dtype, q.device)
+    dk = runtime.empty(k.shape, k.dtype, k.device)
+    dv = runtime.empty(v.shape, v.dtype, v.device)
+    pad = head_dim_pad(head_dim)
+    flags = _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, q.dtype)
+    num_seqs = cu_seqlens_q.numel() - 1
+    group = num_heads // num_kv_heads
+    delta = torch.empty((num_heads, total_q), dtype=torch.float32, device=q.device)
+    alibi, stride_alibi = _alibi_args(alibi_slopes, delta)
+    if total_q > 0:
+        attention_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK), num_heads)](
+            out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total_q, head_dim,
+            BLOCK_M=DELTA_BLOCK, HEAD_DIM_PAD=pad)
+    if total_k > 0:
+        tile = tiles("dkdv", pad, q.dtype)
+        blocks = block_table(cu_seqlens_k, total_k, tile.block_n)
+        attention_bwd_dkdv_kernel[(blocks.shape[1], num_kv_heads)](
+            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            stride_alibi, blocks.shape[1], total_q, total_k, num_seqs, num_heads, group, head_dim,
+            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if total_q > 0:
+        tile = tiles("dq", pad, q.dtype)
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m)
+        attention_bwd_dq_kernel[(blocks.shape[1], num_heads)](
+            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+            stride_alibi, blocks.shape[1], total_q, num_seqs, num_heads, group, head_dim,
+            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: int, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, num_heads: int,
+                      dropout_p: float) -> list[torch.Tensor]:
+    """Per sequence, the bool keep-mask (Hq, sq, sk) the kernels draw for `seed` (for tests)."""
+    masks = []
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for seq in range(len(offsets_q) - 1):
+        seqlen_q = offsets_q[seq + 1] - offsets_q[seq]
+        seqlen_k = offsets_k[seq + 1] - offsets_k[seq]
+        keep = torch.empty((num_heads, seqlen_q, seqlen_k), dtype=torch.int8, device=cu_seqlens_q.device)
+        if keep.numel():
+            grid = (triton.cdiv(seqlen_q, MASK_BLOCK), triton.cdiv(seqlen_k, MASK_BLOCK), num_heads)
+            attention_dropout_mask_kernel[grid](keep, seed, seq, 0, num_heads, seqlen_q, seqlen_k, dropout_p,
+                                                BLOCK=MASK_BLOCK)
+        masks.append(keep.bool())
+    return masks
+
+
+# ---- compile-check registry -------------------------------------------------------------------
+
+_FLAG_NAMES = ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "DROPOUT")
+
+
+def _flag_sets(dtype_name: str, pad: int):
+    """Every feature on (a superset of the code of any other flag set, and the most registers);
+    for the training hot path (bf16, head dim 128) also the plain and the causal kernels."""
+    yield dict.fromkeys(_FLAG_NAMES, True)
+    if (dtype_name, pad) == ("bf16", 128):
+        yield dict.fromkeys(_FLAG_NAMES, False)
+        yield {name: name == "HAS_RIGHT" for name in _FLAG_NAMES}
+
+
+def _attention_launches(kind: str, kernel):
+    arg_names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
+    for dtype, dtype_name in TRITON_DTYPES.items():
+        for pad in HEAD_DIM_PADS:
+            tile = tiles(kind, pad, dtype)
+            for flags in _flag_sets(dtype_name, pad):
+                signature = {}
+                for name in arg_names:
+                    if name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ"):
+                        signature[name] = f"*{dtype_name}"
+                    elif name in ("Lse", "Delta", "Alibi"):
+                        signature[name] = "*fp32"
+                    elif name in ("CuQ", "CuK", "Blocks"):
+                        signature[name] = "*i32"
+                    elif name in ("softmax_scale", "softcap", "dropout_p"):
+                        signature[name] = "fp32"
+                    elif name == "seed":
+                        signature[name] = "i64"
+                    elif name.isupper():
+                        signature[name] = "constexpr"
+                    else:
+                        signature[name] = "i32"
+                constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+                                  PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
+                yield registry.Launch(label=f"{dtype_name} d{pad} {tile.block_m}x{tile.block_n} {on}",
+                                      signature=signature, constexprs=constexprs,
+                                      num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def _delta_launches():
+    for dtype_name in TRITON_DTYPES.values():
+        for pad in HEAD_DIM_PADS:
+            signature = {"Out": f"*{dtype_name}", "DOut": f"*{dtype_name}", "Delta": "*fp32", "stride_ot": "i32",
+                         "stride_oh": "i32", "stride_dot": "i32", "stride_doh": "i32", "total_q": "i32",
+                         "head_dim": "i32", "BLOCK_M": "constexpr", "HEAD_DIM_PAD": "constexpr"}
+            yield registry.Launch(label=f"{dtype_name} d{pad}", signature=signature,
+                                  constexprs=dict(BLOCK_M=DELTA_BLOCK, HEAD_DIM_PAD=pad))
+
+
+def _mask_launches():
+    signature = {"Keep": "*i8", "seed": "i64", "seq": "i32", "head_offset": "i32", "num_heads": "i32",
+                 "seqlen_q": "i32", "seqlen_k": "i32", "dropout_p": "fp32", "BLOCK": "constexpr"}
+    yield registry.Launch(label=f"{MASK_BLOCK}x{MASK_BLOCK}", signature=signature, constexprs=dict(BLOCK=MASK_BLOCK))
+
+
+registry.register(attention_fwd_kernel, lambda: _attention_launches("fwd", attention_fwd_kernel))
+registry.register(attention_bwd_dkdv_kernel, lambda: _attention_launches("dkdv", attention_bwd_dkdv_kernel))
+registry.register(attention_bwd_dq_kernel, lambda: _attention_launches("dq", attention_bwd_dq_kernel))
+registry.register(attention_bwd_delta_kernel, _delta_launches)
+registry.register(attention_dropout_mask_kernel, _mask_launches)

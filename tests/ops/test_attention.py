@@ -1,0 +1,292 @@
+"""Varlen attention on the Triton kernels (interpreted on CPU) against the float64 reference.
+
+The kernels run with 16 x 16 tiles here so that short sequences cross many tile edges (lengths
+0, 1, 15, 16, 17, ...); one test runs the production tiles. Outputs are NaN-poisoned, so an
+element no program writes fails. Gradients flow through the registered custom op and its
+autograd, exactly as in training.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import padfree
+from padfree.ops import attention as attention_op
+from padfree.reference import attention as reference
+from tests.numerics import assert_close, assert_finite_and_written
+
+kernels = pytest.importorskip("padfree.kernels.attention")
+
+EDGE_LENGTHS_Q = [17, 0, 1, 16, 33, 15]
+EDGE_LENGTHS_K = [17, 3, 1, 16, 33, 15]
+
+
+def packed(lengths_q, lengths_k, heads_q=4, heads_k=2, dim=32, dtype=torch.float32, tail=3):
+    cu_q = torch.tensor([0] + list(lengths_q)).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + list(lengths_k)).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]) + tail, heads_q, dim).to(dtype)
+    k = torch.randn(int(cu_k[-1]) + tail, heads_k, dim).to(dtype)
+    v = torch.randn(int(cu_k[-1]) + tail, heads_k, dim).to(dtype)
+    return q, k, v, cu_q, cu_k
+
+
+def run_op(q, k, v, cu_q, cu_k, backend, scale, window=(-1, -1), softcap=0.0, alibi=None, dropout_p=0.0, seed=7):
+    """Forward + backward through the custom op (as `varlen_attention` calls it) with a known seed."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    max_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
+    max_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
+    out, lse = torch.ops.padfree.varlen_attention_fwd(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, window[0], window[1], softcap, alibi, dropout_p,
+        torch.tensor(seed, dtype=torch.int64), backend)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    return out.detach(), lse, dout, q.grad, k.grad, v.grad
+
+
+def check_against_reference(q, k, v, cu_q, cu_k, scale=0.3, window=(-1, -1), softcap=0.0, alibi=None,
+                            dropout_p=0.0, seed=7):
+    out, lse, dout, dq, dk, dv = run_op(q, k, v, cu_q, cu_k, "triton", scale, window, softcap, alibi, dropout_p, seed)
+    masks = kernels.dropout_keep_mask(seed, cu_q, cu_k, q.shape[1], dropout_p) if dropout_p > 0 else None
+    args = (cu_q, cu_k, scale, window[0], window[1], softcap)
+    alibi64 = None if alibi is None else alibi.double()
+    wide = [t.double() for t in (q, k, v)]
+    oracle, oracle_lse = reference.attention(*wide, *args, alibi64, dropout_p, dropout_masks=masks)
+    oracle_grads = reference.attention_backward(dout.double(), *wide, *args, alibi64, dropout_p, dropout_masks=masks)
+    baseline = baseline_grads = (None, None, None)
+    if q.dtype != torch.float32:
+        baseline, _ = reference.attention(q, k, v, *args, alibi, dropout_p, dropout_masks=masks, upcast=False)
+        baseline_grads = reference.attention_backward(dout, q, k, v, *args, alibi, dropout_p, dropout_masks=masks,
+                                                      upcast=False)
+    assert_close("out", out, oracle, baseline, factor=2)
+    for name, grad, want, base in zip(("dq", "dk", "dv"), (dq, dk, dv), oracle_grads, baseline_grads):
+        assert_close(name, grad, want, base, factor=3)
+    finite = torch.isfinite(oracle_lse)
+    assert torch.equal(torch.isinf(lse), ~finite), "lse must be +inf exactly on rows with no key"
+    if finite.any():
+        assert (lse[finite].double() - oracle_lse[finite]).abs().max().item() < 1e-4
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    assert (out[total_q:] == 0).all() and (dq[total_q:] == 0).all()
+    assert (dk[total_k:] == 0).all() and (dv[total_k:] == 0).all()
+
+
+@pytest.fixture
+def small_tiles(triton_cpu):
+    with kernels.override_tiles(16, 16):
+        yield
+
+
+OPTIONS = {
+    "plain": dict(),
+    "causal": dict(window=(-1, 0)),
+    "window": dict(window=(5, 2)),
+    "window_left_only": dict(window=(7, -1)),
+    "softcap": dict(softcap=1.5),
+    "alibi": dict(alibi="heads"),
+    "alibi_per_sequence": dict(alibi="batch"),
+    "dropout": dict(dropout_p=0.3),
+    "causal_dropout_softcap": dict(window=(-1, 0), dropout_p=0.2, softcap=3.0),
+}
+
+
+def materialise(opts, heads, batch):
+    opts = dict(opts)
+    if opts.get("alibi") == "heads":
+        opts["alibi"] = torch.rand(heads) * 0.5
+    elif opts.get("alibi") == "batch":
+        opts["alibi"] = torch.rand(batch, heads) * 0.5
+    return opts
+
+
+FP16_OPTIONS = ("plain", "causal", "softcap", "alibi", "causal_dropout_softcap")
+
+
+@pytest.mark.parametrize("dtype, name", [pytest.param(torch.float32, name, id=f"fp32-{name}") for name in OPTIONS]
+                         + [pytest.param(torch.float16, name, id=f"fp16-{name}") for name in FP16_OPTIONS])
+def test_every_option_against_float64(small_tiles, name, dtype):
+    q, k, v, cu_q, cu_k = packed(EDGE_LENGTHS_Q, EDGE_LENGTHS_K, dtype=dtype)
+    check_against_reference(q, k, v, cu_q, cu_k, **materialise(OPTIONS[name], 4, len(EDGE_LENGTHS_Q)))
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0)], ids=["full", "causal"])
+def test_gqa_and_mqa(small_tiles, heads, window):
+    q, k, v, cu_q, cu_k = packed([9, 20], [9, 20], heads_q=heads[0], heads_k=heads[1])
+    check_against_reference(q, k, v, cu_q, cu_k, window=window)
+
+
+@pytest.mark.parametrize("head_dim", [16, 80, 96, 128, 192, 256])
+def test_head_dims(small_tiles, head_dim):
+    q, k, v, cu_q, cu_k = packed([18, 5], [18, 5], heads_q=2, heads_k=1, dim=head_dim, dtype=torch.float16)
+    check_against_reference(q, k, v, cu_q, cu_k, scale=head_dim ** -0.5, window=(-1, 0))
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (3, 0), (-1, -1)], ids=["causal", "sliding", "full"])
+def test_causal_is_bottom_right_when_lengths_differ(small_tiles, window):
+    # sq > sk leaves the first sq - sk queries with no key under causal: out 0, grads 0, lse +inf.
+    q, k, v, cu_q, cu_k = packed([20, 5, 7], [6, 19, 7])
+    check_against_reference(q, k, v, cu_q, cu_k, window=window)
+
+
+def test_production_tiles(triton_cpu):
+    q, k, v, cu_q, cu_k = packed([130, 1, 127], [130, 1, 127], heads_q=2, heads_k=1, dim=64, dtype=torch.float16)
+    check_against_reference(q, k, v, cu_q, cu_k, scale=0.125, window=(-1, 0))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=5),
+       causal=st.booleans(), tail=st.integers(0, 5))
+def test_random_cu_seqlens(small_tiles, lengths, causal, tail):
+    lengths_q, lengths_k = zip(*lengths)
+    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, heads_q=2, heads_k=1, dim=16, tail=tail)
+    check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0) if causal else (-1, -1))
+
+
+def test_backward_is_bitwise_reproducible(small_tiles):
+    q, k, v, cu_q, cu_k = packed([40, 23], [40, 23], heads_q=4, heads_k=1, dtype=torch.float16)
+    first = run_op(q, k, v, cu_q, cu_k, "triton", 0.25, dropout_p=0.1)
+    torch.manual_seed(1234)
+    second = run_op(q, k, v, cu_q, cu_k, "triton", 0.25, dropout_p=0.1)
+    torch.manual_seed(1234)
+    third = run_op(q, k, v, cu_q, cu_k, "triton", 0.25, dropout_p=0.1)
+    for a, b in zip(second, third):
+        assert torch.equal(a, b)
+    assert torch.equal(first[0], second[0]), "same seed must give the same dropout mask"
+
+
+def test_dropout_mask_rate_and_seed(triton_cpu):
+    cu = torch.tensor([0, 64, 128], dtype=torch.int32)
+    first = kernels.dropout_keep_mask(5, cu, cu, 4, 0.25)
+    again = kernels.dropout_keep_mask(5, cu, cu, 4, 0.25)
+    other = kernels.dropout_keep_mask(6, cu, cu, 4, 0.25)
+    kept = torch.cat([m.flatten() for m in first]).float().mean().item()
+    assert abs(kept - 0.75) < 0.02
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[0], first[1])
+
+
+def test_public_api_matches_reference_backend(triton_cpu):
+    q, k, v, cu_q, cu_k = packed([12, 7], [12, 7], heads_q=4, heads_k=2)
+    got, lse = padfree.varlen_attention(q, k, v, cu_q, cu_k, 12, 12, causal=True, return_lse=True)
+    with padfree.use_backend("reference"):
+        want, want_lse = padfree.varlen_attention(q, k, v, cu_q, cu_k, 12, 12, causal=True, return_lse=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_on_the_interpreter_falls_back_with_a_warning(triton_cpu):
+    q, k, v, cu_q, cu_k = packed([5], [5], dtype=torch.bfloat16)
+    padfree._backend._warned.clear()
+    with pytest.warns(padfree._backend.PadfreeFallbackWarning, match="bf16"):
+        out = padfree.varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
+    assert_finite_and_written("out", out[:5])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(triton_cpu, backend):
+    q, k, v, cu_q, cu_k = packed([6, 3], [6, 3], heads_q=2, heads_k=1, dim=16, tail=1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    seed = torch.tensor(3, dtype=torch.int64)
+    args = (q, k, v, cu_q, cu_k, 6, 6, 0.25, -1, 0, 0.0, None, 0.0, seed, backend)
+    torch.library.opcheck(torch.ops.padfree.varlen_attention_fwd, args)
+    out, lse = torch.ops.padfree.varlen_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, 6, 6,
+                0.25, -1, 0, 0.0, None, 0.0, seed, backend)
+    torch.library.opcheck(torch.ops.padfree.varlen_attention_bwd, bwd_args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    q, k, v, cu_q, cu_k = packed([9, 4], [9, 4], heads_q=4, heads_k=2, dim=16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def step(q, k, v, cu_q, cu_k):
+        return padfree.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=True).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v, cu_q, cu_k)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    want_loss = step(q, k, v, cu_q, cu_k)
+    want = torch.autograd.grad(want_loss, (q, k, v))
+    torch.testing.assert_close(loss, want_loss)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected)
+
+
+def bad(**changes):
+    q, k, v, cu_q, cu_k = packed([4, 5], [4, 5], heads_q=4, heads_k=2, dim=16, tail=0)
+    call = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=5)
+    call.update(changes)
+    return call
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 9])), TypeError, "int32"),
+    (dict(cu_seqlens_q=torch.tensor([0, 6, 4], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (dict(max_seqlen_q=3), ValueError, "max_seqlen_q"),
+    (dict(k=torch.randn(9, 3, 16), v=torch.randn(9, 3, 16)), ValueError, "multiple"),
+    (dict(q=torch.randn(9, 4, 16, dtype=torch.float64)), TypeError, "q"),
+    (dict(q=torch.randn(9, 4, 300), k=torch.randn(9, 2, 300), v=torch.randn(9, 2, 300)), ValueError, "head_dim"),
+    (dict(v=torch.randn(9, 2, 8)), ValueError, "same shape"),
+    (dict(q=torch.randn(9, 16)), ValueError, "q"),
+    (dict(q=torch.randn(9, 4, 16, device="meta")), ValueError, "device"),
+])
+def test_bad_input_raises_clear_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        padfree.varlen_attention(**bad(**changes))
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="window_size"):
+        padfree.varlen_attention(**bad(), window_size=(-2, 0))
+    with pytest.raises(ValueError, match="dropout_p"):
+        padfree.varlen_attention(**bad(), dropout_p=1.0)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        padfree.varlen_attention(**bad(), alibi_slopes=torch.rand(3))
+
+
+def test_block_table_covers_every_block_once():
+    cu = torch.tensor([0, 0, 5, 37, 38], dtype=torch.int32)
+    table = kernels.block_table(cu, 45, 16)
+    seq, index = table.tolist()
+    work = [(s, i) for s, i in zip(seq, index) if s <= 4]
+    assert work == [(1, 0), (2, 0), (2, 1), (3, 0), (4, 0)]
+    assert all(s == 5 for s in seq[len(work):])
+    assert table.shape[1] == -(-45 // 16) + 4 + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_bf16_real_sizes(causal):
+    lengths = [1000, 3, 4096, 517, 2048, 129]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).cuda()
+    total = int(cu[-1])
+    q = torch.randn(total, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = padfree.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    window = (-1, 0) if causal else (-1, -1)
+    wide = [t.detach().double() for t in (q, k, v)]
+    oracle, _ = reference.attention(*wide, cu, cu, 128 ** -0.5, *window)
+    baseline, _ = reference.attention(q.detach(), k.detach(), v.detach(), cu, cu, 128 ** -0.5, *window, upcast=False)
+    assert_close("out", out, oracle, baseline, factor=2)
+    oracle_grads = reference.attention_backward(dout.double(), *wide, cu, cu, 128 ** -0.5, *window)
+    baseline_grads = reference.attention_backward(dout, q.detach(), k.detach(), v.detach(), cu, cu, 128 ** -0.5,
+                                                  *window, upcast=False)
+    for name, got, want, base in zip(("dq", "dk", "dv"), grads, oracle_grads, baseline_grads):
+        assert_close(name, got, want, base, factor=3)
+
+
+@pytest.mark.gpu
+def test_gpu_no_recompile_when_max_seqlen_changes():
+    def compiled_variants():
+        return sum(len(entry[0]) for entry in kernels.attention_fwd_kernel.device_caches.values())
+
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+    q = torch.randn(300, 8, 64, device="cuda", dtype=torch.bfloat16)
+    padfree.varlen_attention(q, q[:, :2], q[:, :2], cu, cu, 200, 200, causal=True)
+    before = compiled_variants()
+    for max_seqlen in (250, 1000, 4096):
+        padfree.varlen_attention(q, q[:, :2], q[:, :2], cu, cu, max_seqlen, max_seqlen, causal=True)
+    assert compiled_variants() == before
