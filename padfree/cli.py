@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("padfree.cli", "print versions, usable backends, GPU and padfree._C state"),
     "compile-check": ("padfree.cli", "compile every Triton kernel config to cubins (no GPU needed)"),
+    "verify": ("padfree.verify", "check packed == unpacked on a tiny random model"),
 }
 
 

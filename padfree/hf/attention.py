@@ -1,0 +1,251 @@
+"""The transformers attention adapter: `padfree` as an `AttentionInterface` implementation.
+
+`patch_attention` registers `attention_forward` under the name "padfree" in transformers'
+`AttentionInterface`, and transformers' flash-attention mask builder under the same name in
+`AttentionMaskInterface` (without it the mask builder returns None and a padded batch could not be
+told from a plain one). It then switches ONE model instance to "padfree" with
+`model.set_attn_implementation`, after keeping every config's previous implementation so undo
+restores exactly that.
+
+`attention_forward` gets the tensors as transformers' attention modules pass them, query
+(B, Hq, S, D) and key/value (B, Hkv, S_kv, D), turns them into packed varlen form, runs
+`padfree.varlen_attention` and returns (out (B, S, Hq, D), None). Where the sequence boundaries come
+from, first match wins:
+
+  1. `cu_seq_lens_q/k` and `max_length_q/k` keyword arguments (what `PaddingFreeCollator` and
+     transformers' `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` put in the batch,
+     and the model forwards to every attention layer);
+  2. a 2D padding mask (B, S_kv): each row's unmasked tokens are one sequence (unpad, attend,
+     pad the output back with zeros). The mask builder only passes one when some token is masked;
+  3. `position_ids` when queries and keys have the same length (training, no cache): a sequence
+     starts at every row start and wherever a position does not follow the previous one, so a
+     packed row (B == 1, positions reset per sequence) gives one sequence per packed example and a
+     plain batch gives one per row. Nothing here copies to the host;
+  4. otherwise every row is one sequence (e.g. decoding with a cache; causal attention is aligned
+     bottom-right, so the new queries see the whole cache).
+
+Per-layer options come from the call and the module: `sliding_window` (the argument, else
+`module.sliding_window`), `softcap`, `scaling`, `dropout` (only while `module.training`), causal
+from the `is_causal` keyword else `module.is_causal`. Grouped-query key/value heads go to the
+kernel as they are (no repeat). Transformers' sliding window W lets query i see keys i-W < j <= i,
+which is flash-attn's window_size (W - 1, 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from padfree.ops import seqlens
+
+NAME = "padfree"
+PART = "attention"
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be an int or a one-element tensor, got shape {tuple(value.shape)}")
+        return int(value.item())
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def _window(module: torch.nn.Module, sliding_window: int | None, causal: bool) -> tuple[int, int]:
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    if window is None:
+        return (-1, 0) if causal else (-1, -1)
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window must be a positive int or None, got {window!r}")
+    return (window - 1, 0) if causal else (window - 1, window - 1)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def _uniform_offsets(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
+
+
+class _Packed:
+    """q/k/v in varlen form (tokens, heads, dim) and how to put the output back as (B, S, Hq, D)."""
+
+    def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check, query_rows=None):
+        self.q, self.k, self.v = q, k, v
+        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
+        self.max_seqlen_q, self.max_seqlen_k = max_seqlen_q, max_seqlen_k
+        self.check = check
+        self.query_rows = query_rows  # token index in (B * S) of each packed query; None: all, in order
+
+    def unpack(self, out: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        if self.query_rows is not None:
+            full = out.new_zeros(batch * length, *out.shape[1:])
+            out = full.index_put((self.query_rows,), out)
+        return out.reshape(batch, length, *out.shape[1:])
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B * S, H, D)."""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch * length, heads, dim)
+
+
+def _pack(query, key, value, attention_mask, kwargs) -> _Packed:
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    device = query.device
+    if kwargs.get("cu_seq_lens_q") is not None:
+        cu_seqlens_q = kwargs["cu_seq_lens_q"]
+        cu_seqlens_k = kwargs.get("cu_seq_lens_k")
+        cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+        max_q = kwargs.get("max_length_q")
+        max_k = kwargs.get("max_length_k")
+        max_q = batch * q_len if max_q is None else _as_int(max_q, "max_length_q")
+        max_k = max_q if max_k is None else _as_int(max_k, "max_length_k")
+        return _Packed(_tokens(query), _tokens(key), _tokens(value), cu_seqlens_q.to(torch.int32),
+                       cu_seqlens_k.to(torch.int32), max_q, max_k, check=None)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_len):
+            raise ValueError(f"padfree attention takes a 2D padding mask (batch, kv_len) = ({batch}, {kv_len}); "
+                             f"got attention_mask of shape {tuple(attention_mask.shape)} (a 4D or custom mask "
+                             "cannot be expressed as packed sequences: use attn_implementation='eager' or 'sdpa')")
+        keep_k = attention_mask.to(torch.bool)
+        keep_q = keep_k[:, -q_len:]
+        rows_q = keep_q.reshape(-1).nonzero().squeeze(1)
+        rows_k = keep_k.reshape(-1).nonzero().squeeze(1)
+        lengths_q, lengths_k = keep_q.sum(1), keep_k.sum(1)
+        return _Packed(_tokens(query)[rows_q], _tokens(key)[rows_k], _tokens(value)[rows_k],
+                       _offsets(lengths_q), _offsets(lengths_k), int(lengths_q.max()), int(lengths_k.max()),
+                       check=False, query_rows=rows_q)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and q_len == kv_len and position_ids.shape[-1] == q_len:
+        position_ids = position_ids.reshape(-1, q_len).expand(batch, q_len).to(torch.int64)
+        cu_seqlens, _ = seqlens.cu_seqlens_from_position_ids(position_ids)
+        # The true longest length stays on the device; any upper bound is a valid max_seqlen.
+        return _Packed(_tokens(query), _tokens(key), _tokens(value), cu_seqlens, cu_seqlens, q_len, q_len,
+                       check=False)
+    return _Packed(_tokens(query), _tokens(key), _tokens(value), _uniform_offsets(batch, q_len, device),
+                   _uniform_offsets(batch, kv_len, device), q_len, kv_len, check=False)
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function backed by `padfree.varlen_attention` (see the module doc).
+
+    query (B, Hq, S, D), key/value (B, Hkv, S_kv, D) -> (attn_output (B, S, Hq, D), None).
+    """
+    from padfree.ops.attention import varlen_attention
+
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("padfree attention does not support attention sinks (s_aux)")
+    if value.shape[-1] != query.shape[-1]:
+        raise ValueError(f"padfree attention needs one head_dim for query and value, got {query.shape[-1]} "
+                         f"and {value.shape[-1]}")
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    batch, _, q_len, _ = query.shape
+    packed = _pack(query, key, value, attention_mask, kwargs)
+    out = varlen_attention(packed.q, packed.k, packed.v, packed.cu_seqlens_q, packed.cu_seqlens_k,
+                           packed.max_seqlen_q, packed.max_seqlen_k,
+                           dropout_p=float(dropout) if module.training else 0.0, softmax_scale=scaling,
+                           causal=causal, window_size=_window(module, sliding_window, causal),
+                           softcap=float(softcap) if softcap else 0.0, check=packed.check)
+    return packed.unpack(out, batch, q_len), None
+
+
+def register() -> None:
+    """Register "padfree" in transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+def find_transformers_model(model: torch.nn.Module):
+    """The outermost transformers `PreTrainedModel` in `model` (itself, or inside a PEFT wrapper)."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def _configs(model) -> list:
+    """Every config whose `_attn_implementation` transformers may change on `model`, once each."""
+    found: dict[int, object] = {}
+    pending = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "sub_configs")]
+    while pending:
+        config = pending.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = config
+        pending.extend(sub for key in config.sub_configs if (sub := getattr(config, key, None)) is not None)
+    return list(found.values())
+
+
+def _describe(module: torch.nn.Module, config) -> str:
+    heads = getattr(config, "num_attention_heads", "?")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    parts = ["causal" if getattr(module, "is_causal", True) else "bidirectional", f"heads {heads}/{kv_heads}"]
+    window = getattr(module, "sliding_window", None)
+    if window:
+        parts.append(f"sliding window {window}")
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    if softcap:
+        parts.append(f"softcap {softcap}")
+    return "padfree varlen attention (" + ", ".join(parts) + ")"
+
+
+def patch_attention(model: torch.nn.Module, report, undo: list[Callable[[], None]]) -> None:
+    """Switch `model`'s attention to padfree (the `patch` protocol: see padfree/hf/patch.py).
+
+    Records one entry per attention module, or one entry for the whole model saying why it was not
+    patched (not a transformers model, an architecture padfree does not serve). Nothing is changed
+    in that case.
+    """
+    from padfree.hf import models
+
+    target = find_transformers_model(model)
+    if target is None:
+        report.add(PART, "", False, f"{type(model).__name__} holds no transformers PreTrainedModel")
+        return
+    architecture, reason = models.lookup(target)
+    if architecture is None:
+        report.add(PART, "", False, reason)
+        return
+    attention_modules = [(name, m) for name, m in target.named_modules()
+                         if type(m).__name__ in architecture.attention_classes]
+    if not attention_modules:
+        report.add(PART, "", False, f"no attention module of class {', '.join(architecture.attention_classes)} "
+                                    f"found in {type(target).__name__}")
+        return
+    register()
+    saved = [(config, config._attn_implementation_internal) for config in _configs(target)]
+
+    def restore() -> None:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
+
+    target.set_attn_implementation(NAME)
+    missed = [name for name, m in attention_modules if m.config._attn_implementation != NAME]
+    if missed:
+        restore()
+        report.add(PART, "", False, f"transformers did not switch {', '.join(missed)} to '{NAME}' "
+                                    f"({type(target).__name__} cannot change its attention implementation); "
+                                    "nothing patched")
+        return
+    undo.append(restore)
+    prefix = _prefix(model, target)
+    for name, module in attention_modules:
+        report.add(PART, prefix + name, True, _describe(module, module.config))
+
+
+def _prefix(model: torch.nn.Module, target: torch.nn.Module) -> str:
+    if model is target:
+        return ""
+    name = next(name for name, m in model.named_modules() if m is target)
+    return name + "."

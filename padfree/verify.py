@@ -1,0 +1,240 @@
+"""`padfree verify`: check on a random-weight model that packing with padfree changes nothing.
+
+    padfree verify --model-type llama [--backend reference|triton|auto] [--dtype float32]
+    padfree verify --config path/to/config.json [--full-size]
+
+Builds the model from padfree's architecture table (or a config.json), tiny unless `--full-size`,
+with random weights (nothing is downloaded), and runs the same random sequences three ways:
+
+  * one by one, each sequence alone, with transformers' eager attention (the oracle);
+  * as a right-padded batch with an attention mask, eager;
+  * packed into one row (positions reset per sequence, boundaries as `cu_seq_lens_*`) on the
+    model switched to padfree, and the padded batch again through padfree (its unpadding path).
+
+It prints one row per check (per-token logits, loss, the worst parameter gradient), with max abs
+error, relative error ||x - ref|| / ||ref|| and the tolerance, and exits 1 if any check fails.
+
+The batch builders and `run_*` functions are also what tests/hf uses for its model proofs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Relative tolerance per dtype: both sides run the whole model, in different summation orders.
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DEFAULT_LENGTHS = (5, 17, 3, 9)
+
+
+def packing_collator():
+    """padfree's padding-free collator (one row, positions reset, `cu_seq_lens_*` boundaries)."""
+    from padfree.packing import PaddingFreeCollator
+
+    return PaddingFreeCollator()
+
+
+def random_sequences(lengths, vocab_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Random token ids (avoiding the ids 0-2 the tiny configs use for pad/bos/eos)."""
+    return [torch.randint(3, vocab_size, (n,), generator=generator) for n in lengths]
+
+
+def packed_batch(sequences, device="cpu") -> dict:
+    """One row (1, T): sequences back to back, positions reset, boundaries as flash kwargs."""
+    batch = packing_collator()([{"input_ids": s.tolist()} for s in sequences])
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def concatenated_batch(sequences, device="cpu") -> dict:
+    """Packing done wrong: one row, no position reset, no boundaries (labels still split)."""
+    labels = [torch.cat([torch.tensor([-100]), s[1:]]) for s in sequences]
+    return dict(input_ids=torch.cat(sequences)[None].to(device), labels=torch.cat(labels)[None].to(device))
+
+
+def padded_batch(sequences, pad_id: int = 0, device="cpu") -> dict:
+    """(B, longest) right-padded, a 2D attention mask, labels -100 on padding."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+    for row, s in enumerate(sequences):
+        input_ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
+    labels = input_ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+
+
+@dataclass
+class Result:
+    logits: torch.Tensor             # (real tokens, vocab), sequences in order
+    loss: torch.Tensor               # mean next-token loss over every predicted token
+    grads: dict[str, torch.Tensor]   # parameter name -> gradient of `loss`
+
+
+def _take_grads(model) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def run_batch(model, batch: dict) -> Result:
+    """Forward + backward of one batch; logits of its real (unpadded) tokens only."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    logits = out.logits.detach()
+    if "attention_mask" in batch:
+        logits = logits[batch["attention_mask"].bool()]
+    else:
+        logits = logits.reshape(-1, logits.shape[-1])
+    return Result(logits, out.loss.detach(), _take_grads(model))
+
+
+def run_one_by_one(model, sequences, device="cpu") -> Result:
+    """Each sequence alone; loss and gradients weighted into one mean over all predicted tokens."""
+    model.zero_grad(set_to_none=True)
+    predicted = sum(len(s) - 1 for s in sequences)
+    logits, loss = [], torch.zeros((), device=device)
+    for s in sequences:
+        ids = s[None].to(device)
+        out = model(input_ids=ids, labels=ids)
+        weighted = out.loss * (len(s) - 1) / predicted
+        weighted.backward()
+        logits.append(out.logits.detach()[0])
+        loss = loss + weighted.detach()
+    return Result(torch.cat(logits), loss, _take_grads(model))
+
+
+@dataclass
+class Check:
+    name: str
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel <= self.tol  # NaN compares False: a NaN fails
+
+
+def _errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    if x.shape != ref.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
+    diff = x.double() - ref.double()
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    return max_abs, (diff.norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def compare(label: str, result: Result, reference: Result, tol: float, per_parameter: bool = False) -> list[Check]:
+    """Checks of `result` against `reference`: logits, loss, and the gradients (the worst one, or each)."""
+    checks = [Check(f"{label}: logits", *_errors(result.logits, reference.logits), tol),
+              Check(f"{label}: loss", *_errors(result.loss, reference.loss), tol)]
+    if result.grads.keys() != reference.grads.keys():
+        missing = sorted(set(result.grads) ^ set(reference.grads))
+        return checks + [Check(f"{label}: gradients of {missing}", float("nan"), float("nan"), tol)]
+    grads = [Check(f"{label}: grad {name}", *_errors(result.grads[name], reference.grads[name]), tol)
+             for name in result.grads]
+    if per_parameter:
+        return checks + grads
+    worst = max(grads, key=lambda c: (c.rel != c.rel, c.rel))  # NaN first
+    worst.name = f"{label}: grads ({len(grads)} params, worst {worst.name.split('grad ', 1)[1]})"
+    return checks + [worst]
+
+
+def verify_model(model, sequences, tol: float, device="cpu", per_parameter: bool = False,
+                 padded_padfree: bool = True) -> list[Check]:
+    """Run `sequences` one by one and padded (eager), then packed (and, with `padded_padfree`, padded)
+    on padfree; compare.
+
+    `model` is a transformers causal LM using eager attention; it is patched for the padfree runs
+    and unpatched again before returning.
+    """
+    from padfree.hf import patch as hf_patch
+
+    alone = run_one_by_one(model, sequences, device)
+    padded = run_batch(model, padded_batch(sequences, device=device))
+    report = hf_patch.patch(model, attention=True, lora=False, moe=False)
+    try:
+        if not report.patched("attention"):
+            raise ValueError(f"padfree could not patch this model:\n{report}")
+        packed = run_batch(model, packed_batch(sequences, device))
+        padded_through_padfree = run_batch(model, padded_batch(sequences, device=device)) if padded_padfree else None
+    finally:
+        hf_patch.unpatch(model)
+    checks = (compare("packed vs one by one", packed, alone, tol, per_parameter)
+              + compare("packed vs padded", packed, padded, tol, per_parameter))
+    if padded_through_padfree is not None:
+        checks += compare("padded padfree vs eager", padded_through_padfree, padded, tol, per_parameter)
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    width = max(len("check"), *(len(c.name) for c in checks))
+    lines = [f"{'check':<{width}}  {'max abs err':>11}  {'rel err':>9}  {'tol':>7}  result"]
+    for c in checks:
+        lines.append(f"{c.name:<{width}}  {c.max_abs:>11.3e}  {c.rel:>9.2e}  {c.tol:>7.0e}  "
+                     f"{'PASS' if c.ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from padfree.hf.models import ARCHITECTURES
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-type", choices=sorted(ARCHITECTURES), help="an architecture from padfree's table")
+    source.add_argument("--config", help="a transformers config.json (its model_type must be in padfree's table)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "reference"),
+                        help="padfree backend for the packed runs (default: auto)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default: float32)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--full-size", action="store_true",
+                        help="keep the config's sizes (default: shrink to a tiny model)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+                        help=f"sequence lengths to pack (default: {' '.join(map(str, DEFAULT_LENGTHS))})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens (default: 0)")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help="relative tolerance (default: 1e-5 float32, 1e-2 float16, 5e-2 bfloat16)")
+    parser.add_argument("--per-parameter", action="store_true", help="one row per parameter gradient")
+
+
+def build_model(args: argparse.Namespace):
+    """The eager random-weight model `args` asks for (tiny unless --full-size)."""
+    from padfree.hf import models
+
+    dtype = DTYPES[args.dtype]
+    if args.model_type is not None:
+        return models.ARCHITECTURES[args.model_type].build_model(args.full_size, dtype=dtype)
+    with open(args.config) as f:
+        values = json.load(f)
+    model_type = values.get("model_type")
+    if model_type not in models.ARCHITECTURES:
+        raise ValueError(f"--config: model_type {model_type!r} is not in padfree's architecture table; "
+                         f"served: {', '.join(sorted(models.ARCHITECTURES))}")
+    architecture = models.ARCHITECTURES[model_type]
+    values = values if args.full_size else models.shrink(values)
+    return architecture.build_model(True, dtype=dtype, **values)
+
+
+def run(args: argparse.Namespace) -> int:
+    import padfree
+
+    if any(n < 1 for n in args.lengths):
+        raise ValueError(f"--lengths must all be >= 1, got {args.lengths}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    sequences = random_sequences(args.lengths, model.config.vocab_size, generator)
+    tol = args.rtol if args.rtol is not None else RTOL[DTYPES[args.dtype]]
+    with padfree.use_backend(args.backend):
+        checks = verify_model(model, sequences, tol, device, args.per_parameter)
+    print(f"padfree verify: {model.config.model_type} ({type(model).__name__}, "
+          f"{sum(p.numel() for p in model.parameters())} parameters), {args.dtype}, backend {args.backend}, "
+          f"device {device}, lengths {args.lengths}")
+    print(format_table(checks))
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(failed)} of {len(checks)} checks failed" if failed else f"all {len(checks)} checks passed")
+    return 1 if failed else 0

@@ -1,0 +1,195 @@
+"""`padfree.hf.attention.attention_forward` on its own: every way it finds sequence boundaries, and
+every per-layer option, against a float64 attention with an explicit mask in transformers'
+semantics (sliding window W: query i sees keys i - W < j <= i)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from padfree.hf.attention import attention_forward
+
+HEADS, KV_HEADS, DIM = 4, 2, 16
+
+
+class Layer(torch.nn.Module):
+    """What the adapter reads from a transformers attention module."""
+
+    def __init__(self, is_causal=True, sliding_window=None):
+        super().__init__()
+        self.is_causal = is_causal
+        if sliding_window is not None:
+            self.sliding_window = sliding_window
+
+
+def qkv(batch, q_len, kv_len=None):
+    kv_len = q_len if kv_len is None else kv_len
+    return (torch.randn(batch, HEADS, q_len, DIM), torch.randn(batch, KV_HEADS, kv_len, DIM),
+            torch.randn(batch, KV_HEADS, kv_len, DIM))
+
+
+def allowed(q_len, kv_len, causal=True, window=None):
+    """(q_len, kv_len) bool in transformers' semantics, queries aligned to the last keys."""
+    i = torch.arange(q_len)[:, None] + kv_len - q_len
+    j = torch.arange(kv_len)[None, :]
+    ok = j <= i if causal else torch.ones(q_len, kv_len, dtype=torch.bool)
+    if window is not None:
+        ok = ok & (j > i - window) if causal else ok & ((j - i).abs() < window)
+    return ok
+
+
+def oracle(q, k, v, ok, scale=DIM ** -0.5, softcap=None):
+    """One sequence: q (Hq, S, D), k/v (Hkv, Skv, D) -> (S, Hq, D) in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    scores = q @ k.transpose(1, 2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    return (probs @ v).transpose(0, 1)
+
+
+def packed_oracle(q, k, v, lengths, **options):
+    """B == 1 row holding sequences of `lengths`: attention inside each one."""
+    outs, start = [], 0
+    for n in lengths:
+        part = slice(start, start + n)
+        outs.append(oracle(q[0, :, part], k[0, :, part], v[0, :, part], allowed(n, n, **{
+            key: options[key] for key in ("causal", "window") if key in options}),
+            **{key: options[key] for key in ("scale", "softcap") if key in options}))
+        start += n
+    return torch.cat(outs)[None]
+
+
+def check(out, ref):
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+LENGTHS = [5, 1, 17, 3]
+
+
+def cu_seqlens(lengths):
+    return torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+
+
+def positions(lengths):
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def test_flash_kwargs(backend):
+    q, k, v = qkv(1, sum(LENGTHS))
+    cu = cu_seqlens(LENGTHS)
+    out, weights = attention_forward(Layer(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                     max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))
+    assert weights is None and out.shape == (1, sum(LENGTHS), HEADS, DIM)
+    check(out, packed_oracle(q, k, v, LENGTHS))
+
+
+def test_packed_position_ids(backend):
+    q, k, v = qkv(1, sum(LENGTHS))
+    out, _ = attention_forward(Layer(), q, k, v, None, position_ids=positions(LENGTHS))
+    check(out, packed_oracle(q, k, v, LENGTHS))
+
+
+def test_position_ids_of_several_packed_rows():
+    rows = [[5, 4], [2, 7]]
+    q, k, v = qkv(2, 9)
+    position_ids = torch.cat([positions(r) for r in rows])
+    out, _ = attention_forward(Layer(), q, k, v, None, position_ids=position_ids)
+    expected = torch.cat([packed_oracle(q[b:b + 1], k[b:b + 1], v[b:b + 1], r) for b, r in enumerate(rows)])
+    check(out, expected)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_mask(backend, side):
+    lengths, longest = [6, 2, 9], 9
+    q, k, v = qkv(3, longest)
+    mask = torch.zeros(3, longest, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = True
+    if side == "left":
+        mask = mask.flip(1)
+    out, _ = attention_forward(Layer(), q, k, v, mask)
+    for row, n in enumerate(lengths):
+        keep = mask[row]
+        expected = oracle(q[row, :, keep], k[row, :, keep], v[row, :, keep], allowed(n, n))
+        check(out[row, keep], expected)
+        assert (out[row, ~keep] == 0).all()
+
+
+def test_plain_batch_each_row_one_sequence(backend):
+    q, k, v = qkv(2, 7)
+    out, _ = attention_forward(Layer(), q, k, v, None)
+    check(out, torch.stack([oracle(q[b], k[b], v[b], allowed(7, 7)) for b in range(2)]))
+
+
+def test_decoding_with_a_cache_sees_the_whole_cache():
+    """Fewer queries than keys (a KV cache): causal aligned to the last keys, as transformers' masks."""
+    q, k, v = qkv(2, 3, kv_len=8)
+    out, _ = attention_forward(Layer(), q, k, v, None, position_ids=torch.arange(5, 8)[None])
+    check(out, torch.stack([oracle(q[b], k[b], v[b], allowed(3, 8)) for b in range(2)]))
+
+
+@pytest.mark.parametrize("where", ["argument", "module"])
+def test_sliding_window_matches_transformers_semantics(backend, where):
+    window = 4
+    q, k, v = qkv(1, sum(LENGTHS))
+    layer = Layer(sliding_window=window if where == "module" else None)
+    argument = window if where == "argument" else None
+    out, _ = attention_forward(layer, q, k, v, None, sliding_window=argument, position_ids=positions(LENGTHS))
+    check(out, packed_oracle(q, k, v, LENGTHS, window=window))
+
+
+def test_sliding_window_argument_wins_over_the_module():
+    q, k, v = qkv(1, 12)
+    out, _ = attention_forward(Layer(sliding_window=8), q, k, v, None, sliding_window=3)
+    check(out, packed_oracle(q, k, v, [12], window=3))
+
+
+def test_softcap_and_scaling(backend):
+    q, k, v = qkv(1, sum(LENGTHS))
+    out, _ = attention_forward(Layer(), q, k, v, None, scaling=0.7, softcap=1.5, position_ids=positions(LENGTHS))
+    check(out, packed_oracle(q, k, v, LENGTHS, scale=0.7, softcap=1.5))
+
+
+def test_bidirectional_module_and_is_causal_keyword():
+    q, k, v = qkv(1, sum(LENGTHS))
+    out, _ = attention_forward(Layer(is_causal=False), q, k, v, None, position_ids=positions(LENGTHS))
+    check(out, packed_oracle(q, k, v, LENGTHS, causal=False))
+    out, _ = attention_forward(Layer(is_causal=True), q, k, v, None, is_causal=False, position_ids=positions(LENGTHS))
+    check(out, packed_oracle(q, k, v, LENGTHS, causal=False))
+
+
+def test_dropout_only_while_training():
+    q, k, v = qkv(1, 16)
+    layer = Layer()
+    evaluated, _ = attention_forward(layer.eval(), q, k, v, None, dropout=0.5)
+    check(evaluated, packed_oracle(q, k, v, [16]))
+    trained, _ = attention_forward(layer.train(), q, k, v, None, dropout=0.5)
+    assert not torch.allclose(trained, evaluated)
+
+
+def test_gradients_flow_to_query_key_value(backend):
+    q, k, v = (t.requires_grad_() for t in qkv(1, sum(LENGTHS)))
+    out, _ = attention_forward(Layer(), q, k, v, None, position_ids=positions(LENGTHS))
+    out.square().sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    packed_oracle(*leaves, LENGTHS).square().sum().backward()
+    for got, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = qkv(1, 6)
+    with pytest.raises(ValueError, match="2D padding mask"):
+        attention_forward(Layer(), q, k, v, torch.zeros(1, 1, 6, 6))
+    with pytest.raises(ValueError, match="s_aux"):
+        attention_forward(Layer(), q, k, v, None, s_aux=torch.zeros(HEADS))
+    with pytest.raises(ValueError, match="sliding_window"):
+        attention_forward(Layer(), q, k, v, None, sliding_window=0)
+    with pytest.raises(TypeError, match="max_length_q"):
+        attention_forward(Layer(), q, k, v, None, cu_seq_lens_q=cu_seqlens([6]), max_length_q="6")
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_forward(Layer(), q, k, v[..., :8], None)
