@@ -1,0 +1,464 @@
+"""Triton kernels of the fused LoRA linear (see padfree/ops/lora.py for the op).
+
+Notation: x (M, K) the input, projections p = 0..P-1 (P <= 3: q/k/v or gate/up read the same x),
+W_p (N_p, K) frozen, A_cat = cat(A_p) (R, K), B_p (N_p, r_p), s_p the scaling, q = dropout_p and
+keep_p (M, K) the keep-mask of stream p (`_keep`, bit-identical to padfree.reference.lora).
+
+Forward, two kernels and nothing formed at (N, K) size (B_p @ A_p is never built):
+
+    lora_shrink_kernel   xa = (x * keep_p) @ A_p^T / (1 - q)  for all p at once    (M, R)
+                         one program owns a row tile of x and all R columns (R <= 128), so x is
+                         read once for every projection's shrink; with dropout the x tile is
+                         masked per stream in registers.
+    lora_forward_kernel  y_p = x @ W_p^T + s_p * xa_p @ B_p^T + bias_p
+                         the base K-loop is followed by a short loop over r_p in the same
+                         accumulator; y is stored once.
+
+Backward. With y_p = x W_p^T + s_p (D_p(x) A_p^T) B_p^T + b_p, where D_p(x) = keep_p * x / (1 - q):
+
+    dL/dB_p = s_p dy_p^T xa_p                      (N_p, r_p)   torch GEMM in ops/lora.py
+    t_p     = s_p dy_p B_p                         (M, r_p)     torch GEMM in ops/lora.py
+    dL/dA_p = t_p^T D_p(x)                         (r_p, K)     lora_da_kernel (dropout), else t^T x
+    dL/dx   = sum_p dy_p W_p + sum_p D_p(t_p A_p)              lora_dx_kernel
+            (D_p is linear and diagonal, so its adjoint is itself: keep_p * (.) / (1 - q))
+    dL/dW_p = dy_p^T x, dL/db_p = sum_rows dy_p    only when W_p / b_p require grad (torch)
+
+lora_dx_kernel computes one (BLOCK_M, BLOCK_K) tile of dx from up to three (dy_p, W_p) pairs
+followed by the r-loop over t A, and applies keep_p in the epilogue of each stream's r-loop: the
+mask is regenerated from (seed, stream, row * K + col), never loaded. Only xa (M, R) and the seed
+are saved for backward.
+
+Dropout mask: h = mix32(mix32(lo32(o) ^ key_p) + hi32(o)), o = row * K + col (int64),
+key_p = mix32(seed + p * 0x9E3779B9), keep when (h >> 8) >= round(q * 2^24). All uint32
+arithmetic, so the kernels and the torch reference produce the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from padfree.kernels import registry, runtime
+from padfree.reference import lora as reference
+
+MAX_STREAMS = 3
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _mix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x21F0AAAD
+    h = h ^ (h >> 15)
+    h = h * 0x735A2D97
+    return h ^ (h >> 15)
+
+
+@triton.jit
+def _keep(seed, stream: tl.constexpr, offsets, threshold):
+    """Keep-mask of dropout stream `stream` for int64 element offsets (row * K + col)."""
+    key = _mix32(seed.to(tl.uint32) + ((stream * 0x9E3779B9) & 0xFFFFFFFF))
+    low = (offsets & 0xFFFFFFFF).to(tl.uint32)
+    high = (offsets >> 32).to(tl.uint32)
+    h = _mix32(_mix32(low ^ key) + high)
+    return (h >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs: exact fp32 products (torch's default), not TF32
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _stream_bounds(stream: tl.constexpr, rank_end0, rank_end1, R):
+    """[start, end) of stream's columns in xa / rows in A_cat; unused streams are empty (R, R)."""
+    if stream == 0:
+        return 0, rank_end0
+    elif stream == 1:
+        return rank_end0, rank_end1
+    else:
+        return rank_end1, R
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP_M row tiles at a time for L2 reuse."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % per_group) % group_size
+    tile_n = (pid % per_group) // group_size
+    return tile_m, tile_n
+
+
+@triton.jit
+def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stride_xam, rank_end0, rank_end1,
+                       seed, threshold, keep_scale, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """xa[m, r] = sum_k x[m, k] keep_p(m, k) A_cat[r, k] / (1 - q), p the stream owning column r."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_first = tl.program_id(1) * BLOCK_R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                    other=0.0)
+        a = tl.load(a_ptr + cols[None, :] * stride_ar + ks[:, None], mask=(cols[None, :] < R) & (ks[:, None] < K),
+                    other=0.0)
+        if DROPOUT:
+            offsets = rows[:, None] * K + ks[None, :]
+            for stream in tl.static_range(3):
+                start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
+                if (start < end) & (start < col_first + BLOCK_R) & (end > col_first):
+                    kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
+                    in_stream = (cols >= start) & (cols < end)
+                    acc = _dot(kept, tl.where(in_stream[None, :], a, 0.0).to(a.dtype), acc, IEEE)
+        else:
+            acc = _dot(x, a, acc, IEEE)
+    if DROPOUT:
+        acc = acc * keep_scale
+    tl.store(xa_ptr + rows[:, None] * stride_xam + cols[None, :], acc.to(xa_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < R))
+
+
+@triton.jit
+def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R, stride_xm, stride_wn,
+                        stride_xam, stride_bn, stride_ym, scaling, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """y = x @ W^T + scaling * xa @ B^T (+ bias): base K-loop, then an r-loop, one store."""
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K),
+                    other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K),
+                    other=0.0)
+        acc = _dot(x, w, acc, IEEE)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rs[None, :], mask=row_ok[:, None] & (rs[None, :] < R),
+                     other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_bn + rs[:, None], mask=col_ok[None, :] & (rs[:, None] < R),
+                    other=0.0)
+        lora = _dot(xa, b, lora, IEEE)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _accumulate_dy_w(acc, dy_ptr, w_ptr, N, stride_dym, stride_wn, rows, ks, M, K, IEEE: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """acc += dy[rows, :] @ W[:, ks] over the N reduction (dy (M, N), W (N, K))."""
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :], mask=(rows[:, None] < M) & (ns[None, :] < N),
+                     other=0.0)
+        w = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks[None, :],
+                    mask=(ns[:, None] < N) & (ks[None, :] < K), other=0.0)
+        acc = _dot(dy, w, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _t_times_a(t_ptr, a_ptr, start, end, stride_tm, stride_ar, rows, ks, M, K, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """t[rows, start:end] @ A_cat[start:end, ks] in fp32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < end),
+                    other=0.0)
+        a = tl.load(a_ptr + rs[:, None] * stride_ar + ks[None, :], mask=(rs[:, None] < end) & (ks[None, :] < K),
+                    other=0.0)
+        acc = _dot(t, a, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_ptr, dx_ptr, M, K, R, N0, N1, N2,
+                   stride_dy0, stride_dy1, stride_dy2, stride_w0, stride_w1, stride_w2, stride_tm, stride_ar,
+                   stride_dxm, rank_end0, rank_end1, seed, threshold, keep_scale, DROPOUT: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """dx = sum_p dy_p @ W_p + sum_p keep_p * (t_p @ A_p) / (1 - q); absent projections have N_p = 0."""
+    tile_m, tile_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    ks = (tile_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = _accumulate_dy_w(acc, dy0_ptr, w0_ptr, N0, stride_dy0, stride_w0, rows, ks, M, K, IEEE, BLOCK_N)
+    acc = _accumulate_dy_w(acc, dy1_ptr, w1_ptr, N1, stride_dy1, stride_w1, rows, ks, M, K, IEEE, BLOCK_N)
+    acc = _accumulate_dy_w(acc, dy2_ptr, w2_ptr, N2, stride_dy2, stride_w2, rows, ks, M, K, IEEE, BLOCK_N)
+    if DROPOUT:
+        offsets = rows[:, None] * K + ks[None, :]
+        for stream in tl.static_range(3):
+            start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
+            if start < end:
+                lora = _t_times_a(t_ptr, a_ptr, start, end, stride_tm, stride_ar, rows, ks, M, K, IEEE,
+                                  BLOCK_M, BLOCK_K, BLOCK_R)
+                acc += tl.where(_keep(seed, stream, offsets, threshold), lora * keep_scale, 0.0)
+    else:
+        acc += _t_times_a(t_ptr, a_ptr, 0, R, stride_tm, stride_ar, rows, ks, M, K, IEEE, BLOCK_M, BLOCK_K, BLOCK_R)
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (ks[None, :] < K))
+
+
+@triton.jit
+def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_dar, rank_end0, rank_end1, seed,
+                   threshold, keep_scale, IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r."""
+    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    r_first = tl.program_id(0) * BLOCK_R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                    other=0.0)
+        t = tl.load(t_ptr + rows[None, :] * stride_tm + rs[:, None], mask=(rows[None, :] < M) & (rs[:, None] < R),
+                    other=0.0)
+        offsets = rows[:, None] * K + ks[None, :]
+        for stream in tl.static_range(3):
+            start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
+            if (start < end) & (start < r_first + BLOCK_R) & (end > r_first):
+                kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
+                in_stream = (rs >= start) & (rs < end)
+                acc = _dot(tl.where(in_stream[:, None], t, 0.0).to(t.dtype), kept, acc, IEEE)
+    acc = acc * keep_scale
+    tl.store(da_ptr + rs[:, None] * stride_dar + ks[None, :], acc.to(da_ptr.dtype.element_ty),
+             mask=(rs[:, None] < R) & (ks[None, :] < K))
+
+
+# ----------------------------------------------------------------------------- launch configurations
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM kernels (forward and dx), per
+# element size and problem size. 16-bit "large" is the H100/A100 tile: 128x128x64, 8 warps,
+# 3 stages (about 96 KB of pipelined shared memory plus the r-loop's buffers).
+_GEMM_CONFIGS = {
+    2: {"small": (64, 64, 32, 4, 3), "large": (128, 128, 64, 8, 3)},
+    4: {"small": (32, 32, 32, 4, 2), "large": (64, 64, 32, 8, 3)},
+}
+_BLOCK_R = 16
+_GROUP_M = 8
+_SHRINK_BLOCK_R = (16, 32, 64, 128)
+# (BLOCK_M, BLOCK_K) of the shrink kernel and (BLOCK_M reduction, BLOCK_K) of the dA kernel
+_SHRINK_TILE = {2: (64, 64), 4: (32, 32)}
+_DA_TILE = {2: (64, 64), 4: (32, 32)}
+_DA_BLOCK_R = (16, 32, 64)
+
+
+def _gemm_size(m: int, n: int) -> str:
+    return "large" if m >= 1024 and n >= 256 else "small"
+
+
+def _block_r(rank: int, choices: tuple[int, ...]) -> int:
+    return next((b for b in choices if b >= rank), choices[-1])
+
+
+def _is_ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return 4 if dtype == torch.float32 else 2
+
+
+def _warps_for_shrink(block_r: int) -> int:
+    return 8 if block_r >= 128 else 4
+
+
+def _run(kernel, grid, args: dict, *, num_warps: int, num_stages: int) -> None:
+    kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+
+
+def unsupported_reason(x: torch.Tensor, num_projections: int) -> str | None:
+    """Why the Triton kernels cannot run this input, or None."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        return "the Triton interpreter has no bf16 tl.dot"
+    if num_projections > MAX_STREAMS:
+        return f"the kernels fuse at most {MAX_STREAMS} projections, got {num_projections}"
+    return None
+
+
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    return {"seed": int(seed), "threshold": reference.keep_threshold(dropout_p),
+            "keep_scale": 1.0 / (1.0 - dropout_p)}
+
+
+def _rank_end_args(rank_ends: list[int], rank: int) -> dict:
+    padded = [*rank_ends[:-1], rank, rank][:2]
+    return {"rank_end0": padded[0], "rank_end1": padded[1]}
+
+
+def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p: float, seed: int) -> torch.Tensor:
+    """xa (M, R) in x's dtype; see lora_shrink_kernel."""
+    m, k = x.shape
+    rank = a_cat.shape[0]
+    xa = runtime.empty((m, rank), x.dtype, x.device)
+    block_r = _block_r(rank, _SHRINK_BLOCK_R)
+    block_m, block_k = _SHRINK_TILE[_elem(x.dtype)]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(rank, block_r))
+    args = dict(x_ptr=x, a_ptr=a_cat, xa_ptr=xa, M=m, K=k, R=rank, stride_xm=x.stride(0), stride_ar=a_cat.stride(0),
+                stride_xam=xa.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
+                DROPOUT=dropout_p > 0, IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+    _run(lora_shrink_kernel, grid, args, num_warps=_warps_for_shrink(block_r), num_stages=3)
+    return xa
+
+
+def expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor,
+           lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y = x @ W^T + scaling * xa @ B^T (+ bias); xa may be a column slice of the shared xa."""
+    m, k = x.shape
+    n, rank = lora_b.shape
+    y = runtime.empty((m, n), x.dtype, x.device)
+    block_m, block_n, block_k, warps, stages = _GEMM_CONFIGS[_elem(x.dtype)][_gemm_size(m, n)]
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, xa_ptr=xa, b_ptr=lora_b, y_ptr=y,
+                M=m, N=n, K=k, R=rank, stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_xam=xa.stride(0),
+                stride_bn=lora_b.stride(0), stride_ym=y.stride(0), scaling=float(scaling),
+                HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=block_k, BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
+    _run(lora_forward_kernel, grid, args, num_warps=warps, num_stages=stages)
+    return y
+
+
+def forward(x, weights, biases, a_cat, lora_bs, rank_ends, scalings, dropout_p, seed):
+    """Same contract as padfree.reference.lora.forward, on the Triton kernels."""
+    xa = shrink(x, a_cat, rank_ends, dropout_p, seed)
+    starts = [0, *rank_ends[:-1]]
+    outputs = [expand(x, weight, bias, xa[:, start:end], lora_b, scaling)
+               for weight, bias, lora_b, scaling, start, end in zip(weights, biases, lora_bs, scalings, starts,
+                                                                     rank_ends)]
+    return outputs, xa
+
+
+def backward_input_and_a(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed):
+    """Same contract as padfree.reference.lora.backward_input_and_a, on the Triton kernels."""
+    m, k = x.shape
+    rank = a_cat.shape[0]
+    dx = runtime.empty((m, k), x.dtype, x.device)
+    block_m, block_n, block_k, warps, stages = _GEMM_CONFIGS[_elem(x.dtype)][_gemm_size(m, k)]
+    pairs = list(zip(dys, weights))
+    pairs += [(dys[0], weights[0])] * (MAX_STREAMS - len(pairs))
+    widths = [w.shape[0] for w in weights] + [0] * (MAX_STREAMS - len(weights))
+    args = dict(t_ptr=t, a_ptr=a_cat, dx_ptr=dx, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_ar=a_cat.stride(0),
+                stride_dxm=dx.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
+                DROPOUT=dropout_p > 0, IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+                BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
+    for index, ((dy, weight), width) in enumerate(zip(pairs, widths)):
+        args.update({f"dy{index}_ptr": dy, f"w{index}_ptr": weight, f"N{index}": width,
+                     f"stride_dy{index}": dy.stride(0), f"stride_w{index}": weight.stride(0)})
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(k, block_k),)
+    _run(lora_dx_kernel, grid, args, num_warps=warps, num_stages=stages)
+    if dropout_p == 0:
+        return dx, t.t() @ x
+    return dx, _grad_a_dropout(t, x, rank_ends, dropout_p, seed)
+
+
+def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
+    m, k = x.shape
+    rank = t.shape[1]
+    da = runtime.empty((rank, k), x.dtype, x.device)
+    block_r = _block_r(rank, _DA_BLOCK_R)
+    block_m, block_k = _DA_TILE[_elem(x.dtype)]
+    grid = (triton.cdiv(rank, block_r), triton.cdiv(k, block_k))
+    args = dict(t_ptr=t, x_ptr=x, da_ptr=da, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_xm=x.stride(0),
+                stride_dar=da.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
+                IEEE=_is_ieee(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m)
+    _run(lora_da_kernel, grid, args, num_warps=4, num_stages=3)
+    return da
+
+
+# ----------------------------------------------------------------------------- registry
+def _ptr(dtype: str) -> str:
+    return f"*{dtype}"
+
+
+def _shrink_launches():
+    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        block_m, block_k = _SHRINK_TILE[elem]
+        for dropout in (False, True):
+            for block_r in _SHRINK_BLOCK_R:
+                sig = {"x_ptr": _ptr(dtype), "a_ptr": _ptr(dtype), "xa_ptr": _ptr(dtype), "M": "i32", "K": "i32",
+                       "R": "i32", "stride_xm": "i32", "stride_ar": "i32", "stride_xam": "i32", "rank_end0": "i32",
+                       "rank_end1": "i32", "seed": "i32", "threshold": "i32", "keep_scale": "fp32",
+                       "DROPOUT": "constexpr", "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
+                       "BLOCK_R": "constexpr"}
+                yield registry.Launch(
+                    f"{dtype} r{block_r}{' dropout' if dropout else ''}", sig,
+                    {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
+                     "BLOCK_R": block_r}, num_warps=_warps_for_shrink(block_r), num_stages=3)
+
+
+def _forward_launches():
+    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        for size, (block_m, block_n, block_k, warps, stages) in _GEMM_CONFIGS[elem].items():
+            for has_bias in (False, True):
+                sig = {"x_ptr": _ptr(dtype), "w_ptr": _ptr(dtype), "bias_ptr": _ptr(dtype), "xa_ptr": _ptr(dtype),
+                       "b_ptr": _ptr(dtype), "y_ptr": _ptr(dtype), "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                       "stride_xm": "i32", "stride_wn": "i32", "stride_xam": "i32", "stride_bn": "i32",
+                       "stride_ym": "i32", "scaling": "fp32", "HAS_BIAS": "constexpr", "IEEE": "constexpr",
+                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                       "BLOCK_R": "constexpr", "GROUP_M": "constexpr"}
+                yield registry.Launch(
+                    f"{dtype} {size}{' bias' if has_bias else ''}", sig,
+                    {"HAS_BIAS": has_bias, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_K": block_k, "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
+                    num_warps=warps, num_stages=stages)
+
+
+def _dx_launches():
+    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        for size, (block_m, block_n, block_k, warps, stages) in _GEMM_CONFIGS[elem].items():
+            for dropout in (False, True):
+                sig = {name: _ptr(dtype) for name in ("dy0_ptr", "w0_ptr", "dy1_ptr", "w1_ptr", "dy2_ptr", "w2_ptr",
+                                                       "t_ptr", "a_ptr", "dx_ptr")}
+                sig.update({name: "i32" for name in ("M", "K", "R", "N0", "N1", "N2", "stride_dy0", "stride_dy1",
+                                                     "stride_dy2", "stride_w0", "stride_w1", "stride_w2",
+                                                     "stride_tm", "stride_ar", "stride_dxm", "rank_end0",
+                                                     "rank_end1", "seed", "threshold")})
+                sig["keep_scale"] = "fp32"
+                sig.update({name: "constexpr" for name in ("DROPOUT", "IEEE", "BLOCK_M", "BLOCK_K", "BLOCK_N",
+                                                           "BLOCK_R", "GROUP_M")})
+                yield registry.Launch(
+                    f"{dtype} {size}{' dropout' if dropout else ''}", sig,
+                    {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
+                     "BLOCK_N": block_n, "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
+                    num_warps=warps, num_stages=stages)
+
+
+def _da_launches():
+    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        block_m, block_k = _DA_TILE[elem]
+        for block_r in _DA_BLOCK_R:
+            sig = {"t_ptr": _ptr(dtype), "x_ptr": _ptr(dtype), "da_ptr": _ptr(dtype), "M": "i32", "K": "i32",
+                   "R": "i32", "stride_tm": "i32", "stride_xm": "i32", "stride_dar": "i32", "rank_end0": "i32",
+                   "rank_end1": "i32", "seed": "i32", "threshold": "i32", "keep_scale": "fp32",
+                   "IEEE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr"}
+            yield registry.Launch(f"{dtype} r{block_r}", sig,
+                                  {"IEEE": elem == 4, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_M": block_m},
+                                  num_warps=4, num_stages=3)
+
+
+registry.register(lora_shrink_kernel, _shrink_launches)
+registry.register(lora_forward_kernel, _forward_launches)
+registry.register(lora_dx_kernel, _dx_launches)
+registry.register(lora_da_kernel, _da_launches)
