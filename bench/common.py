@@ -70,15 +70,17 @@ def run(benchmark, fn: Callable[[], object], *, device: torch.device, flops: flo
         rounds = 20 if device.type == "cuda" else 3
     peak = peak_memory(timed, device)
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
-    median = benchmark.stats.stats.median
     info = benchmark.extra_info
     info.update({key: (str(value) if isinstance(value, (torch.dtype, torch.device)) else value)
                  for key, value in extra.items()})
     info["device"] = device_name(device)
     info["versions"] = versions()
     info["date"] = datetime.date.today().isoformat()
-    info["median_s"] = median
     info["peak_memory_bytes"] = peak
+    if benchmark.stats is None:  # --benchmark-disable: the function ran once, nothing was timed
+        return
+    median = benchmark.stats.stats.median
+    info["median_s"] = median
     if flops is not None:
         info["tflops"] = flops / median / 1e12
     if bytes_moved is not None:

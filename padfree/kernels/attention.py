@@ -367,24 +367,31 @@ def head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Tile sizes per (kernel, padded head dim, 2-byte or 4-byte inputs). Chosen for Hopper/Ampere:
-# the forward keeps a (BLOCK_M, D) query tile in registers and streams (BLOCK_N, D) key/value
-# tiles; the dk/dv kernel keeps (BLOCK_N, D) k, v, dk, dv and streams narrow query blocks; the dq
-# kernel is the forward's shape. fp32 inputs (ieee dots) halve the tiles.
+# Tile sizes per (kernel, padded head dim, 2-byte or 4-byte inputs), sized so the register-resident
+# tiles fit: the forward holds a (BLOCK_M, D) query tile and its fp32 accumulator and streams
+# (BLOCK_N, D) key/value tiles; the dk/dv kernel holds (BLOCK_N, D) k, v and the fp32 dk, dv and
+# streams narrow query blocks; the dq kernel holds q, dO and the fp32 dq. fp32 inputs (ieee dots)
+# halve the tiles. Not tuned on a GPU yet: `padfree compile-check` reports registers and spills.
 _TILES = {
     ("fwd", 16, 2): Tiles(128, 64, 4, 3), ("fwd", 32, 2): Tiles(128, 64, 4, 3),
     ("fwd", 64, 2): Tiles(128, 64, 8, 3), ("fwd", 128, 2): Tiles(128, 64, 8, 3),
-    ("fwd", 256, 2): Tiles(64, 64, 8, 2),
+    ("fwd", 256, 2): Tiles(64, 32, 8, 2),
     ("dkdv", 16, 2): Tiles(32, 128, 4, 3), ("dkdv", 32, 2): Tiles(32, 128, 4, 3),
-    ("dkdv", 64, 2): Tiles(32, 128, 4, 3), ("dkdv", 128, 2): Tiles(32, 128, 8, 2),
-    ("dkdv", 256, 2): Tiles(32, 64, 8, 2),
+    ("dkdv", 64, 2): Tiles(32, 128, 8, 2), ("dkdv", 128, 2): Tiles(32, 64, 8, 2),
+    ("dkdv", 256, 2): Tiles(16, 32, 8, 2),
     ("dq", 16, 2): Tiles(128, 32, 4, 3), ("dq", 32, 2): Tiles(128, 32, 4, 3),
-    ("dq", 64, 2): Tiles(128, 32, 4, 3), ("dq", 128, 2): Tiles(128, 32, 8, 2),
-    ("dq", 256, 2): Tiles(64, 32, 8, 2),
+    ("dq", 64, 2): Tiles(128, 32, 8, 2), ("dq", 128, 2): Tiles(64, 32, 8, 2),
+    ("dq", 256, 2): Tiles(32, 32, 8, 2),
 }
 for (_kind, _pad, _size), _t in list(_TILES.items()):
     _TILES[(_kind, _pad, 4)] = Tiles(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2)
-DELTA_BLOCK = 64
+
+
+def delta_rows(head_dim_padded: int) -> int:
+    """Rows per program of the D_i kernel: two (rows, D) tiles stay at 8192 elements."""
+    return min(128, 8192 // head_dim_padded)
+
+
 MASK_BLOCK = 32
 
 # Tests shrink the tiles (e.g. to 16 x 16) so that small interpreted shapes cross many tile edges.
@@ -486,9 +493,9 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     delta = torch.empty((num_heads, total_q), dtype=torch.float32, device=q.device)
     alibi, stride_alibi = _alibi_args(alibi_slopes, delta)
     if total_q > 0:
-        attention_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK), num_heads)](
+        attention_bwd_delta_kernel[(triton.cdiv(total_q, delta_rows(pad)), num_heads)](
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total_q, head_dim,
-            BLOCK_M=DELTA_BLOCK, HEAD_DIM_PAD=pad)
+            BLOCK_M=delta_rows(pad), HEAD_DIM_PAD=pad)
     if total_k > 0:
         tile = tiles("dkdv", pad, q.dtype)
         blocks = block_table(cu_seqlens_k, total_k, tile.block_n)
@@ -582,7 +589,7 @@ def _delta_launches():
                          "stride_oh": "i32", "stride_dot": "i32", "stride_doh": "i32", "total_q": "i32",
                          "head_dim": "i32", "BLOCK_M": "constexpr", "HEAD_DIM_PAD": "constexpr"}
             yield registry.Launch(label=f"{dtype_name} d{pad}", signature=signature,
-                                  constexprs=dict(BLOCK_M=DELTA_BLOCK, HEAD_DIM_PAD=pad))
+                                  constexprs=dict(BLOCK_M=delta_rows(pad), HEAD_DIM_PAD=pad))
 
 
 def _mask_launches():
