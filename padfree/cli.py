@@ -3,6 +3,9 @@
     padfree env                         versions, usable backends, GPU and arch, padfree._C state
     padfree compile-check --arch 80 90  compile every Triton kernel config to a cubin, no GPU needed
                         [--cuda]        and every csrc/*.cu with nvcc -c
+    padfree verify --model-type llama   packed batch == sequences one by one == padded, on a tiny random model
+    padfree bench [--quick] [--json F]  end-to-end training throughput, padded vs padding-free batches
+    padfree bench-compare OLD NEW       flag regressions over 10% between two saved benchmark runs
 
 Each subcommand lives in a module exposing `add_arguments(parser)` and `run(args) -> int`; the
 table `SUBCOMMANDS` maps names to those modules, which are imported only when chosen.
@@ -18,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("padfree.cli", "print versions, usable backends, GPU and padfree._C state"),
     "compile-check": ("padfree.cli", "compile every Triton kernel config to cubins (no GPU needed)"),
     "verify": ("padfree.verify", "check packed == unpacked on a tiny random model"),
+    "bench": ("padfree.benchmark.cli", "end-to-end training throughput: padded vs padding-free batches"),
+    "bench-compare": ("padfree.benchmark.compare", "compare two benchmark JSON files, flag regressions"),
 }
 
 

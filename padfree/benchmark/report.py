@@ -1,0 +1,94 @@
+"""Terminal table, JSON file and PNG plot of a `padfree bench` report.
+
+The report (from `runner.run`) is
+    {"device", "versions", "date", "config", "length_stats", "peak_memory_note",
+     "results": [{"distribution", "mode", "useful_tokens_per_s", "step_time_s", "peak_memory_bytes",
+                  "loss", "fill_ratio", "speedup_vs_padded", ...}]}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = (("distribution", "distribution"), ("mode", "mode"), ("tok/s", "useful_tokens_per_s"),
+           ("vs padded", "speedup_vs_padded"), ("step s", "step_time_s"), ("peak MiB", "peak_memory_bytes"),
+           ("mem vs padded", "memory_vs_padded"), ("fill", "fill_ratio"), ("loss", "loss"),
+           ("loss gap", "loss_gap_vs_padded"))
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "n/a"
+    if key == "useful_tokens_per_s":
+        return f"{value:,.0f}"
+    if key == "peak_memory_bytes":
+        return f"{value / 2**20:,.0f}"
+    if key in ("speedup_vs_padded", "memory_vs_padded"):
+        return f"{value:.2f}x"
+    if key == "step_time_s":
+        return f"{value:.3f}"
+    if key == "fill_ratio":
+        return f"{value:.2f}"
+    if key == "loss":
+        return f"{value:.4f}"
+    if key == "loss_gap_vs_padded":
+        return f"{value:.1e}"
+    return str(value)
+
+
+def table(report: dict) -> str:
+    """The results as an aligned text table, with a header line naming device, model and date."""
+    rows = [[_cell(key, result.get(key)) for _, key in COLUMNS] for result in report["results"]]
+    headers = [title for title, _ in COLUMNS]
+    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
+    config = report["config"]
+    model = config["model_size"] + (" MoE" if config["moe"] else "") + (" LoRA" if config["lora"] else "")
+    lines = [f"padfree bench: {report['device']}, model {model}, {config['dtype']}, "
+             f"{config['tokens_per_step']} tokens/step, {config['steps']} timed steps "
+             f"(+{config['warmup']} warmup), {report['date']}",
+             "  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))),
+             "  ".join("-" * w for w in widths)]
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines.append("tok/s: useful (non-pad) tokens per second over the timed steps; fill: useful / computed "
+                 "tokens; loss gap: max |loss - padded loss| over the same steps (n/a for padded_sorted, "
+                 "whose steps hold other examples)")
+    lines.append(f"peak memory: {report['peak_memory_note']}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Bar chart of useful tokens/s per mode, one group per distribution, speedups annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    results = report["results"]
+    groups = list(dict.fromkeys(r["distribution"] for r in results))
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    figure, axes = pyplot.subplots(figsize=(2.2 + 2.4 * len(groups), 4.2))
+    width = 0.8 / len(modes)
+    for index, mode in enumerate(modes):
+        xs, heights, labels = [], [], []
+        for group_index, group in enumerate(groups):
+            match = [r for r in results if r["distribution"] == group and r["mode"] == mode]
+            if match:
+                xs.append(group_index + (index - (len(modes) - 1) / 2) * width)
+                heights.append(match[0]["useful_tokens_per_s"])
+                labels.append(f"{match[0]['speedup_vs_padded']:.2f}x")
+        bars = axes.bar(xs, heights, width, label=mode)
+        axes.bar_label(bars, labels, fontsize=7)
+    axes.set_xticks(range(len(groups)), groups)
+    axes.set_ylabel("useful tokens / s")
+    config = report["config"]
+    axes.set_title(f"padfree bench: {config['model_size']}, {config['dtype']}\n{report['device']}", fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
