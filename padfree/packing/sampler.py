@@ -147,6 +147,8 @@ class MultipackBatchSampler(Sampler[list[int]]):
             steps = [packs[s:s + self.num_replicas] for s in range(0, len(packs), self.num_replicas)]
             if self.shuffle:
                 steps = [steps[s] for s in torch.randperm(len(steps), generator=generator).tolist()]
+                # The step with empty batches (if any) stays last, as documented.
+                steps.sort(key=lambda step: any(not batch for batch in step))
             self._plan_cache = (self.epoch, steps, dropped)
         return self._plan_cache[1]
 
