@@ -109,7 +109,10 @@ def has_kernel(op: str, device: torch.device) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"padfree::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"padfree::{op}", key)
+    except RuntimeError:  # the loaded _C does not define this op at all
+        return False
 
 
 def status() -> dict[str, object]:

@@ -1,0 +1,407 @@
+"""Triton kernels of `padfree.moe_experts`: grouped GEMMs over a block-padded, expert-sorted pair list.
+
+Layout (transformers 5): gate_up_proj W1 (E, 2I, H) = [Wg; Wu], down_proj W2 (E, H, I),
+hidden_states x (N, H), k choices per token. A pair p = t*k + j is token t's j-th choice.
+`padfree.ops.moe` first aligns the pairs (`padfree::moe_align`): `sorted_pairs` lists pair ids by
+expert, each expert's run padded to a multiple of ALIGN_BLOCK with the sentinel N*k, so every
+ALIGN_BLOCK-row block belongs to one expert (`block_expert`, -1 for blocks past the end, which
+exit at once). The grid is sized by the upper bound of blocks, never by host-known counts, and
+an expert with no pair owns no block: it costs nothing in the forward, and the weight-gradient
+kernels write zeros for it. Row r of every buffer below is position r of `sorted_pairs`.
+
+Forward (per pair p, expert e, weight w_p):
+    moe_gate_up_kernel   gathers x[t] rows itself; g = x Wg^T, u = x Wu^T; stores [g | u]
+                         (saved for the backward) and h = silu(g) * u (fused epilogue).
+    moe_down_kernel      z = h W2^T, y_p = w_p z, written to row p of a (N*k, H) buffer: each pair
+                         owns one row, so no atomics; out = y.view(N, k, H).sum(1) (deterministic).
+
+Backward, dout (N, H) given; h is recomputed from the saved [g | u], never stored:
+    moe_down_backward_kernel
+        a = dout[t] W2_e (I,), a reduction over H;  dw_p = <dout[t], z> = <a, h>, written as one
+        partial sum per I-tile (summed after, no atomics);  dh = w_p a;
+        dg = dh * u * s * (1 + g (1 - s)) with s = sigmoid(g)   [d silu(g)/dg = s + g s (1 - s)]
+        du = dh * silu(g);  stores [dg | du].
+    moe_down_weight_grad_kernel   dW2_e = sum_{p in e} (w_p dout[t])^T h_p       (H, I)
+    moe_gate_up_backward_input_kernel   dx_p = [dg | du] [Wg; Wu]  -> row p of (N*k, H), then
+                                         dx = sum over the k rows of each token.
+    moe_gate_up_weight_grad_kernel      dW1_e = sum_{p in e} [dg | du]_p^T x[t]   (2I, H)
+Padding rows load x / dout as 0, so their g, u, h, dg, du are 0 and they add nothing to dW.
+All products accumulate in fp32 (fp32 inputs: IEEE dot, no TF32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from padfree.kernels import registry, runtime
+
+ALIGN_BLOCK = 64
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def moe_gate_up_kernel(x_ptr, w1_ptr, sorted_pairs_ptr, block_expert_ptr, gate_up_ptr, h_ptr,
+                       num_pairs, hidden, inter, top_k, stride_xn, stride_we, stride_wn, stride_wk,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    gate_up_rows = gate_up_ptr + rows[:, None] * (2 * inter) + cols[None, :]
+    if expert < 0:
+        # Blocks past the end: the saved [g | u] is an op output, so it is fully defined (zeros).
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=gate_up_ptr.dtype.element_ty)
+        tl.store(gate_up_rows, zeros, mask=col_ok[None, :])
+        tl.store(gate_up_rows + inter, zeros, mask=col_ok[None, :])
+        return
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    valid = pairs < num_pairs
+    tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w1_ptr + expert.to(tl.int64) * stride_we
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < hidden
+        a = tl.load(x_ptr + tokens[:, None] * stride_xn + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        w_gate = tl.load(w_base + cols[None, :] * stride_wn + k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        w_up = tl.load(w_base + (cols[None, :] + inter) * stride_wn + k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        acc_gate = _dot(a, w_gate, acc_gate, IEEE)
+        acc_up = _dot(a, w_up, acc_up, IEEE)
+    out_mask = col_ok[None, :]
+    tl.store(gate_up_rows, acc_gate.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(gate_up_rows + inter, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    tl.store(h_ptr + rows[:, None] * inter + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def moe_down_kernel(h_ptr, w2_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr, out_ptr,
+                    num_pairs, hidden, inter, stride_we, stride_wn, stride_wk,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:
+        return
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    valid = pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w2_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < inter
+        a = tl.load(h_ptr + rows[:, None] * inter + k[None, :], mask=k_ok[None, :], other=0.0)
+        b = tl.load(w_base + cols[None, :] * stride_wn + k[:, None] * stride_wk,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+    weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    acc = acc * weight[:, None]
+    safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
+    tl.store(out_ptr + safe_pairs[:, None] * hidden + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr,
+                             grad_gate_up_ptr, grad_weight_partial_ptr, num_pairs, hidden, inter, top_k,
+                             capacity, stride_we, stride_wn, stride_wk,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             IEEE: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:
+        return
+    tile_n = tl.program_id(1)
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    valid = pairs < num_pairs
+    tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w2_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < hidden
+        a = tl.load(grad_out_ptr + tokens[:, None] * hidden + k[None, :], mask=valid[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(w_base + k[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+    gate_up_rows = gate_up_ptr + rows[:, None] * (2 * inter) + cols[None, :]
+    gate = tl.load(gate_up_rows, mask=col_ok[None, :], other=0.0).to(tl.float32)
+    up = tl.load(gate_up_rows + inter, mask=col_ok[None, :], other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    tl.store(grad_weight_partial_ptr + tile_n * capacity + rows, tl.sum(silu * up * acc, axis=1))
+    weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    grad_h = acc * weight[:, None]
+    grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
+    grad_up = grad_h * silu
+    grad_rows = grad_gate_up_ptr + rows[:, None] * (2 * inter) + cols[None, :]
+    tl.store(grad_rows, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=col_ok[None, :])
+    tl.store(grad_rows + inter, grad_up.to(grad_gate_up_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def moe_down_weight_grad_kernel(grad_out_ptr, gate_up_ptr, sorted_pairs_ptr, padded_offsets_ptr, weights_ptr,
+                                grad_w2_ptr, num_pairs, hidden, inter, top_k,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                IEEE: tl.constexpr):
+    expert = tl.program_id(0)
+    out_rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = out_rows < hidden
+    col_ok = cols < inter
+    start = tl.load(padded_offsets_ptr + expert)
+    end = tl.load(padded_offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        pairs = tl.load(sorted_pairs_ptr + rows)
+        valid = pairs < num_pairs
+        tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
+        weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+        grad = tl.load(grad_out_ptr + tokens[None, :] * hidden + out_rows[:, None],
+                       mask=valid[None, :] & out_ok[:, None], other=0.0).to(tl.float32)
+        grad = (grad * weight[None, :]).to(grad_out_ptr.dtype.element_ty)
+        gate_up_rows = gate_up_ptr + rows[:, None] * (2 * inter) + cols[None, :]
+        gate = tl.load(gate_up_rows, mask=col_ok[None, :], other=0.0).to(tl.float32)
+        up = tl.load(gate_up_rows + inter, mask=col_ok[None, :], other=0.0).to(tl.float32)
+        h = (gate * tl.sigmoid(gate) * up).to(grad_out_ptr.dtype.element_ty)
+        acc = _dot(grad, h, acc, IEEE)
+    out = grad_w2_ptr + expert.to(tl.int64) * hidden * inter + out_rows[:, None] * inter + cols[None, :]
+    tl.store(out, acc.to(grad_w2_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def moe_gate_up_backward_input_kernel(grad_gate_up_ptr, w1_ptr, sorted_pairs_ptr, block_expert_ptr,
+                                      grad_x_pairs_ptr, num_pairs, hidden, inter, stride_we, stride_wn,
+                                      stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:
+        return
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    valid = pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w1_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, 2 * inter, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < 2 * inter
+        a = tl.load(grad_gate_up_ptr + rows[:, None] * (2 * inter) + k[None, :], mask=k_ok[None, :], other=0.0)
+        b = tl.load(w_base + k[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+    safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
+    tl.store(grad_x_pairs_ptr + safe_pairs[:, None] * hidden + cols[None, :],
+             acc.to(grad_x_pairs_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_ptr, grad_w1_ptr,
+                                   num_pairs, hidden, inter, top_k, stride_xn,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   IEEE: tl.constexpr):
+    expert = tl.program_id(0)
+    out_rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = out_rows < 2 * inter
+    col_ok = cols < hidden
+    start = tl.load(padded_offsets_ptr + expert)
+    end = tl.load(padded_offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        pairs = tl.load(sorted_pairs_ptr + rows)
+        valid = pairs < num_pairs
+        tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
+        grad = tl.load(grad_gate_up_ptr + rows[None, :] * (2 * inter) + out_rows[:, None], mask=out_ok[:, None],
+                       other=0.0)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xn + cols[None, :], mask=valid[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = _dot(grad, x, acc, IEEE)
+    out = grad_w1_ptr + expert.to(tl.int64) * (2 * inter) * hidden + out_rows[:, None] * hidden + cols[None, :]
+    tl.store(out, acc.to(grad_w1_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
+
+
+# Tiles: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The row tile of the grouped kernels is
+# the alignment block. Chosen for H100 bf16/fp16 at Qwen3-30B-A3B / Mixtral sizes (tensor-core
+# tiles, no spills in compile-check); fp32 runs IEEE FMA dots (tests, not speed) on smaller tiles.
+TILES = {
+    "gate_up": (ALIGN_BLOCK, 64, 64, 8, 3),
+    "down": (ALIGN_BLOCK, 128, 64, 8, 3),
+    "down_backward": (ALIGN_BLOCK, 64, 64, 8, 3),
+    "down_weight_grad": (64, 64, 64, 4, 3),
+    "gate_up_backward_input": (ALIGN_BLOCK, 128, 64, 8, 3),
+    "gate_up_weight_grad": (64, 128, 64, 8, 3),
+}
+FP32_TILE = (32, 32, 4, 2)  # BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M as above
+
+
+def _tile(tile: str, fp32: bool) -> tuple[int, int, int, int, int]:
+    block_m = TILES[tile][0]
+    return (block_m, *FP32_TILE) if fp32 else TILES[tile]
+
+
+def _pointer(dtype_name: str) -> str:
+    return f"*{dtype_name}"
+
+
+def _launches(kernel, tile: str, pointer_args: dict[str, str], int_args: tuple[str, ...]):
+    """One Launch per data dtype; pointer_args maps name -> "data" | "i32" | "fp32" | "i64"."""
+    def launches():
+        arg_names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
+        for dtype_name in DTYPES.values():
+            block_m, block_n, block_k, warps, stages = _tile(tile, dtype_name == "fp32")
+            signature = {}
+            for name in arg_names:
+                if name in pointer_args:
+                    kind = pointer_args[name]
+                    signature[name] = _pointer(dtype_name if kind == "data" else kind)
+                elif name in int_args:
+                    signature[name] = "i32"
+                else:
+                    signature[name] = "constexpr"
+            constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                          "IEEE": dtype_name == "fp32"}
+            yield registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}", signature,
+                                  constexprs, num_warps=warps, num_stages=stages)
+
+    registry.register(kernel, launches)
+
+
+_ALIGN_POINTERS = {"sorted_pairs_ptr": "i32", "block_expert_ptr": "i32", "padded_offsets_ptr": "i32"}
+_launches(moe_gate_up_kernel, "gate_up",
+          {"x_ptr": "data", "w1_ptr": "data", "gate_up_ptr": "data", "h_ptr": "data", **_ALIGN_POINTERS},
+          ("num_pairs", "hidden", "inter", "top_k", "stride_xn", "stride_we", "stride_wn", "stride_wk"))
+_launches(moe_down_kernel, "down",
+          {"h_ptr": "data", "w2_ptr": "data", "weights_ptr": "fp32", "out_ptr": "data", **_ALIGN_POINTERS},
+          ("num_pairs", "hidden", "inter", "stride_we", "stride_wn", "stride_wk"))
+_launches(moe_down_backward_kernel, "down_backward",
+          {"grad_out_ptr": "data", "w2_ptr": "data", "gate_up_ptr": "data", "weights_ptr": "fp32",
+           "grad_gate_up_ptr": "data", "grad_weight_partial_ptr": "fp32", **_ALIGN_POINTERS},
+          ("num_pairs", "hidden", "inter", "top_k", "capacity", "stride_we", "stride_wn", "stride_wk"))
+_launches(moe_down_weight_grad_kernel, "down_weight_grad",
+          {"grad_out_ptr": "data", "gate_up_ptr": "data", "weights_ptr": "fp32", "grad_w2_ptr": "data",
+           **_ALIGN_POINTERS},
+          ("num_pairs", "hidden", "inter", "top_k"))
+_launches(moe_gate_up_backward_input_kernel, "gate_up_backward_input",
+          {"grad_gate_up_ptr": "data", "w1_ptr": "data", "grad_x_pairs_ptr": "data", **_ALIGN_POINTERS},
+          ("num_pairs", "hidden", "inter", "stride_we", "stride_wn", "stride_wk"))
+_launches(moe_gate_up_weight_grad_kernel, "gate_up_weight_grad",
+          {"grad_gate_up_ptr": "data", "x_ptr": "data", "grad_w1_ptr": "data", **_ALIGN_POINTERS},
+          ("num_pairs", "hidden", "inter", "top_k", "stride_xn"))
+
+
+def unsupported_reason(hidden_states: torch.Tensor) -> str | None:
+    if hidden_states.dtype not in DTYPES:
+        return f"dtype {hidden_states.dtype} (fp16, bf16, fp32 only)"
+    if hidden_states.device.type == "cpu" and hidden_states.dtype == torch.bfloat16:
+        return "bf16 tl.dot is not supported by the Triton interpreter"
+    return None
+
+
+def _options(tile: str, dtype: torch.dtype) -> dict[str, object]:
+    block_m, block_n, block_k, warps, stages = _tile(tile, dtype == torch.float32)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == torch.float32,
+            "num_warps": warps, "num_stages": stages}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def forward(hidden_states, gate_up_proj, down_proj, weights, top_k, sorted_pairs, block_expert):
+    """-> (out (N, H), gate_up (capacity, 2I) pre-activations saved for the backward).
+
+    `weights` is the fp32 (N*k,) routing weights; alignment tensors from `padfree::moe_align`
+    with block ALIGN_BLOCK.
+    """
+    num_tokens, hidden = hidden_states.shape
+    inter = down_proj.shape[2]
+    num_pairs = num_tokens * top_k
+    capacity = sorted_pairs.shape[0]
+    num_blocks = block_expert.shape[0]
+    device, dtype = hidden_states.device, hidden_states.dtype
+    gate_up = runtime.empty((capacity, 2 * inter), dtype, device)
+    h = torch.empty(capacity, inter, dtype=dtype, device=device)
+    options = _options("gate_up", dtype)
+    moe_gate_up_kernel[(num_blocks, _cdiv(inter, options["BLOCK_N"]))](
+        hidden_states, gate_up_proj, sorted_pairs, block_expert, gate_up, h, num_pairs, hidden, inter, top_k,
+        hidden_states.stride(0), *gate_up_proj.stride(), **options)
+    out_pairs = runtime.empty((num_pairs, hidden), dtype, device)
+    options = _options("down", dtype)
+    moe_down_kernel[(num_blocks, _cdiv(hidden, options["BLOCK_N"]))](
+        h, down_proj, sorted_pairs, block_expert, weights, out_pairs, num_pairs, hidden, inter,
+        *down_proj.stride(), **options)
+    return out_pairs.view(num_tokens, top_k, hidden).sum(1), gate_up
+
+
+def backward(grad_out, hidden_states, gate_up_proj, down_proj, weights, gate_up, top_k, sorted_pairs,
+             block_expert, padded_offsets, pair_position, expert_grads=True):
+    """-> (d hidden_states, d weights (N*k,) fp32, d gate_up_proj, d down_proj); see the module docstring.
+
+    Without `expert_grads` the weight-gradient kernels do not run and their results are empty."""
+    num_tokens, hidden = hidden_states.shape
+    num_experts, _, inter = down_proj.shape
+    num_pairs = num_tokens * top_k
+    capacity = sorted_pairs.shape[0]
+    num_blocks = block_expert.shape[0]
+    device, dtype = hidden_states.device, hidden_states.dtype
+
+    options = _options("down_backward", dtype)
+    inter_tiles = _cdiv(inter, options["BLOCK_N"])
+    grad_gate_up = torch.empty(capacity, 2 * inter, dtype=dtype, device=device)
+    grad_weight_partial = torch.empty(inter_tiles, capacity, dtype=torch.float32, device=device)
+    moe_down_backward_kernel[(num_blocks, inter_tiles)](
+        grad_out, down_proj, gate_up, sorted_pairs, block_expert, weights, grad_gate_up, grad_weight_partial,
+        num_pairs, hidden, inter, top_k, capacity, *down_proj.stride(), **options)
+    grad_weights = grad_weight_partial.sum(0)[pair_position.long()]
+
+    grad_x_pairs = runtime.empty((num_pairs, hidden), dtype, device)
+    options = _options("gate_up_backward_input", dtype)
+    moe_gate_up_backward_input_kernel[(num_blocks, _cdiv(hidden, options["BLOCK_N"]))](
+        grad_gate_up, gate_up_proj, sorted_pairs, block_expert, grad_x_pairs, num_pairs, hidden, inter,
+        *gate_up_proj.stride(), **options)
+
+    grad_x = grad_x_pairs.view(num_tokens, top_k, hidden).sum(1)
+    if not expert_grads:
+        return grad_x, grad_weights, gate_up_proj.new_empty(0), down_proj.new_empty(0)
+
+    grad_down = runtime.empty((num_experts, hidden, inter), down_proj.dtype, device)
+    options = _options("down_weight_grad", dtype)
+    moe_down_weight_grad_kernel[(num_experts, _cdiv(hidden, options["BLOCK_M"]), _cdiv(inter, options["BLOCK_N"]))](
+        grad_out, gate_up, sorted_pairs, padded_offsets, weights, grad_down, num_pairs, hidden, inter, top_k,
+        **options)
+
+    grad_gate_up_proj = runtime.empty((num_experts, 2 * inter, hidden), gate_up_proj.dtype, device)
+    options = _options("gate_up_weight_grad", dtype)
+    moe_gate_up_weight_grad_kernel[(num_experts, _cdiv(2 * inter, options["BLOCK_M"]),
+                                    _cdiv(hidden, options["BLOCK_N"]))](
+        grad_gate_up, hidden_states, sorted_pairs, padded_offsets, grad_gate_up_proj, num_pairs, hidden, inter,
+        top_k, hidden_states.stride(0), **options)
+    return grad_x, grad_weights, grad_gate_up_proj, grad_down
