@@ -10,28 +10,15 @@ the L2 cache on a GPU.
 from __future__ import annotations
 
 import datetime
-import importlib
-import platform
 from collections.abc import Callable
 
 import torch
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from padfree.benchmark import machine
 
 
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
-    for name in ("triton", "transformers", "peft", "flash_attn", "padfree"):
-        try:
-            found[name] = importlib.import_module(name).__version__
-        except ImportError:
-            found[name] = "not installed"
-    return found
+device_name = machine.device_name
+versions = machine.versions
 
 
 def synchronize(device: torch.device) -> None:

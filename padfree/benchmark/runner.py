@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import datetime
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from padfree.benchmark import batches as batching
-from padfree.benchmark import distributions
+from padfree.benchmark import distributions, machine
 
 # Llama-like sizes. tiny: the CPU default, small enough for a 2-core run in minutes, large
 # enough that the matmuls (not Python overhead) dominate a step.
@@ -286,7 +285,7 @@ def run(config: BenchConfig) -> dict:
             per_distribution = _run_modes(model, initial_state, config, distribution, prepared, bar.update)
             _add_ratios(per_distribution)
             results += per_distribution
-    return {"device": _device_name(device), "versions": _versions(), "date": datetime.datetime.now().isoformat(
+    return {"device": machine.device_name(device), "versions": machine.versions(), "date": datetime.datetime.now().isoformat(
         timespec="seconds"), "config": asdict(config), "length_stats": length_stats,
             "peak_memory_note": _peak_memory_note(device),
             "results": [asdict(r) for r in results]}
@@ -298,20 +297,3 @@ def _peak_memory_note(device: torch.device) -> str:
     return "torch.cuda.max_memory_allocated over each mode's timed steps (weights and optimizer state included)"
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _versions() -> dict[str, str]:
-    import importlib
-
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "peft", "triton", "padfree"):
-        try:
-            found[name] = importlib.import_module(name).__version__
-        except ImportError:
-            found[name] = "not installed"
-    return found

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import padfree
-from padfree.ops import attention as attention_op
 from padfree.reference import attention as reference
 from tests.numerics import assert_close, assert_finite_and_written
 
