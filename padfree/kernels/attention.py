@@ -118,6 +118,19 @@ def _query_range(block_start, BLOCK: tl.constexpr, sq, diagonal, window_left, wi
 
 
 @triton.jit
+def _tile(base, first_row, stride_t, head, stride_h, rows, cols):
+    """Pointers to rows `first_row + rows` of one head: a 64-bit scalar base plus 32-bit offsets
+    inside the tile, so addresses stay cheap and never overflow."""
+    return base + first_row.to(tl.int64) * stride_t + head * stride_h + rows[:, None] * stride_t + cols[None, :]
+
+
+@triton.jit
+def _sequence(Cu, seq):
+    start = tl.load(Cu + seq)
+    return start, tl.load(Cu + seq + 1) - start
+
+
+@triton.jit
 def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                          stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
@@ -129,30 +142,26 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
     head = tl.program_id(1)
     seq = tl.load(Blocks + pid)
     block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
-    offs_m = block_start + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_n = tl.arange(0, BLOCK_N)
+    offs_m = block_start + tile_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
     if seq == num_seqs:
-        rows = (tl.load(CuQ + num_seqs) + offs_m).to(tl.int64)
-        row_ok = rows < total_q
-        zeros = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty)
-        tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], zeros,
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + head.to(tl.int64) * total_q + rows, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_ok)
+        first = tl.load(CuQ + num_seqs) + block_start
+        row_ok = first + tile_m < total_q
+        tl.store(_tile(Out, first, stride_ot, head, stride_oh, tile_m, offs_d),
+                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + head.to(tl.int64) * total_q + first + tile_m, tl.full([BLOCK_M], float("inf"), tl.float32),
+                 mask=row_ok)
     elif seq < num_seqs:
-        q_start = tl.load(CuQ + seq)
-        sq = tl.load(CuQ + seq + 1) - q_start
-        k_start = tl.load(CuK + seq)
-        sk = tl.load(CuK + seq + 1) - k_start
+        q_start, sq = _sequence(CuQ, seq)
+        k_start, sk = _sequence(CuK, seq)
         diagonal = sk - sq
         kv_head = head // group
         row_ok = offs_m < sq
-        tile_m = tl.arange(0, BLOCK_M)
-        tile_n = tl.arange(0, BLOCK_N)
-        # 64-bit scalar bases, 32-bit offsets inside a tile: cheap addresses, no overflow.
-        q_base = (q_start + block_start).to(tl.int64)
-        q = tl.load(Q + q_base * stride_qt + head * stride_qh + tile_m[:, None] * stride_qt + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
         slope = 0.0
         if ALIBI:
             slope = tl.load(Alibi + seq * stride_alibi + head)
@@ -163,10 +172,8 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tile_n
-            k_base = (k_start + start_n).to(tl.int64)
             kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-            k = tl.load(K + k_base * stride_kt + kv_head * stride_kh + tile_n[:, None] * stride_kt + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
+            k = tl.load(_tile(K, k_start + start_n, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             scores, _ = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
                                 window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
@@ -179,16 +186,15 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
             if DROPOUT:
                 keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            v = tl.load(V + k_base * stride_vt + kv_head * stride_vh + tile_n[:, None] * stride_vt + offs_d[None, :],
-                        mask=kv_ok, other=0.0)
+            v = tl.load(_tile(V, k_start + start_n, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-        tl.store(Out + q_base * stride_ot + head * stride_oh + tile_m[:, None] * stride_ot + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + head.to(tl.int64) * total_q + q_base + tile_m, lse, mask=row_ok)
+        tl.store(_tile(Out, q_start + block_start, stride_ot, head, stride_oh, tile_m, offs_d),
+                 out.to(Out.dtype.element_ty), mask=q_ok)
+        tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -196,13 +202,15 @@ def attention_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_do
                                BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """D_i = sum_d dO_id O_id (fp32), laid out (Hq, total_q) like lse."""
     head = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    first = tl.program_id(0) * BLOCK_M
+    tile_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    ok = (rows < total_q)[:, None] & (offs_d < head_dim)[None, :]
-    out = tl.load(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=ok, other=0.0)
-    dout = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=ok, other=0.0)
+    row_ok = first + tile_m < total_q
+    ok = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    out = tl.load(_tile(Out, first, stride_ot, head, stride_oh, tile_m, offs_d), mask=ok, other=0.0)
+    dout = tl.load(_tile(DOut, first, stride_dot, head, stride_doh, tile_m, offs_d), mask=ok, other=0.0)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
-    tl.store(Delta + head.to(tl.int64) * total_q + rows, delta, mask=rows < total_q)
+    tl.store(Delta + head.to(tl.int64) * total_q + first + tile_m, delta, mask=row_ok)
 
 
 @triton.jit
@@ -218,26 +226,25 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
     kv_head = tl.program_id(1)
     seq = tl.load(Blocks + pid)
     block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_N
-    offs_n = block_start + tl.arange(0, BLOCK_N)
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_n = tl.arange(0, BLOCK_N)
+    offs_n = block_start + tile_n
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
     if seq == num_seqs:
-        rows = (tl.load(CuK + num_seqs) + offs_n).to(tl.int64)
-        ok = (rows < total_k)[:, None] & d_ok[None, :]
-        tl.store(DK + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        first = tl.load(CuK + num_seqs) + block_start
+        ok = (first + tile_n < total_k)[:, None] & d_ok[None, :]
+        tl.store(_tile(DK, first, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
                  tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
-        tl.store(DV + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+        tl.store(_tile(DV, first, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
                  tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
     elif seq < num_seqs:
-        q_start = tl.load(CuQ + seq)
-        sq = tl.load(CuQ + seq + 1) - q_start
-        k_start = tl.load(CuK + seq)
-        sk = tl.load(CuK + seq + 1) - k_start
+        q_start, sq = _sequence(CuQ, seq)
+        k_start, sk = _sequence(CuK, seq)
         diagonal = sk - sq
-        key_rows = (k_start + offs_n).to(tl.int64)
         kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-        k = tl.load(K + key_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + key_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
+        v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
@@ -248,15 +255,14 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
             if ALIBI:
                 slope = tl.load(Alibi + seq * stride_alibi + head)
             for start_m in range(lo, hi, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
+                offs_m = start_m + tile_m
                 row_ok = offs_m < sq
-                rows = (q_start + offs_m).to(tl.int64)
                 q_ok = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
-                dout = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                q = tl.load(_tile(Q, q_start + start_m, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
+                dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d),
                                mask=q_ok, other=0.0)
-                lse = tl.load(Lse + head.to(tl.int64) * total_q + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(Delta + head.to(tl.int64) * total_q + rows, mask=row_ok, other=0.0)
+                lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
                 qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
                 scores_t, capped_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], sk, diagonal, softmax_scale,
                                              softcap, slope, window_left, window_right,
@@ -274,9 +280,9 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
                 if SOFTCAP:
                     ds_t = ds_t * (1.0 - capped_t * capped_t)
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-        tl.store(DK + key_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
                  (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(DV + key_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+        tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
@@ -293,28 +299,28 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
     head = tl.program_id(1)
     seq = tl.load(Blocks + pid)
     block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
-    offs_m = block_start + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    tile_n = tl.arange(0, BLOCK_N)
+    offs_m = block_start + tile_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
     if seq == num_seqs:
-        rows = (tl.load(CuQ + num_seqs) + offs_m).to(tl.int64)
-        tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+        first = tl.load(CuQ + num_seqs) + block_start
+        tl.store(_tile(DQ, first, stride_dqt, head, stride_dqh, tile_m, offs_d),
                  tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
-                 mask=(rows < total_q)[:, None] & d_ok[None, :])
+                 mask=(first + tile_m < total_q)[:, None] & d_ok[None, :])
     elif seq < num_seqs:
-        q_start = tl.load(CuQ + seq)
-        sq = tl.load(CuQ + seq + 1) - q_start
-        k_start = tl.load(CuK + seq)
-        sk = tl.load(CuK + seq + 1) - k_start
+        q_start, sq = _sequence(CuQ, seq)
+        k_start, sk = _sequence(CuK, seq)
         diagonal = sk - sq
         kv_head = head // group
         row_ok = offs_m < sq
-        rows = (q_start + offs_m).to(tl.int64)
         q_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_ok, other=0.0)
-        dout = tl.load(DOut + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_ok, other=0.0)
-        lse = tl.load(Lse + head.to(tl.int64) * total_q + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + head.to(tl.int64) * total_q + rows, mask=row_ok, other=0.0)
+        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
+        dout = tl.load(_tile(DOut, q_start + block_start, stride_dot, head, stride_doh, tile_m, offs_d),
+                       mask=q_ok, other=0.0)
+        lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
         slope = 0.0
         if ALIBI:
             slope = tl.load(Alibi + seq * stride_alibi + head)
@@ -322,11 +328,10 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
         lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_rows = (k_start + offs_n).to(tl.int64)
+            offs_n = start_n + tile_n
             kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-            k = tl.load(K + key_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(V + key_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_ok, other=0.0)
+            k = tl.load(_tile(K, k_start + start_n, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
+            v = tl.load(_tile(V, k_start + start_n, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             scores, capped = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
                                      window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
@@ -339,7 +344,7 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
             if SOFTCAP:
                 ds = ds * (1.0 - capped * capped)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+        tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 

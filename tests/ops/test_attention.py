@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import padfree
+import padfree.ops.attention  # noqa: F401  (registers torch.ops.padfree.varlen_attention_*)
 from padfree.reference import attention as reference
 from tests.numerics import assert_close, assert_finite_and_written
 
