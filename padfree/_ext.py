@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,6 +76,26 @@ def _build_just_in_time() -> str:
     return "just-in-time build" + (" (CPU + CUDA)" if with_cuda else " (CPU only)")
 
 
+_fakes: dict[str, Callable] = {}
+
+
+def register_fake(op: str, fake: Callable) -> None:
+    """Give `padfree::<op>` (defined by `_C`) its fake implementation for `torch.compile`.
+
+    The op only exists once `_C` is loaded, so the registration is kept and done by `load()`
+    (or right away when `_C` is already loaded), outside of any compiled region."""
+    _fakes[op] = fake
+    if _state["loaded"]:
+        _register_fakes()
+
+
+def _register_fakes() -> None:
+    for op, fake in list(_fakes.items()):
+        if hasattr(torch.ops.padfree, op):  # a stale cached _C may lack a newer op
+            torch.library.register_fake(f"padfree::{op}")(fake)
+        del _fakes[op]
+
+
 def load() -> bool:
     """Load `padfree._C` once; True when its ops are registered."""
     with _lock:
@@ -93,6 +114,8 @@ def load() -> bool:
                 except Exception as err:  # any compiler/toolchain failure: fall back, say why
                     _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         _state["loaded"] = _state["error"] is None
+        if _state["loaded"]:
+            _register_fakes()
         if not _state["loaded"]:
             warn_once("padfree._C", f"padfree._C could not be loaded ({_state['error']}); ops that have "
                                     "C++/CUDA kernels fall back to Triton or PyTorch")

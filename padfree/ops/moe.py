@@ -43,32 +43,21 @@ def _experts_kernels():
 
 # ---------------------------------------------------------------------------------------- align
 
-_align_fake_registered = False
+def _align_fake(top_k_index, num_experts, block_size):
+    num_pairs = top_k_index.numel()
+    num_blocks = (num_pairs + num_experts * (block_size - 1) + block_size - 1) // block_size
+    new = top_k_index.new_empty
+    return (new(num_blocks * block_size, dtype=torch.int32), new(num_blocks, dtype=torch.int32),
+            new(num_experts + 1, dtype=torch.int32), new(num_pairs, dtype=torch.int32))
 
 
-def _register_align_fake() -> None:
-    global _align_fake_registered
-    if _align_fake_registered:
-        return
-
-    @torch.library.register_fake("padfree::moe_align")
-    def _(top_k_index, num_experts, block_size):
-        num_pairs = top_k_index.numel()
-        num_blocks = (num_pairs + num_experts * (block_size - 1) + block_size - 1) // block_size
-        new = top_k_index.new_empty
-        return (new(num_blocks * block_size, dtype=torch.int32), new(num_blocks, dtype=torch.int32),
-                new(num_experts + 1, dtype=torch.int32), new(num_pairs, dtype=torch.int32))
-
-    _align_fake_registered = True
+_ext.register_fake("moe_align", _align_fake)
 
 
 @torch.compiler.assume_constant_result
 def _has_native_align(device: torch.device) -> bool:
     """`padfree._C` loaded, with moe_align (an older cached build may lack it) for this device."""
-    native = _ext.load() and hasattr(torch.ops.padfree, "moe_align") and _ext.has_kernel("moe_align", device)
-    if native:
-        _register_align_fake()
-    return native
+    return _ext.load() and hasattr(torch.ops.padfree, "moe_align") and _ext.has_kernel("moe_align", device)
 
 
 def moe_align(top_k_index: torch.Tensor, num_experts: int, block_size: int

@@ -12,20 +12,14 @@ from padfree import _backend, _checks, _ext
 from padfree.reference import seqlens as reference
 
 OP = "cu_seqlens_from_position_ids"
-_fake_registered = False
 
 
-def _register_fake() -> None:
-    global _fake_registered
-    if _fake_registered:
-        return
+def _fake(position_ids):
+    cu_seqlens = position_ids.new_empty(position_ids.numel() + 1, dtype=torch.int32)
+    return cu_seqlens, position_ids.new_empty((), dtype=torch.int32)
 
-    @torch.library.register_fake(f"padfree::{OP}")
-    def _(position_ids):
-        cu_seqlens = position_ids.new_empty(position_ids.numel() + 1, dtype=torch.int32)
-        return cu_seqlens, position_ids.new_empty((), dtype=torch.int32)
 
-    _fake_registered = True
+_ext.register_fake(OP, _fake)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +41,5 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     backend = _backend.resolve(OP, position_ids.device, has_native_kernel=has_native,
                                triton_unsupported=lambda: "no Triton kernel for this op")
     if backend == "cuda":
-        _register_fake()
         return torch.ops.padfree.cu_seqlens_from_position_ids(position_ids)
     return reference.cu_seqlens_from_position_ids(position_ids)
