@@ -62,11 +62,13 @@ def _tanh(x):
 
 @triton.jit
 def _scores(qk, qi, kj, sk, diagonal, softmax_scale, softcap, slope, window_left, window_right,
-            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            MASKED: tl.constexpr):
     """Scores in the base-2 domain (-inf where not allowed) and tanh(raw / softcap) for softcap.
 
     `qi` and `kj` are the query and key positions inside the sequence, shaped to broadcast against
     `qk` (the forward and dq kernels use (M, 1) x (1, N), the dk/dv kernel the transpose).
+    MASKED=False skips the mask, for tiles where every pair is allowed (`_unmasked_keys`).
     """
     if SOFTCAP:
         capped = _tanh(qk * (softmax_scale / softcap))
@@ -77,12 +79,14 @@ def _scores(qk, qi, kj, sk, diagonal, softmax_scale, softcap, slope, window_left
     if ALIBI:
         distance = tl.abs(qi + diagonal - kj).to(tl.float32)
         scores = scores - (slope * 1.4426950408889634) * distance
-    allowed = kj < sk
-    if HAS_LEFT:
-        allowed = allowed & (kj >= qi + diagonal - window_left)
-    if HAS_RIGHT:
-        allowed = allowed & (kj <= qi + diagonal + window_right)
-    return tl.where(allowed, scores, float("-inf")), capped
+    if MASKED:
+        allowed = kj < sk
+        if HAS_LEFT:
+            allowed = allowed & (kj >= qi + diagonal - window_left)
+        if HAS_RIGHT:
+            allowed = allowed & (kj <= qi + diagonal + window_right)
+        scores = tl.where(allowed, scores, float("-inf"))
+    return scores, capped
 
 
 @triton.jit
@@ -118,6 +122,45 @@ def _query_range(block_start, BLOCK: tl.constexpr, sq, diagonal, window_left, wi
 
 
 @triton.jit
+def _unmasked_keys(lo, hi, block_start, BLOCK: tl.constexpr, diagonal, window_left, window_right,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split keys [lo, hi) (hi <= sk) for the query rows [block_start, block_start + BLOCK):
+    blocks in [full_lo, full_hi) are allowed for every row and need no mask; [lo, full_lo) and
+    [full_hi, hi) do. Both bounds are block-aligned unless they collapse onto hi. Negative values
+    are clamped before dividing (integer division of negatives differs between back ends)."""
+    full_lo = lo
+    full_hi = (tl.maximum(hi, 0) // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:
+        need = tl.maximum(block_start + BLOCK - 1 + diagonal - window_left, 0)
+        full_lo = tl.maximum(full_lo, (need + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    if HAS_RIGHT:
+        limit = tl.maximum(block_start + diagonal + window_right + 1, 0)
+        full_hi = tl.minimum(full_hi, limit // BLOCK_N * BLOCK_N)
+    full_lo = tl.minimum(full_lo, tl.maximum(hi, lo))
+    return full_lo, tl.maximum(full_hi, full_lo)
+
+
+@triton.jit
+def _unmasked_queries(lo, hi, block_start, BLOCK: tl.constexpr, sk, diagonal, window_left, window_right,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Split queries [lo, hi) for the key block [block_start, block_start + BLOCK) like
+    `_unmasked_keys`: rows in [full_lo, full_hi) see every key of the block (none when the block
+    runs past sk). Rows past sq inside a block are harmless: their lse is +inf, so p = 0."""
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:
+        need = tl.maximum(block_start + BLOCK - 1 - diagonal - window_right, 0)
+        full_lo = tl.maximum(full_lo, (need + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    if HAS_LEFT:
+        limit = tl.maximum(block_start - diagonal + window_left + 1, 0)
+        full_hi = tl.minimum(full_hi, limit // BLOCK_M * BLOCK_M)
+    if block_start + BLOCK > sk:
+        full_lo = hi
+    full_lo = tl.minimum(full_lo, tl.maximum(hi, lo))
+    return full_lo, tl.maximum(full_hi, full_lo)
+
+
+@triton.jit
 def _tile(base, first_row, stride_t, head, stride_h, rows, cols):
     """Pointers to rows `first_row + rows` of one head: a 64-bit scalar base plus 32-bit offsets
     inside the tile, so addresses stay cheap and never overflow."""
@@ -128,6 +171,35 @@ def _tile(base, first_row, stride_t, head, stride_h, rows, cols):
 def _sequence(Cu, seq):
     start = tl.load(Cu + seq)
     return start, tl.load(Cu + seq + 1) - start
+
+
+@triton.jit
+def _fwd_keys(acc, m_i, l_i, q, K, V, k_start, start, stop, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+              offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope, window_left, window_right,
+              dropout_p, seed, seq, head, num_heads, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+              PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update of one query block over the key blocks starting in [start, stop)."""
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tile_n
+        kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
+        k = tl.load(_tile(K, k_start + start_n, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        scores, _ = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
+                            window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row with no allowed key so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(_tile(V, k_start + start_n, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -170,25 +242,20 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
         lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tile_n
-            kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-            k = tl.load(_tile(K, k_start + start_n, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            scores, _ = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
-                                window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            # A row with no allowed key so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
-                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            v = tl.load(_tile(V, k_start + start_n, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh,
+                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
+                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh,
+                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
@@ -211,6 +278,67 @@ def attention_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_do
     dout = tl.load(_tile(DOut, first, stride_dot, head, stride_doh, tile_m, offs_d), mask=ok, other=0.0)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
     tl.store(Delta + head.to(tl.int64) * total_q + first + tile_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dq_keys(dq, q, dout, lse, delta, K, V, k_start, start, stop, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+             offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope, window_left, window_right,
+             dropout_p, seed, seq, head, num_heads, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+             HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+             PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dq of one query block accumulated over the key blocks starting in [start, stop) (unscaled)."""
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tile_n
+        kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
+        k = tl.load(_tile(K, k_start + start_n, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
+        v = tl.load(_tile(V, k_start + start_n, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        scores, capped = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
+                                 window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
+        p = tl.math.exp2(scores - (lse * 1.4426950408889634)[:, None])
+        dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - capped * capped)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head, stride_qt, stride_qh, stride_dot,
+                  stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal, softmax_scale, softcap, slope,
+                  window_left, window_right, dropout_p, seed, seq, num_heads, BLOCK_M: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dk (unscaled) and dv of one key block accumulated over query head `head`'s blocks in [start, stop)."""
+    for start_m in range(start, stop, BLOCK_M):
+        offs_m = start_m + tile_m
+        row_ok = offs_m < sq
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(_tile(Q, q_start + start_m, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
+        dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d), mask=q_ok, other=0.0)
+        lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        scores_t, capped_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], sk, diagonal, softmax_scale, softcap,
+                                     slope, window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
+        p_t = tl.math.exp2(scores_t - (lse * 1.4426950408889634)[None, :])
+        dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, seq, head, num_heads, offs_m[None, :], offs_n[:, None], sk, dropout_p)
+            dropped_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            dropped_t = p_t
+        dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - capped_t * capped_t)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -249,37 +377,26 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
         dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
                               HAS_LEFT, HAS_RIGHT, BLOCK_M)
+        full_lo, full_hi = _unmasked_queries(lo, hi, block_start, BLOCK_N, sk, diagonal, window_left, window_right,
+                                             HAS_LEFT, HAS_RIGHT, BLOCK_M)
         for member in range(0, group):
             head = kv_head * group + member
             slope = 0.0
             if ALIBI:
                 slope = tl.load(Alibi + seq * stride_alibi + head)
-            for start_m in range(lo, hi, BLOCK_M):
-                offs_m = start_m + tile_m
-                row_ok = offs_m < sq
-                q_ok = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(_tile(Q, q_start + start_m, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
-                dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d),
-                               mask=q_ok, other=0.0)
-                lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
-                delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
-                qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-                scores_t, capped_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], sk, diagonal, softmax_scale,
-                                             softcap, slope, window_left, window_right,
-                                             HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
-                p_t = tl.math.exp2(scores_t - (lse * 1.4426950408889634)[None, :])
-                dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
-                if DROPOUT:
-                    keep_t = _dropout_keep(seed, seq, head, num_heads, offs_m[None, :], offs_n[:, None], sk, dropout_p)
-                    dropped_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
-                    dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
-                else:
-                    dropped_t = p_t
-                dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=PRECISION)
-                ds_t = p_t * (dp_t - delta[None, :])
-                if SOFTCAP:
-                    ds_t = ds_t * (1.0 - capped_t * capped_t)
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt, stride_qh,
+                                   stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal,
+                                   softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed, seq,
+                                   num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
+                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed,
+                                   seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION,
+                                   False)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt, stride_qh,
+                                   stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal,
+                                   softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed, seq,
+                                   num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
         tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
                  (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
         tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
@@ -327,23 +444,20 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
         lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tile_n
-            kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-            k = tl.load(_tile(K, k_start + start_n, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
-            v = tl.load(_tile(V, k_start + start_n, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            scores, capped = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
-                                     window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI)
-            p = tl.math.exp2(scores - (lse * 1.4426950408889634)[:, None])
-            dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - capped * capped)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh, stride_vt,
+                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
+                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
+                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
+                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
+        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh, stride_vt,
+                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
+                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
         tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
@@ -382,7 +496,7 @@ _TILES = {
     ("fwd", 64, 2): Tiles(128, 64, 8, 3), ("fwd", 128, 2): Tiles(128, 64, 8, 3),
     ("fwd", 256, 2): Tiles(64, 32, 8, 2),
     ("dkdv", 16, 2): Tiles(32, 128, 4, 3), ("dkdv", 32, 2): Tiles(32, 128, 4, 3),
-    ("dkdv", 64, 2): Tiles(32, 128, 8, 2), ("dkdv", 128, 2): Tiles(32, 64, 8, 2),
+    ("dkdv", 64, 2): Tiles(32, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 64, 8, 2),
     ("dkdv", 256, 2): Tiles(16, 32, 8, 2),
     ("dq", 16, 2): Tiles(128, 32, 4, 3), ("dq", 32, 2): Tiles(128, 32, 4, 3),
     ("dq", 64, 2): Tiles(128, 32, 8, 2), ("dq", 128, 2): Tiles(64, 32, 8, 2),
