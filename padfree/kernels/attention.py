@@ -20,6 +20,9 @@ Forward (per query block, online softmax in fp32, base-2 exponentials with log2(
 where Z = keep / (1 - dropout_p) is the dropout mask (1 without dropout); `l` sums the undropped
 probabilities, so the normaliser matches the reference.
 
+Each kernel splits its loop into masked edge blocks and the blocks every row of the tile may see
+(`_unmasked_keys` / `_unmasked_queries`), which skip the causal/window mask arithmetic.
+
 Backward, from P = exp(s - lse) (recomputed), D_i = sum_d dO_id O_id = sum_j P_ij dP_ij:
 
     dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - D),   dS0 = dS (1 - tanh^2) with softcap
