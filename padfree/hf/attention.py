@@ -93,6 +93,19 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch * length, heads, dim)
 
 
+def _check_first_use(*tensors: torch.Tensor) -> bool | None:
+    """`check` for varlen_attention: None (value checks as configured) the first time these
+    boundary tensors are seen, False afterwards. Every layer of a forward gets the same
+    `cu_seq_lens_*` tensors, so their values are copied to the host once per batch, not per layer."""
+    if torch.compiler.is_compiling():
+        return None
+    if all(getattr(t, "_padfree_checked", False) for t in tensors):
+        return False
+    for t in tensors:
+        t._padfree_checked = True
+    return None
+
+
 def _pack(query, key, value, attention_mask, kwargs) -> _Packed:
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -105,8 +118,9 @@ def _pack(query, key, value, attention_mask, kwargs) -> _Packed:
         max_k = kwargs.get("max_length_k")
         max_q = batch * q_len if max_q is None else _as_int(max_q, "max_length_q")
         max_k = max_q if max_k is None else _as_int(max_k, "max_length_k")
-        return _Packed(_tokens(query), _tokens(key), _tokens(value), cu_seqlens_q.to(torch.int32),
-                       cu_seqlens_k.to(torch.int32), max_q, max_k, check=None)
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        return _Packed(_tokens(query), _tokens(key), _tokens(value), cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                       check=_check_first_use(cu_seqlens_q, cu_seqlens_k))
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_len):
             raise ValueError(f"padfree attention takes a 2D padding mask (batch, kv_len) = ({batch}, {kv_len}); "

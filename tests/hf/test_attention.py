@@ -193,3 +193,30 @@ def test_bad_inputs_name_the_argument():
         attention_forward(Layer(), q, k, v, None, cu_seq_lens_q=cu_seqlens([6]), max_length_q="6")
     with pytest.raises(ValueError, match="head_dim"):
         attention_forward(Layer(), q, k, v[..., :8], None)
+
+
+def test_kwargs_boundaries_are_value_checked_once_per_batch(monkeypatch):
+    from padfree import _checks
+    from padfree.hf import attention as adapter
+
+    calls = []
+    original = _checks.check_cu_seqlens
+
+    def counting(name, *args, values=True, **kwargs):
+        calls.append(values)
+        return original(name, *args, values=values, **kwargs)
+
+    monkeypatch.setattr(_checks, "check_cu_seqlens", counting)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    query = torch.randn(1, 4, 8, 16)
+    key = value = torch.randn(1, 2, 8, 16)
+    module = torch.nn.Module()
+    module.is_causal = True
+    for _ in range(3):  # three layers of one forward
+        adapter.attention_forward(module, query, key, value, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                  max_length_q=5, max_length_k=5)
+    assert calls == [True, True] + [False, False] * 2
+    bad = torch.tensor([0, 9, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        adapter.attention_forward(module, query, key, value, None, cu_seq_lens_q=bad, cu_seq_lens_k=bad,
+                                  max_length_q=9, max_length_k=9)
