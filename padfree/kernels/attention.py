@@ -666,12 +666,13 @@ _FLAG_NAMES = ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "DROPOUT")
 
 
 def _flag_sets(dtype_name: str, pad: int):
-    """Every feature on (a superset of the code of any other flag set, and the most registers);
-    for the training hot path (bf16, head dim 128) also the plain and the causal kernels."""
+    """The flag sets training launches (plain, causal, sliding window) and every feature on (a
+    superset of the code of any other flag set, and the most registers)."""
+    none = dict.fromkeys(_FLAG_NAMES, False)
+    yield none
+    yield {**none, "HAS_RIGHT": True}
+    yield {**none, "HAS_LEFT": True, "HAS_RIGHT": True}
     yield dict.fromkeys(_FLAG_NAMES, True)
-    if (dtype_name, pad) == ("bf16", 128):
-        yield dict.fromkeys(_FLAG_NAMES, False)
-        yield {name: name == "HAS_RIGHT" for name in _FLAG_NAMES}
 
 
 def _attention_launches(kind: str, kernel):
