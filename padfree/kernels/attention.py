@@ -543,7 +543,26 @@ class override_tiles:
 
 def block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> torch.Tensor:
     """int32 (2, G): row 0 the sequence of each program (B = the tail of padding tokens, B + 1 =
-    nothing to do), row 1 its block index inside that sequence. G depends on shapes only."""
+    nothing to do), row 1 its block index inside that sequence. G depends on shapes only.
+
+    Every layer of a model gets the same `cu_seqlens` tensor, so the tables are kept on it and
+    built once per batch; they are keyed by its version counter, so an in-place update (a reused
+    buffer) builds them again. Inference tensors have no version counter and are not cached."""
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:
+        return _build_block_table(cu_seqlens, total, block)
+    cached = getattr(cu_seqlens, "_padfree_block_tables", None)
+    if cached is None or cached[0] != version:
+        cached = (version, {})
+        cu_seqlens._padfree_block_tables = cached
+    table = cached[1].get((total, block))
+    if table is None:
+        table = cached[1][(total, block)] = _build_block_table(cu_seqlens, total, block)
+    return table
+
+
+def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> torch.Tensor:
     num_seqs = cu_seqlens.numel() - 1
     offsets = cu_seqlens.to(torch.int64)
     lengths = torch.cat([offsets[1:] - offsets[:-1], total - offsets[-1:]])

@@ -290,3 +290,16 @@ def test_gpu_no_recompile_when_max_seqlen_changes():
     for max_seqlen in (250, 1000, 4096):
         padfree.varlen_attention(q, q[:, :2], q[:, :2], cu, cu, max_seqlen, max_seqlen, causal=True)
     assert compiled_variants() == before
+
+
+def test_block_table_is_built_once_per_offsets_and_rebuilt_after_an_in_place_update():
+    cu = torch.tensor([0, 5, 37], dtype=torch.int32)
+    first = kernels.block_table(cu, 40, 16)
+    assert kernels.block_table(cu, 40, 16) is first
+    cu[1] = 20
+    rebuilt = kernels.block_table(cu, 40, 16)
+    assert rebuilt is not first
+    assert torch.equal(rebuilt, kernels._build_block_table(cu.clone(), 40, 16))
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 5, 37], dtype=torch.int32)
+        assert torch.equal(kernels.block_table(frozen, 40, 16), kernels._build_block_table(frozen, 40, 16))
