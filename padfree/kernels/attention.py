@@ -695,27 +695,15 @@ def _flag_sets(dtype_name: str, pad: int):
 
 
 def _attention_launches(kind: str, kernel):
-    arg_names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
     for dtype, dtype_name in TRITON_DTYPES.items():
         for pad in HEAD_DIM_PADS:
             tile = tiles(kind, pad, dtype)
             for flags in _flag_sets(dtype_name, pad):
-                signature = {}
-                for name in arg_names:
-                    if name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ"):
-                        signature[name] = f"*{dtype_name}"
-                    elif name in ("Lse", "Delta", "Alibi"):
-                        signature[name] = "*fp32"
-                    elif name in ("CuQ", "CuK", "Blocks"):
-                        signature[name] = "*i32"
-                    elif name in ("softmax_scale", "softcap", "dropout_p"):
-                        signature[name] = "fp32"
-                    elif name == "seed":
-                        signature[name] = "i64"
-                    elif name.isupper():
-                        signature[name] = "constexpr"
-                    else:
-                        signature[name] = "i32"
+                data = {name: f"*{dtype_name}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
+                signature = registry.signature(kernel, {
+                    **data, "Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32",
+                    "Blocks": "*i32", "softmax_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32",
+                    "seed": "i64"})
                 constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
                                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
                 on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
@@ -727,16 +715,14 @@ def _attention_launches(kind: str, kernel):
 def _delta_launches():
     for dtype_name in TRITON_DTYPES.values():
         for pad in HEAD_DIM_PADS:
-            signature = {"Out": f"*{dtype_name}", "DOut": f"*{dtype_name}", "Delta": "*fp32", "stride_ot": "i32",
-                         "stride_oh": "i32", "stride_dot": "i32", "stride_doh": "i32", "total_q": "i32",
-                         "head_dim": "i32", "BLOCK_M": "constexpr", "HEAD_DIM_PAD": "constexpr"}
+            signature = registry.signature(attention_bwd_delta_kernel, {
+                "Out": f"*{dtype_name}", "DOut": f"*{dtype_name}", "Delta": "*fp32"})
             yield registry.Launch(label=f"{dtype_name} d{pad}", signature=signature,
                                   constexprs=dict(BLOCK_M=delta_rows(pad), HEAD_DIM_PAD=pad))
 
 
 def _mask_launches():
-    signature = {"Keep": "*i8", "seed": "i64", "seq": "i32", "head_offset": "i32", "num_heads": "i32",
-                 "seqlen_q": "i32", "seqlen_k": "i32", "dropout_p": "fp32", "BLOCK": "constexpr"}
+    signature = registry.signature(attention_dropout_mask_kernel, {"Keep": "*i8", "seed": "i64", "dropout_p": "fp32"})
     yield registry.Launch(label=f"{MASK_BLOCK}x{MASK_BLOCK}", signature=signature, constexprs=dict(BLOCK=MASK_BLOCK))
 
 

@@ -388,8 +388,11 @@ def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
 
 
 # ----------------------------------------------------------------------------- registry
-def _ptr(dtype: str) -> str:
-    return f"*{dtype}"
+def _signature(kernel, dtype: str) -> dict[str, str]:
+    """Every `*_ptr` argument points to `dtype` data, `scaling`/`keep_scale` are fp32, the rest i32."""
+    names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
+    types = {name: f"*{dtype}" for name in names if name.endswith("_ptr")}
+    return registry.signature(kernel, {**types, "scaling": "fp32", "keep_scale": "fp32"})
 
 
 def _shrink_launches():
@@ -397,11 +400,7 @@ def _shrink_launches():
         block_m, block_k = _SHRINK_TILE[elem]
         for dropout in (False, True):
             for block_r in _SHRINK_BLOCK_R:
-                sig = {"x_ptr": _ptr(dtype), "a_ptr": _ptr(dtype), "xa_ptr": _ptr(dtype), "M": "i32", "K": "i32",
-                       "R": "i32", "stride_xm": "i32", "stride_ar": "i32", "stride_xam": "i32", "rank_end0": "i32",
-                       "rank_end1": "i32", "seed": "i32", "threshold": "i32", "keep_scale": "fp32",
-                       "DROPOUT": "constexpr", "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
-                       "BLOCK_R": "constexpr"}
+                sig = _signature(lora_shrink_kernel, dtype)
                 yield registry.Launch(
                     f"{dtype} r{block_r}{' dropout' if dropout else ''}", sig,
                     {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
@@ -412,12 +411,7 @@ def _forward_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         for size, (block_m, block_n, block_k, warps, stages) in _GEMM_CONFIGS[elem].items():
             for has_bias in (False, True):
-                sig = {"x_ptr": _ptr(dtype), "w_ptr": _ptr(dtype), "bias_ptr": _ptr(dtype), "xa_ptr": _ptr(dtype),
-                       "b_ptr": _ptr(dtype), "y_ptr": _ptr(dtype), "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-                       "stride_xm": "i32", "stride_wn": "i32", "stride_xam": "i32", "stride_bn": "i32",
-                       "stride_ym": "i32", "scaling": "fp32", "HAS_BIAS": "constexpr", "IEEE": "constexpr",
-                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                       "BLOCK_R": "constexpr", "GROUP_M": "constexpr"}
+                sig = _signature(lora_forward_kernel, dtype)
                 yield registry.Launch(
                     f"{dtype} {size}{' bias' if has_bias else ''}", sig,
                     {"HAS_BIAS": has_bias, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n,
@@ -429,15 +423,7 @@ def _dx_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         for size, (block_m, block_n, block_k, warps, stages) in _GEMM_CONFIGS[elem].items():
             for dropout in (False, True):
-                sig = {name: _ptr(dtype) for name in ("dy0_ptr", "w0_ptr", "dy1_ptr", "w1_ptr", "dy2_ptr", "w2_ptr",
-                                                       "t_ptr", "a_ptr", "dx_ptr")}
-                sig.update({name: "i32" for name in ("M", "K", "R", "N0", "N1", "N2", "stride_dy0", "stride_dy1",
-                                                     "stride_dy2", "stride_w0", "stride_w1", "stride_w2",
-                                                     "stride_tm", "stride_ar", "stride_dxm", "rank_end0",
-                                                     "rank_end1", "seed", "threshold")})
-                sig["keep_scale"] = "fp32"
-                sig.update({name: "constexpr" for name in ("DROPOUT", "IEEE", "BLOCK_M", "BLOCK_K", "BLOCK_N",
-                                                           "BLOCK_R", "GROUP_M")})
+                sig = _signature(lora_dx_kernel, dtype)
                 yield registry.Launch(
                     f"{dtype} {size}{' dropout' if dropout else ''}", sig,
                     {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
@@ -449,10 +435,7 @@ def _da_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         block_m, block_k = _DA_TILE[elem]
         for block_r in _DA_BLOCK_R:
-            sig = {"t_ptr": _ptr(dtype), "x_ptr": _ptr(dtype), "da_ptr": _ptr(dtype), "M": "i32", "K": "i32",
-                   "R": "i32", "stride_tm": "i32", "stride_xm": "i32", "stride_dar": "i32", "rank_end0": "i32",
-                   "rank_end1": "i32", "seed": "i32", "threshold": "i32", "keep_scale": "fp32",
-                   "IEEE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr"}
+            sig = _signature(lora_da_kernel, dtype)
             yield registry.Launch(f"{dtype} r{block_r}", sig,
                                   {"IEEE": elem == 4, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_M": block_m},
                                   num_warps=4, num_stages=3)

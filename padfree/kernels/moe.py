@@ -267,25 +267,14 @@ def _tile(tile: str, fp32: bool) -> tuple[int, int, int, int, int]:
     return (block_m, *FP32_TILE) if fp32 else TILES[tile]
 
 
-def _pointer(dtype_name: str) -> str:
-    return f"*{dtype_name}"
-
-
-def _launches(kernel, tile: str, pointer_args: dict[str, str], int_args: tuple[str, ...]):
-    """One Launch per data dtype; pointer_args maps name -> "data" | "i32" | "fp32" | "i64"."""
+def _launches(kernel, tile: str, pointer_args: dict[str, str]):
+    """One Launch per data dtype; pointer_args maps name -> "data" | "i32" | "fp32" | "i64"; the other
+    runtime arguments are i32."""
     def launches():
-        arg_names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
         for dtype_name in DTYPES.values():
             block_m, block_n, block_k, warps, stages = _tile(tile, dtype_name == "fp32")
-            signature = {}
-            for name in arg_names:
-                if name in pointer_args:
-                    kind = pointer_args[name]
-                    signature[name] = _pointer(dtype_name if kind == "data" else kind)
-                elif name in int_args:
-                    signature[name] = "i32"
-                else:
-                    signature[name] = "constexpr"
+            signature = registry.signature(kernel, {name: f"*{dtype_name if kind == 'data' else kind}"
+                                                    for name, kind in pointer_args.items()})
             constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
                           "IEEE": dtype_name == "fp32"}
             yield registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}", signature,
@@ -296,25 +285,19 @@ def _launches(kernel, tile: str, pointer_args: dict[str, str], int_args: tuple[s
 
 _ALIGN_POINTERS = {"sorted_pairs_ptr": "i32", "block_expert_ptr": "i32", "padded_offsets_ptr": "i32"}
 _launches(moe_gate_up_kernel, "gate_up",
-          {"x_ptr": "data", "w1_ptr": "data", "gate_up_ptr": "data", "h_ptr": "data", **_ALIGN_POINTERS},
-          ("num_pairs", "hidden", "inter", "top_k", "stride_xn", "stride_we", "stride_wn", "stride_wk"))
+          {"x_ptr": "data", "w1_ptr": "data", "gate_up_ptr": "data", "h_ptr": "data", **_ALIGN_POINTERS})
 _launches(moe_down_kernel, "down",
-          {"h_ptr": "data", "w2_ptr": "data", "weights_ptr": "fp32", "out_ptr": "data", **_ALIGN_POINTERS},
-          ("num_pairs", "hidden", "inter", "stride_we", "stride_wn", "stride_wk"))
+          {"h_ptr": "data", "w2_ptr": "data", "weights_ptr": "fp32", "out_ptr": "data", **_ALIGN_POINTERS})
 _launches(moe_down_backward_kernel, "down_backward",
           {"grad_out_ptr": "data", "w2_ptr": "data", "gate_up_ptr": "data", "weights_ptr": "fp32",
-           "grad_gate_up_ptr": "data", "grad_weight_partial_ptr": "fp32", **_ALIGN_POINTERS},
-          ("num_pairs", "hidden", "inter", "top_k", "capacity", "stride_we", "stride_wn", "stride_wk"))
+           "grad_gate_up_ptr": "data", "grad_weight_partial_ptr": "fp32", **_ALIGN_POINTERS})
 _launches(moe_down_weight_grad_kernel, "down_weight_grad",
           {"grad_out_ptr": "data", "gate_up_ptr": "data", "weights_ptr": "fp32", "grad_w2_ptr": "data",
-           **_ALIGN_POINTERS},
-          ("num_pairs", "hidden", "inter", "top_k"))
+           **_ALIGN_POINTERS})
 _launches(moe_gate_up_backward_input_kernel, "gate_up_backward_input",
-          {"grad_gate_up_ptr": "data", "w1_ptr": "data", "grad_x_pairs_ptr": "data", **_ALIGN_POINTERS},
-          ("num_pairs", "hidden", "inter", "stride_we", "stride_wn", "stride_wk"))
+          {"grad_gate_up_ptr": "data", "w1_ptr": "data", "grad_x_pairs_ptr": "data", **_ALIGN_POINTERS})
 _launches(moe_gate_up_weight_grad_kernel, "gate_up_weight_grad",
-          {"grad_gate_up_ptr": "data", "x_ptr": "data", "grad_w1_ptr": "data", **_ALIGN_POINTERS},
-          ("num_pairs", "hidden", "inter", "top_k", "stride_xn"))
+          {"grad_gate_up_ptr": "data", "x_ptr": "data", "grad_w1_ptr": "data", **_ALIGN_POINTERS})
 
 
 def unsupported_reason(hidden_states: torch.Tensor) -> str | None:

@@ -135,11 +135,9 @@ def _block_t(block_e: int) -> int:
 def _route_launches():
     for dtype_name in ("fp16", "bf16", "fp32"):
         for block_e in BLOCK_ES:
-            signature = {"logits_ptr": f"*{dtype_name}", "bias_ptr": "*fp32", "weights_ptr": "*fp32",
-                         "index_ptr": "*i64", "num_tokens": "i32", "num_experts": "i32", "stride_row": "i32",
-                         "top_k": "i32", "sigmoid": "i1", "normalize": "i1", "n_group": "i32",
-                         "topk_group": "i32", "scale": "fp32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr",
-                         "MAX_K": "constexpr", "MAX_G": "constexpr"}
+            signature = registry.signature(moe_route_kernel, {
+                "logits_ptr": f"*{dtype_name}", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "index_ptr": "*i64",
+                "sigmoid": "i1", "normalize": "i1", "scale": "fp32"})
             yield registry.Launch(f"{dtype_name} E<={block_e}", signature,
                                   {"BLOCK_T": _block_t(block_e), "BLOCK_E": block_e, "MAX_K": MAX_TOP_K,
                                    "MAX_G": MAX_GROUPS})
@@ -148,10 +146,10 @@ def _route_launches():
 def _route_backward_launches():
     for dtype_name in ("fp16", "bf16", "fp32"):
         for block_e in BLOCK_ES:
-            signature = {"grad_weights_ptr": "*fp32", "logits_ptr": f"*{dtype_name}", "weights_ptr": "*fp32",
-                         "index_ptr": "*i64", "grad_logits_ptr": f"*{dtype_name}", "num_tokens": "i32",
-                         "num_experts": "i32", "stride_row": "i32", "top_k": "i32", "sigmoid": "i1",
-                         "normalize": "i1", "scale": "fp32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"}
+            signature = registry.signature(moe_route_backward_kernel, {
+                "grad_weights_ptr": "*fp32", "logits_ptr": f"*{dtype_name}", "weights_ptr": "*fp32",
+                "index_ptr": "*i64", "grad_logits_ptr": f"*{dtype_name}", "sigmoid": "i1", "normalize": "i1",
+                "scale": "fp32"})
             yield registry.Launch(f"{dtype_name} E<={block_e}", signature,
                                   {"BLOCK_T": _block_t(block_e), "BLOCK_E": block_e})
 

@@ -31,6 +31,21 @@ class Launch:
     archs: tuple[int, ...] = (80, 90)
 
 
+def signature(kernel, types: dict[str, str], default: str = "i32") -> dict[str, str]:
+    """The Triton signature of `kernel` in argument order: "constexpr" for the arguments annotated
+    `tl.constexpr`, `types[name]` for the others named there (pointers, floats, i64), `default`
+    for the rest."""
+    import inspect
+
+    result = {}
+    for name, param in inspect.signature(getattr(kernel, "fn", kernel)).parameters.items():
+        annotation = param.annotation
+        is_constexpr = (annotation.endswith("constexpr") if isinstance(annotation, str)
+                        else getattr(annotation, "__name__", "") == "constexpr")
+        result[name] = "constexpr" if is_constexpr else types.get(name, default)
+    return result
+
+
 @dataclass
 class KernelEntry:
     name: str
