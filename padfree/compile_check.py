@@ -4,7 +4,10 @@ Needs no GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`
 Triton → PTX → ptxas pipeline on the host. Reports shared memory (Triton's dynamic allocation) and,
 from `cuobjdump -res-usage` on the cubin, registers and local memory (spills / stack).
 Pointer arguments are compiled with the 16-byte alignment hint a real launch gets from torch's
-allocator, so the code (vector widths, registers) matches what runs.
+allocator, strides and the launch's `aligned` dimensions with the multiple-of-16 hint Triton's JIT
+gives such integers, so the code (vector widths, registers, pipelining) matches what runs. The
+`async` column says whether the PTX has asynchronous global->shared copies, i.e. whether Triton
+software-pipelined a main loop (`num_stages`); a launch registered as `pipelined` fails without.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class CompileResult:
     shared: int = 0
     registers: int | None = None
     local: int | None = None
+    pipelined: bool | None = None
     seconds: float = 0.0
     error: str = ""
 
@@ -64,41 +68,48 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(registers.group(1)) if registers else None), spill
 
 
-def _compile_one(job: tuple[str, int, int]) -> CompileResult:
+def compile_launch(kernel, launch, arch: int, name: str = "") -> CompileResult:
+    """Compile one `registry.Launch` of `kernel` for sm_`arch` and check its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from padfree.kernels import registry
-
-    kernel_name, launch_index, arch = job
-    entry = next(e for e in registry.all_kernels() if e.name == kernel_name)
-    launch = list(entry.launches())[launch_index]
+    name = name or getattr(kernel, "__name__", str(kernel))
     started = time.perf_counter()
     try:
         arg_names = list(launch.signature)
-        # A real launch gets the 16-divisibility hint for 16-byte aligned pointers and for integer
-        # arguments that are multiples of 16; strides of (tokens, heads, dim) tensors are in practice.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names)
-                 if launch.signature[name].startswith("*")
-                 or (name.startswith("stride") and launch.signature[name] in ("i32", "i64"))}
-        source = ASTSource(fn=entry.kernel, signature=launch.signature, constexprs=launch.constexprs,
-                           attrs=attrs)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(arg_names)
+                 if launch.signature[arg].startswith("*")
+                 or ((arg.startswith("stride") or arg in launch.aligned)
+                     and launch.signature[arg] in ("i32", "i64"))}
+        source = ASTSource(fn=kernel, signature=launch.signature, constexprs=launch.constexprs, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
         registers, local = _resource_usage(compiled.asm["cubin"])
         shared = int(compiled.metadata.shared)
-        result = CompileResult(kernel_name, launch.label, arch, True, shared, registers, local)
+        pipelined = re.search(r"\bcp\.async\.", compiled.asm["ptx"]) is not None
+        result = CompileResult(name, launch.label, arch, True, shared, registers, local, pipelined)
         limit = SHARED_LIMIT.get(arch)
         if limit is not None and shared > limit:
             result.ok = False
             result.error = f"needs {shared} B of shared memory, sm_{arch} allows {limit} B"
+        elif launch.pipelined and not pipelined:
+            result.ok = False
+            result.error = f"main loop not software-pipelined (no cp.async in the PTX, num_stages={launch.num_stages})"
     except Exception as err:  # report every failure, keep compiling the rest
         message = str(err).strip().splitlines()
-        result = CompileResult(kernel_name, launch.label, arch, False,
+        result = CompileResult(name, launch.label, arch, False,
                                error=(message[-1] if message else type(err).__name__)[:300])
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _compile_one(job: tuple[str, int, int]) -> CompileResult:
+    from padfree.kernels import registry
+
+    kernel_name, launch_index, arch = job
+    entry = next(e for e in registry.all_kernels() if e.name == kernel_name)
+    return compile_launch(entry.kernel, list(entry.launches())[launch_index], arch, kernel_name)
 
 
 def plan(archs: list[int], kernel_filter: str | None = None) -> list[tuple[str, int, int]]:
@@ -126,7 +137,7 @@ def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = N
     if not work:
         raise RuntimeError(f"no kernel matches {kernel_filter!r}")
     workers = jobs or os.cpu_count() or 1
-    header = f"{'kernel':<44} {'config':<40} {'arch':>5} {'shared':>8} {'regs':>5} {'spill':>6} {'sec':>5}  status"
+    header = f"{'kernel':<44} {'config':<40} {'arch':>5} {'shared':>8} {'regs':>5} {'spill':>6} {'async':>5} {'sec':>5}  status"
     print(f"compiling {len(work)} (kernel, config, arch) combinations with {workers} workers", file=stream)
     print(header, file=stream)
     print("-" * len(header), file=stream)
@@ -140,9 +151,10 @@ def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = N
             short = result.kernel.removeprefix("padfree.kernels.")
             regs = "-" if result.registers is None else str(result.registers)
             spill = "-" if result.local is None else str(result.local)
+            piped = "-" if result.pipelined is None else ("yes" if result.pipelined else "no")
             status = "ok" if result.ok else f"FAIL: {result.error}"
             print(f"{short:<44} {result.label:<40} {'sm_' + str(result.arch):>5} {result.shared:>8} "
-                  f"{regs:>5} {spill:>6} {result.seconds:>5.1f}  {status}", file=stream, flush=True)
+                  f"{regs:>5} {spill:>6} {piped:>5} {result.seconds:>5.1f}  {status}", file=stream, flush=True)
     failed = [r for r in results if not r.ok]
     print(f"{len(results) - len(failed)} compiled, {len(failed)} failed", file=stream)
     return results
@@ -198,6 +210,6 @@ def run_cuda_sources(archs: list[int], stream=sys.stdout) -> list[CompileResult]
         regs = "-" if result.registers is None else str(result.registers)
         spill = "-" if result.local is None else str(result.local)
         status = "ok" if result.ok else f"FAIL: {result.error}"
-        print(f"{result.kernel:<44} {result.label:<40} {arch:>5} {'':>8} {regs:>5} {spill:>6} "
+        print(f"{result.kernel:<44} {result.label:<40} {arch:>5} {'':>8} {regs:>5} {spill:>6} {'-':>5} "
               f"{result.seconds:>5.1f}  {status}", file=stream, flush=True)
     return results

@@ -707,9 +707,11 @@ def _attention_launches(kind: str, kernel):
                 constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
                                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
                 on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
+                # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
                 yield registry.Launch(label=f"{dtype_name} d{pad} {tile.block_m}x{tile.block_n} {on}",
                                       signature=signature, constexprs=constexprs,
-                                      num_warps=tile.num_warps, num_stages=tile.num_stages)
+                                      num_warps=tile.num_warps, num_stages=tile.num_stages,
+                                      aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
 
 
 def _delta_launches():

@@ -101,12 +101,14 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stride_xam, rank_end0, rank_end1,
-                       seed, threshold, keep_scale, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """xa[m, r] = sum_k x[m, k] keep_p(m, k) A_cat[r, k] / (1 - q), p the stream owning column r."""
+                       seed, threshold, keep_scale, DROPOUT: tl.constexpr, NUM_STREAMS: tl.constexpr,
+                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """xa[m, r] = sum_k x[m, k] keep_p(m, k) A_cat[r, k] / (1 - q), p the stream owning column r.
+
+    With dropout every one of the NUM_STREAMS masks is applied to the x tile and multiplied with A's
+    columns of its stream (the others zeroed): a branch-free loop body, which Triton pipelines."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col_first = tl.program_id(1) * BLOCK_R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -116,12 +118,11 @@ def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stri
                     other=0.0)
         if DROPOUT:
             offsets = rows[:, None] * K + ks[None, :]
-            for stream in tl.static_range(3):
+            for stream in tl.static_range(NUM_STREAMS):
                 start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
-                if (start < end) & (start < col_first + BLOCK_R) & (end > col_first):
-                    kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
-                    in_stream = (cols >= start) & (cols < end)
-                    acc = _dot(kept, tl.where(in_stream[None, :], a, 0.0).to(a.dtype), acc, IEEE)
+                kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
+                in_stream = (cols >= start) & (cols < end)
+                acc = _dot(kept, tl.where(in_stream[None, :], a, 0.0).to(a.dtype), acc, IEEE)
         else:
             acc = _dot(x, a, acc, IEEE)
     if DROPOUT:
@@ -223,12 +224,12 @@ def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_p
 
 @triton.jit
 def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_dar, rank_end0, rank_end1, seed,
-                   threshold, keep_scale, IEEE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
-    """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r."""
+                   threshold, keep_scale, NUM_STREAMS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r
+    (branch-free over the NUM_STREAMS masks, as in lora_shrink_kernel)."""
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    r_first = tl.program_id(0) * BLOCK_R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -237,12 +238,11 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
         t = tl.load(t_ptr + rows[None, :] * stride_tm + rs[:, None], mask=(rows[None, :] < M) & (rs[:, None] < R),
                     other=0.0)
         offsets = rows[:, None] * K + ks[None, :]
-        for stream in tl.static_range(3):
+        for stream in tl.static_range(NUM_STREAMS):
             start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
-            if (start < end) & (start < r_first + BLOCK_R) & (end > r_first):
-                kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
-                in_stream = (rs >= start) & (rs < end)
-                acc = _dot(tl.where(in_stream[:, None], t, 0.0).to(t.dtype), kept, acc, IEEE)
+            kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
+            in_stream = (rs >= start) & (rs < end)
+            acc = _dot(tl.where(in_stream[:, None], t, 0.0).to(t.dtype), kept, acc, IEEE)
     acc = acc * keep_scale
     tl.store(da_ptr + rs[:, None] * stride_dar + ks[None, :], acc.to(da_ptr.dtype.element_ty),
              mask=(rs[:, None] < R) & (ks[None, :] < K))
@@ -318,7 +318,8 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p
     grid = (triton.cdiv(m, block_m), triton.cdiv(rank, block_r))
     args = dict(x_ptr=x, a_ptr=a_cat, xa_ptr=xa, M=m, K=k, R=rank, stride_xm=x.stride(0), stride_ar=a_cat.stride(0),
                 stride_xam=xa.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
-                DROPOUT=dropout_p > 0, IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+                DROPOUT=dropout_p > 0, NUM_STREAMS=len(rank_ends) if dropout_p > 0 else 1, IEEE=_is_ieee(x.dtype),
+                BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     _run(lora_shrink_kernel, grid, args, num_warps=_warps_for_shrink(block_r), num_stages=3)
     return xa
 
@@ -350,8 +351,15 @@ def forward(x, weights, biases, a_cat, lora_bs, rank_ends, scalings, dropout_p, 
     return outputs, xa
 
 
-def backward_input_and_a(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed):
+def backward_input_and_a(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed, input_grad=True):
     """Same contract as padfree.reference.lora.backward_input_and_a, on the Triton kernels."""
+    dx = _grad_input(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed) if input_grad else x.new_empty(0)
+    if dropout_p == 0:
+        return dx, t.t() @ x
+    return dx, _grad_a_dropout(t, x, rank_ends, dropout_p, seed)
+
+
+def _grad_input(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed):
     m, k = x.shape
     rank = a_cat.shape[0]
     dx = runtime.empty((m, k), x.dtype, x.device)
@@ -368,9 +376,7 @@ def backward_input_and_a(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed):
                      f"stride_dy{index}": dy.stride(0), f"stride_w{index}": weight.stride(0)})
     grid = (triton.cdiv(m, block_m) * triton.cdiv(k, block_k),)
     _run(lora_dx_kernel, grid, args, num_warps=warps, num_stages=stages)
-    if dropout_p == 0:
-        return dx, t.t() @ x
-    return dx, _grad_a_dropout(t, x, rank_ends, dropout_p, seed)
+    return dx
 
 
 def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
@@ -382,7 +388,7 @@ def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
     grid = (triton.cdiv(rank, block_r), triton.cdiv(k, block_k))
     args = dict(t_ptr=t, x_ptr=x, da_ptr=da, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_xm=x.stride(0),
                 stride_dar=da.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
-                IEEE=_is_ieee(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m)
+                NUM_STREAMS=len(rank_ends), IEEE=_is_ieee(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m)
     _run(lora_da_kernel, grid, args, num_warps=4, num_stages=3)
     return da
 
@@ -398,13 +404,14 @@ def _signature(kernel, dtype: str) -> dict[str, str]:
 def _shrink_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         block_m, block_k = _SHRINK_TILE[elem]
-        for dropout in (False, True):
+        for dropout, streams in ((False, 1), (True, 1), (True, 2), (True, 3)):
             for block_r in _SHRINK_BLOCK_R:
                 sig = _signature(lora_shrink_kernel, dtype)
                 yield registry.Launch(
-                    f"{dtype} r{block_r}{' dropout' if dropout else ''}", sig,
-                    {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                     "BLOCK_R": block_r}, num_warps=_warps_for_shrink(block_r), num_stages=3)
+                    f"{dtype} r{block_r}{f' dropout x{streams}' if dropout else ''}", sig,
+                    {"DROPOUT": dropout, "NUM_STREAMS": streams, "IEEE": elem == 4, "BLOCK_M": block_m,
+                     "BLOCK_K": block_k, "BLOCK_R": block_r}, num_warps=_warps_for_shrink(block_r), num_stages=3,
+                    aligned=("K",), pipelined=True)
 
 
 def _forward_launches():
@@ -416,7 +423,7 @@ def _forward_launches():
                     f"{dtype} {size}{' bias' if has_bias else ''}", sig,
                     {"HAS_BIAS": has_bias, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "BLOCK_K": block_k, "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
-                    num_warps=warps, num_stages=stages)
+                    num_warps=warps, num_stages=stages, aligned=("N", "K"), pipelined=True)
 
 
 def _dx_launches():
@@ -428,17 +435,19 @@ def _dx_launches():
                     f"{dtype} {size}{' dropout' if dropout else ''}", sig,
                     {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
                      "BLOCK_N": block_n, "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
-                    num_warps=warps, num_stages=stages)
+                    num_warps=warps, num_stages=stages, aligned=("K", "N0", "N1", "N2"), pipelined=True)
 
 
 def _da_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         block_m, block_k = _DA_TILE[elem]
         for block_r in _DA_BLOCK_R:
-            sig = _signature(lora_da_kernel, dtype)
-            yield registry.Launch(f"{dtype} r{block_r}", sig,
-                                  {"IEEE": elem == 4, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_M": block_m},
-                                  num_warps=4, num_stages=3)
+            for streams in range(1, MAX_STREAMS + 1):
+                sig = _signature(lora_da_kernel, dtype)
+                yield registry.Launch(f"{dtype} r{block_r} x{streams}", sig,
+                                      {"NUM_STREAMS": streams, "IEEE": elem == 4, "BLOCK_R": block_r,
+                                       "BLOCK_K": block_k, "BLOCK_M": block_m},
+                                      num_warps=4, num_stages=3, aligned=("K",), pipelined=True)
 
 
 registry.register(lora_shrink_kernel, _shrink_launches)

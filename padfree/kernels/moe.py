@@ -278,7 +278,8 @@ def _launches(kernel, tile: str, pointer_args: dict[str, str]):
             constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
                           "IEEE": dtype_name == "fp32"}
             yield registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}", signature,
-                                  constexprs, num_warps=warps, num_stages=stages)
+                                  constexprs, num_warps=warps, num_stages=stages,
+                                  aligned=("hidden", "inter"), pipelined=True)
 
     registry.register(kernel, launches)
 

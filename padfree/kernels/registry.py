@@ -21,6 +21,13 @@ class Launch:
 
     `signature` maps every argument name to its Triton type ("*fp16", "i32", "fp32", "constexpr",
     ...) in the kernel's argument order; `constexprs` gives the values of the constexpr ones.
+
+    `aligned` names the integer arguments that real launches pass as multiples of 16 (model
+    dimensions such as hidden or head_dim): Triton's JIT specializes those with a divisibility
+    hint, and that hint is what lets it prove a tile row contiguous, load it with 16-byte vectors
+    and turn the main loop into a multi-stage `cp.async` pipeline, so the compile check gives the
+    hint too (strides always get it). `pipelined` says that the kernel's main loop must come out
+    software-pipelined: the compile check fails the launch when the PTX has no asynchronous copy.
     """
 
     label: str
@@ -29,6 +36,8 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
     archs: tuple[int, ...] = (80, 90)
+    aligned: tuple[str, ...] = ()
+    pipelined: bool = False
 
 
 def signature(kernel, types: dict[str, str], default: str = "i32") -> dict[str, str]:

@@ -13,7 +13,8 @@ shrink GEMM computes every x @ A_p^T in one pass over x; xa (M, R) and the dropo
 the forward saves beyond its inputs. The backward math (kernels/lora.py derives it):
 
     t_p   = scaling_p * dy_p @ B_p           dB_p = scaling_p * dy_p^T @ xa_p       (torch, small)
-    dx, dA_cat = lora_linear_bwd(...)        dx = sum_p dy_p W_p + sum_p D_p(t_p A_p)
+    dx, dA_cat = lora_linear_bwd(...)        dx = sum_p dy_p W_p + sum_p D_p(t_p A_p)  (skipped when x
+                                             needs no gradient, e.g. the first layer's input)
     dW_p  = dy_p^T x, d bias_p = sum dy_p    only for a weight / bias that requires grad
 
 The backend ("triton" or "reference") is chosen in Python before the op is called and passed as
@@ -72,14 +73,14 @@ def _(x, weights, biases, has_bias, lora_a, lora_bs, rank_ends, scalings, dropou
 @torch.library.custom_op("padfree::lora_linear_bwd", mutates_args=())
 def _backward_op(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor], t: torch.Tensor,
                  lora_a: torch.Tensor, rank_ends: list[int], dropout_p: float, seed: torch.Tensor,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 input_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(backend).backward_input_and_a(list(dys), x, list(weights), t, lora_a, list(rank_ends), dropout_p,
-                                               int(seed))
+                                               int(seed), input_grad)
 
 
 @_backward_op.register_fake
-def _(dys, x, weights, t, lora_a, rank_ends, dropout_p, seed, backend):
-    return torch.empty_like(x), torch.empty_like(lora_a)
+def _(dys, x, weights, t, lora_a, rank_ends, dropout_p, seed, input_grad, backend):
+    return (torch.empty_like(x) if input_grad else x.new_empty(0)), torch.empty_like(lora_a)
 
 
 def _setup_context(ctx, inputs, output):
@@ -103,11 +104,12 @@ def _backward(ctx, grads):
     t = torch.cat([scaling * (dy @ lora_b) for dy, lora_b, scaling in zip(dys, lora_bs, scalings)], dim=1)
     d_lora_bs = [scaling * (dy.t() @ xa[:, start:end])
                  for dy, scaling, start, end in zip(dys, scalings, starts, rank_ends)]
-    dx, d_lora_a = _backward_op(dys, x, list(weights), t, lora_a, rank_ends, dropout_p, seed, backend)
+    input_grad = ctx.needs_input_grad[0]
+    dx, d_lora_a = _backward_op(dys, x, list(weights), t, lora_a, rank_ends, dropout_p, seed, input_grad, backend)
     d_weights = [dy.t() @ x if needed else None for dy, needed in zip(dys, ctx.weight_grad)]
     dys_with_bias = [dy for dy, flag in zip(dys, ctx.has_bias) if flag]
     d_biases = [dy.sum(0) if needed else None for dy, needed in zip(dys_with_bias, ctx.bias_grad)]
-    return dx, d_weights, d_biases, None, d_lora_a, d_lora_bs, None, None, None, None, None
+    return (dx if input_grad else None), d_weights, d_biases, None, d_lora_a, d_lora_bs, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

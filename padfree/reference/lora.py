@@ -105,14 +105,16 @@ def forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Ten
 
 def backward_input_and_a(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
                          t: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p: float,
-                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dx (M, K), dA_cat (R, K)) from the formulas in the module docstring."""
-    dx = sum(dy @ weight for dy, weight in zip(dys, weights))
+                         seed: int, input_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx (M, K), dA_cat (R, K)) from the formulas in the module docstring; dx is an empty
+    (0,) tensor when `input_grad` is False (x needs no gradient: its GEMM is skipped)."""
+    dx = sum(dy @ weight for dy, weight in zip(dys, weights)) if input_grad else x.new_empty(0)
     if dropout_p == 0.0:
-        return dx + t @ a_cat, t.t() @ x
+        return (dx + t @ a_cat if input_grad else dx), t.t() @ x
     da_parts = []
     for stream, (start, end) in enumerate(_stream_bounds(rank_ends)):
         keep = keep_mask(seed, stream, x.shape[0], x.shape[1], dropout_p, x.device).to(x.dtype)
-        dx = dx + keep * (t[:, start:end] @ a_cat[start:end]) / (1.0 - dropout_p)
+        if input_grad:
+            dx = dx + keep * (t[:, start:end] @ a_cat[start:end]) / (1.0 - dropout_p)
         da_parts.append(t[:, start:end].t() @ (x * keep))
     return dx, torch.cat(da_parts, dim=0) / (1.0 - dropout_p)

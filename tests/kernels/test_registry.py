@@ -42,3 +42,60 @@ def test_compile_check_compiles_for_sm80_and_sm90():
                            "--kernel", "attention_dropout_mask"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "sm_80" in done.stdout and "sm_90" in done.stdout and "0 failed" in done.stdout
+
+
+_GEMM_SCRIPT = '''
+import triton
+import triton.language as tl
+
+from padfree import compile_check
+from padfree.kernels import registry
+
+
+@triton.jit
+def gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                    other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_bn + ks[:, None], mask=(cols[None, :] < N) & (ks[:, None] < K),
+                    other=0.0)
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(tl.float16),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+signature = registry.signature(gemm_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16"})
+for arch in (80, 90):
+    for aligned in ((), ("K",)):
+        launch = registry.Launch(f"aligned {aligned}", signature, {"BM": 64, "BN": 64, "BK": 32}, num_warps=4,
+                                 num_stages=3, aligned=aligned, pipelined=True)
+        result = compile_check.compile_launch(gemm_kernel, launch, arch)
+        print(f"RESULT sm_{arch} aligned={bool(aligned)} ok={result.ok} pipelined={result.pipelined} "
+              f"shared={result.shared} error={result.error}")
+'''
+
+
+def test_compile_check_fails_a_launch_that_should_be_pipelined_but_is_not(tmp_path):
+    """A GEMM whose K is not known to be a multiple of 16 cannot load 16-byte vectors, so Triton
+    does not pipeline it; with the hint real launches get for K = 4096 it does (3 stages of shared
+    memory). The check must tell the two apart, and fail the first."""
+    script = tmp_path / "gemm_check.py"
+    script.write_text(_GEMM_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = {line.split()[1] + " " + line.split()[2]: line for line in done.stdout.splitlines()
+             if line.startswith("RESULT")}
+    assert len(lines) == 4, done.stdout
+    for arch in ("sm_80", "sm_90"):
+        aligned, unaligned = lines[f"{arch} aligned=True"], lines[f"{arch} aligned=False"]
+        assert "ok=True pipelined=True" in aligned, aligned
+        assert "ok=False pipelined=False" in unaligned and "not software-pipelined" in unaligned, unaligned
+        shared = {name: int(line.split("shared=")[1].split()[0]) for name, line in
+                  (("aligned", aligned), ("unaligned", unaligned))}
+        assert shared["aligned"] >= 2 * shared["unaligned"], shared

@@ -44,14 +44,14 @@ def _formula(x, projections, scalings, dropout_p, seed):
 
 
 def _leaves(x, projections):
-    tensors = [x]
+    tensors = [x] if x.requires_grad else []
     for projection in projections:
         tensors += [t for t in projection if t is not None and t.requires_grad]
     return tensors
 
 
-def _names(projections):
-    names = ["x"]
+def _names(projections, input_grad=True):
+    names = ["x"] if input_grad else []
     for index, (weight, bias, _, _) in enumerate(projections):
         names += [f"weight{index}"] if weight.requires_grad else []
         names += [f"bias{index}"] if bias is not None else []
@@ -72,8 +72,8 @@ def _as(dtype, x, projections):
     return convert(x), [tuple(convert(t) for t in projection) for projection in projections]
 
 
-def _check(leading, k, out_features, ranks, dtype, bias, dropout_p, weight_grad=False):
-    x = torch.randn(*leading, k).to(dtype).requires_grad_()
+def _check(leading, k, out_features, ranks, dtype, bias, dropout_p, weight_grad=False, input_grad=True):
+    x = torch.randn(*leading, k).to(dtype).requires_grad_(input_grad)
     projections = _params(k, out_features, ranks, dtype, bias, weight_grad)
     scalings = [2.0, 0.5, 1.5][:len(projections)]
     grads_out = [torch.randn(*leading, n).to(dtype) for n in out_features]
@@ -98,7 +98,9 @@ def _check(leading, k, out_features, ranks, dtype, bias, dropout_p, weight_grad=
     for index, (out, oracle, base) in enumerate(zip(outputs, oracle_out, base_out)):
         assert out.dtype == dtype
         assert_close(f"y{index}", out, oracle, base, factor=2)
-    for name, grad, oracle, base in zip(_names(projections), grads, oracle_grads, base_grads):
+    names = _names(projections, input_grad)
+    assert len(names) == len(grads) == len(oracle_grads)
+    for name, grad, oracle, base in zip(names, grads, oracle_grads, base_grads):
         assert_close(f"d{name}", grad, oracle, base, factor=3)
 
 
@@ -132,6 +134,26 @@ def test_kernels_large_ranks_span_several_column_blocks(triton_cpu, ranks, dropo
 def test_kernels_large_tiles_and_frozen_weight_grad(triton_cpu):
     # M >= 1024 and N >= 256 select the 128x128x64 configuration; weight requires grad here
     _check((1030,), 70, [257], [16], torch.float16, True, 0.0, weight_grad=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_input_without_grad_skips_the_dx_gemm(triton_cpu, monkeypatch, backend, dropout_p):
+    """A first layer's input needs no gradient: the LoRA grads stay right and no dx is computed."""
+    from padfree.kernels import lora as kernels
+
+    module = kernels if backend == "triton" else reference
+    original, seen = module.backward_input_and_a, []
+
+    def spy(*args):
+        dx, da = original(*args)
+        seen.append((args[-1], dx.numel()))
+        return dx, da
+
+    monkeypatch.setattr(module, "backward_input_and_a", spy)
+    with padfree.use_backend(backend):
+        _check((13,), 24, [10, 6], [4, 2], torch.float32, True, dropout_p, input_grad=False)
+    assert seen == [(False, 0)]
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -193,10 +215,11 @@ def test_opcheck_forward_without_bias():
     torch.library.opcheck(lora_ops._forward_op, _op_args(0.0, "reference", bias=False))
 
 
-def test_opcheck_backward():
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_opcheck_backward(input_grad):
     dys = [torch.randn(9, 12), torch.randn(9, 5)]
     args = (dys, torch.randn(9, 16), [torch.randn(12, 16), torch.randn(5, 16)], torch.randn(9, 7),
-            torch.randn(7, 16), [3, 7], 0.2, torch.tensor(5, dtype=torch.int64), "reference")
+            torch.randn(7, 16), [3, 7], 0.2, torch.tensor(5, dtype=torch.int64), input_grad, "reference")
     torch.library.opcheck(lora_ops._backward_op, args)
 
 
