@@ -1,8 +1,9 @@
 """Shared pieces of the pytest-benchmark suites: device facts, versions, timing, extra_info.
 
 Every suite records, per benchmark, `extra_info` with shape, dtype, backend, device name,
-versions, TFLOP/s (from the FLOP count the suite passes in), GB/s (from the bytes it passes in)
-and peak memory. Timings synchronise the device inside the timed function, so pytest-benchmark's
+versions, TFLOP/s (from the FLOP count the suite passes in), GB/s (from the bytes it passes in),
+peak memory (CUDA) and, for the forward+backward cases, `saved_bytes`: the activations the
+forward saves for backward (`padfree.benchmark.memory.SavedTensors`, any device). Timings synchronise the device inside the timed function, so pytest-benchmark's
 wall-clock stats are device times; rounds rotate nothing, so suites size their inputs well past
 the L2 cache on a GPU.
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from padfree.benchmark import machine
+from padfree.benchmark import machine, memory
 
 
 device_name = machine.device_name
@@ -39,12 +40,21 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def saved_bytes(forward: Callable[[], object], existing) -> int:
+    """Bytes saved for backward by one call of `forward`, the storages of `existing` excluded."""
+    with memory.SavedTensors(existing) as saved:
+        forward()
+    return saved.bytes
+
+
 def run(benchmark, fn: Callable[[], object], *, device: torch.device, flops: float | None = None,
         bytes_moved: float | None = None, rounds: int | None = None, warmup_rounds: int = 3,
-        **extra) -> None:
+        forward: Callable[[], object] | None = None, existing=(), **extra) -> None:
     """Time `fn` (synchronised) with pytest-benchmark and record the standard extra_info.
 
     `flops` / `bytes_moved` are per call of `fn`; TFLOP/s and GB/s use the median time.
+    `forward` (the forward half of a forward+backward `fn`) is run once more, untimed, to count
+    its saved activations beyond the `existing` tensors (inputs and weights).
     Extra keyword arguments (shape, dtype, backend, ...) go into extra_info as they are.
     """
 
@@ -64,6 +74,7 @@ def run(benchmark, fn: Callable[[], object], *, device: torch.device, flops: flo
     info["versions"] = versions()
     info["date"] = datetime.date.today().isoformat()
     info["peak_memory_bytes"] = peak
+    info["saved_bytes"] = None if forward is None else saved_bytes(forward, existing)
     if benchmark.stats is None:  # --benchmark-disable: the function ran once, nothing was timed
         return
     median = benchmark.stats.stats.median

@@ -4,7 +4,8 @@
     python -m pytest bench/test_lora.py --bench-device cpu --bench-size quick
 
 Each case times the forward ("fwd") or forward + backward ("fwd_bwd") of one projection
-hidden -> hidden on `tokens` tokens; extra_info holds tokens/s, TFLOP/s and peak memory. The base
+hidden -> hidden on `tokens` tokens; extra_info holds tokens/s, TFLOP/s, peak memory and (fwd_bwd)
+the bytes saved for backward. The base
 weight is frozen in every variant, so "base" is the floor the LoRA variants are measured against
 (target on H100, bf16, 4096 -> 4096, r=16, 16k tokens: padfree fwd_bwd <= 1.15x base and >= 1.3x
 faster than PEFT).
@@ -87,5 +88,6 @@ def test_lora_linear(benchmark, bench_device, grid, hidden, rank, impl, mode):
 
     common.run(benchmark, fwd if mode == "fwd" else fwd_bwd, device=bench_device,
                flops=_flops(tokens, hidden, rank, impl, mode), shape=(tokens, hidden, hidden), rank=rank,
-               dtype=dtype, backend=impl, mode=mode)
+               dtype=dtype, backend=impl, mode=mode, forward=(lambda: forward(x)) if mode == "fwd_bwd" else None,
+               existing=[x, layers.weight, layers.lora_a, layers.lora_b])
     benchmark.extra_info["tokens_per_s"] = tokens / benchmark.extra_info["median_s"]

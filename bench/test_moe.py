@@ -7,6 +7,7 @@ Every implementation runs through transformers' own `ExpertsInterface` dispatch 
 `Qwen3MoeExperts` module (weights (E, 2I, H) / (E, H, I)), switched by its config's
 `_experts_implementation`, so the baselines are exactly what a transformers model runs. Routing
 is random top-k (uniform over experts). FLOPs: 6·T·k·H·I forward, 3x that forward+backward.
+Memory: peak (CUDA) and `saved_bytes`, the activations the forward keeps for backward.
 Target (H100, bf16): Qwen3-30B-A3B layer at 16k tokens, forward+backward >= 1.5x grouped_mm
 with lower peak memory.
 """
@@ -83,4 +84,6 @@ def test_moe_experts(benchmark, bench_device, moe_case, implementation, mode):
 
     flops = 6.0 * num_tokens * top_k * hidden * inter * (3 if backward else 1)
     common.run(benchmark, step, device=bench_device, flops=flops, shape=name, tokens=num_tokens, dtype=dtype,
-               backend=implementation, mode=mode)
+               backend=implementation, mode=mode,
+               forward=(lambda: module(hidden_states, top_k_index, top_k_weights)) if backward else None,
+               existing=[hidden_states, top_k_index, top_k_weights, *module.parameters()])

@@ -1,9 +1,9 @@
 """Terminal table, JSON file and PNG plot of a `padfree bench` report.
 
 The report (from `runner.run`) is
-    {"device", "versions", "date", "config", "length_stats", "peak_memory_note",
+    {"device", "versions", "date", "config", "length_stats", "peak_memory_note", "activation_note",
      "results": [{"distribution", "mode", "useful_tokens_per_s", "step_time_s", "peak_memory_bytes",
-                  "loss", "fill_ratio", "speedup_vs_padded", ...}]}
+                  "activation_bytes", "loss", "fill_ratio", "speedup_vs_padded", ...}]}
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 COLUMNS = (("distribution", "distribution"), ("mode", "mode"), ("tok/s", "useful_tokens_per_s"),
            ("vs padded", "speedup_vs_padded"), ("step s", "step_time_s"), ("peak MiB", "peak_memory_bytes"),
-           ("mem vs padded", "memory_vs_padded"), ("fill", "fill_ratio"), ("loss", "loss"),
+           ("mem vs padded", "memory_vs_padded"), ("act MiB", "activation_bytes"),
+           ("act vs padded", "activations_vs_padded"), ("fill", "fill_ratio"), ("loss", "loss"),
            ("loss gap", "loss_gap_vs_padded"))
 
 
@@ -24,7 +25,9 @@ def _cell(key: str, value) -> str:
         return f"{value:,.0f}"
     if key == "peak_memory_bytes":
         return f"{value / 2**20:,.0f}"
-    if key in ("speedup_vs_padded", "memory_vs_padded"):
+    if key == "activation_bytes":
+        return f"{value / 2**20:,.1f}"
+    if key in ("speedup_vs_padded", "memory_vs_padded", "activations_vs_padded"):
         return f"{value:.2f}x"
     if key == "step_time_s":
         return f"{value:.3f}"
@@ -55,6 +58,7 @@ def table(report: dict) -> str:
                  "tokens; loss gap: max |loss - padded loss| over the same steps (n/a for padded_sorted, "
                  "whose steps hold other examples)")
     lines.append(f"peak memory: {report['peak_memory_note']}")
+    lines.append(f"act: {report['activation_note']}")
     return "\n".join(lines)
 
 

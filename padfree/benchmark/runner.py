@@ -12,6 +12,11 @@ its own model copy) was tried to even out load changes on a shared CPU, and drop
 whichever mode followed another by a factor up to 2 (cold allocator and caches), a worse bias.
 Benchmark on a quiet machine.
 
+Memory: peak memory is CUDA's allocator peak (GPU only); `activation_bytes` (any device) is the
+largest, over the timed steps, of the bytes the forward saved for backward
+(`padfree.benchmark.memory.SavedTensors`: the activations a step holds, weights and inputs
+excluded), the part of a step's memory that padding inflates.
+
 Baselines: `padded` and `padded_sorted` run transformers' `sdpa` attention with the padding
 mask; `naive_packing` runs `sdpa` causal over the whole concatenation; `padding_free` runs the
 same model after `padfree.patch(model, attention=True, lora=<--lora>, moe=<--moe>)`, unpatched
@@ -30,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from padfree.benchmark import batches as batching
-from padfree.benchmark import distributions, machine
+from padfree.benchmark import distributions, machine, memory
 
 # Llama-like sizes. tiny: the CPU default, small enough for a 2-core run in minutes, large
 # enough that the matmuls (not Python overhead) dominate a step.
@@ -102,6 +107,7 @@ class ModeResult:
     useful_tokens_per_s: float
     step_time_s: float
     peak_memory_bytes: int | None
+    activation_bytes: int
     loss: float
     mean_loss: float
     fill_ratio: float
@@ -109,6 +115,7 @@ class ModeResult:
     speedup_vs_padded: float | None = None
     step_time_vs_padded: float | None = None
     memory_vs_padded: float | None = None
+    activations_vs_padded: float | None = None
     loss_gap_vs_padded: float | None = None
     patched: str | None = None
 
@@ -166,6 +173,7 @@ class _ModeRun:
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
         self.seconds: list[float] = []
         self.losses: list[float] = []
+        self.activation_bytes: list[int] = []
         self.patched = None
         if mode == "padding_free":
             import padfree
@@ -177,13 +185,16 @@ class _ModeRun:
     def step(self, batch: batching.Batch, timed: bool) -> None:
         _synchronize(self.device)
         start = time.perf_counter()
-        loss = self.model(**batch.inputs).loss
+        existing = [*self.model.parameters(), *(v for v in batch.inputs.values() if torch.is_tensor(v))]
+        with memory.SavedTensors(existing) as saved:
+            loss = self.model(**batch.inputs).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         _synchronize(self.device)
         if timed:
             self.seconds.append(time.perf_counter() - start)
+            self.activation_bytes.append(saved.bytes)
         self.losses.append(float(loss.detach().float()))
 
     def finish(self) -> None:
@@ -199,6 +210,7 @@ class _ModeRun:
                           useful_tokens=useful, processed_tokens=processed,
                           useful_tokens_per_s=useful / sum(self.seconds),
                           step_time_s=statistics.mean(self.seconds), peak_memory_bytes=peak_memory,
+                          activation_bytes=max(self.activation_bytes),
                           loss=self.losses[-1], mean_loss=statistics.mean(self.losses),
                           fill_ratio=useful / processed, losses=self.losses, patched=self.patched)
 
@@ -232,6 +244,7 @@ def _add_ratios(results: list[ModeResult]) -> None:
         result.step_time_vs_padded = result.step_time_s / padded.step_time_s
         if result.peak_memory_bytes is not None and padded.peak_memory_bytes:
             result.memory_vs_padded = result.peak_memory_bytes / padded.peak_memory_bytes
+        result.activations_vs_padded = result.activation_bytes / padded.activation_bytes
         # padded_sorted trains on other examples per step: its losses are not comparable step by step.
         if result.mode != "padded_sorted":
             result.loss_gap_vs_padded = max(abs(a - b) for a, b in zip(result.losses, padded.losses))
@@ -288,6 +301,8 @@ def run(config: BenchConfig) -> dict:
     return {"device": machine.device_name(device), "versions": machine.versions(), "date": datetime.datetime.now().isoformat(
         timespec="seconds"), "config": asdict(config), "length_stats": length_stats,
             "peak_memory_note": _peak_memory_note(device),
+            "activation_note": "bytes of the tensors the forward saves for backward (weights and inputs excluded), "
+                               "largest timed step",
             "results": [asdict(r) for r in results]}
 
 

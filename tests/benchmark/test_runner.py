@@ -7,7 +7,7 @@ from padfree.benchmark import runner
 
 MICRO = ["--model-size", "micro", "--tokens-per-step", "256", "--max-length", "128", "--no-progress"]
 RESULT_KEYS = {"distribution", "mode", "useful_tokens_per_s", "step_time_s", "peak_memory_bytes", "loss",
-               "fill_ratio", "speedup_vs_padded", "step_time_vs_padded", "loss_gap_vs_padded", "losses"}
+               "activation_bytes", "activations_vs_padded", "fill_ratio", "speedup_vs_padded", "step_time_vs_padded", "loss_gap_vs_padded", "losses"}
 
 
 def test_micro_run_writes_the_json_schema_table_and_plot(tmp_path, capsys):
@@ -25,6 +25,7 @@ def test_micro_run_writes_the_json_schema_table_and_plot(tmp_path, capsys):
         assert result["useful_tokens_per_s"] > 0 and result["step_time_s"] > 0
         assert result["peak_memory_bytes"] is None  # CPU: not measured, and the report says so
         assert 0 < result["fill_ratio"] <= 1 and len(result["losses"]) == 3
+        assert result["activation_bytes"] > 0
         if result["mode"] == "padded":
             assert result["speedup_vs_padded"] == 1.0 and result["loss_gap_vs_padded"] == 0.0
         if result["mode"] == "naive_packing":
@@ -32,7 +33,7 @@ def test_micro_run_writes_the_json_schema_table_and_plot(tmp_path, capsys):
     assert "not measured on CPU" in report["peak_memory_note"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
-    assert "naive_packing" in table and "vs padded" in table
+    assert "naive_packing" in table and "vs padded" in table and "act vs padded" in table
 
 
 def test_padding_free_loss_equals_padded_loss_from_the_same_weights():
@@ -42,6 +43,9 @@ def test_padding_free_loss_equals_padded_loss_from_the_same_weights():
     assert padding_free["losses"][0] == pytest.approx(padded["losses"][0], rel=1e-5)
     assert padding_free["losses"][1] == pytest.approx(padded["losses"][1], rel=1e-4)
     assert padding_free["loss_gap_vs_padded"] < 1e-3 and padding_free["fill_ratio"] == 1.0
+    # the same examples, without the pad rows and the (B, L, L) padded attention: fewer saved bytes
+    assert padded["activations_vs_padded"] == 1.0
+    assert padding_free["activations_vs_padded"] < 1.0, (padding_free["activation_bytes"], padded["activation_bytes"])
 
 
 def test_user_lengths_file_replaces_the_distributions(tmp_path):
