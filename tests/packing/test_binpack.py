@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import pytest
@@ -128,10 +129,21 @@ def test_property_every_token_placed_once(lengths, capacity, strategy, oversize)
 
 @settings(max_examples=100, deadline=None)
 @given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=80), capacity=st.integers(50, 120))
-def test_property_decreasing_strategies_never_worse_than_sequential(lengths, capacity):
-    seq = pack_lengths(lengths, capacity, "sequential").num_packs
-    assert pack_lengths(lengths, capacity, "bfd").num_packs <= seq
-    assert pack_lengths(lengths, capacity, "ffd").num_packs <= seq
+def test_property_decreasing_strategies_leave_no_two_packs_mergeable(lengths, capacity):
+    """First/best fit open a pack only for a sequence no open pack can take, so any two packs hold
+    more than `capacity` together (hence fewer than 2 * tokens / capacity + 1 packs). This does not
+    make them never worse than sequential packing: [12, 12, 12, 29, 12, 18, 25] at 65 packs into 2
+    in order and into 3 by decreasing length."""
+    for strategy in ("bfd", "ffd"):
+        tokens = pack_lengths(lengths, capacity, strategy).pack_tokens
+        assert all(a + b > capacity for a, b in itertools.combinations(tokens, 2)), (strategy, tokens)
+        assert len(tokens) < 2 * sum(lengths) / capacity + 1
+
+
+def test_decreasing_order_can_lose_to_sequential_order():
+    lengths = [12, 12, 12, 29, 12, 18, 25]
+    assert pack_lengths(lengths, 65, "sequential").num_packs == 2
+    assert pack_lengths(lengths, 65, "bfd").num_packs == pack_lengths(lengths, 65, "ffd").num_packs == 3
 
 
 def test_oversize_split_representation():
