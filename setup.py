@@ -48,7 +48,9 @@ def ahead_of_time_extensions():
             extra_compile_args={
                 "cxx": common,
                 "nvcc": common + ["-gencode=arch=compute_80,code=sm_80",
-                                  "-gencode=arch=compute_90a,code=sm_90a"],
+                                  "-gencode=arch=compute_90a,code=sm_90a",
+                                  # PTX: newer GPUs (sm_100, sm_120) JIT-compile it at load time
+                                  "-gencode=arch=compute_90,code=compute_90"],
             },
         )
     else:

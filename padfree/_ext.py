@@ -61,7 +61,8 @@ def _build_just_in_time() -> str:
     sources = sorted(csrc.glob("*.cpp")) + (sorted(csrc.glob("*.cu")) if with_cuda else [])
     flags = ["-O3", "-std=c++20"] + (["-DPADFREE_WITH_CUDA=1"] if with_cuda else [])
     cuda_flags = ["-O3", "-std=c++20", "-DPADFREE_WITH_CUDA=1",
-                  "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+                  "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+                  "-gencode=arch=compute_90,code=compute_90"]  # PTX for GPUs newer than Hopper
     verbose = os.environ.get("PADFREE_EXT_VERBOSE", "0") == "1"
     cpp_extension.load(
         name="padfree_C",

@@ -5,8 +5,10 @@ gradients) times the error of the plain-PyTorch implementation run in the same l
 a small absolute floor; float32 inputs must be within 1e-5 relative. Errors are measured as
 relative norm ||x - ref|| / ||ref|| and as max abs difference. A relative error means nothing
 against a reference that is zero up to rounding (the dq of a one-key sequence is exactly 0 in
-exact arithmetic: dO.v - dO.o cancels), so a float32 reference whose RMS is under the float32
-floor is compared by max abs difference against that floor instead.
+exact arithmetic: dO.v - dO.o cancels, and so is the dk of a one-key sequence), so a float32
+reference whose RMS is under the float32 floor is compared by max abs difference instead, against
+the float32 bound taken as absolute: the tests' inputs are of unit scale, and the rounding left
+by the cancellation grows with them and with the sequence length (1.6e-6 seen for 6 queries).
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ def assert_close(name: str, out: torch.Tensor, oracle: torch.Tensor, baseline: t
     err = relative_error(out, oracle)
     abs_err = max_abs_error(out, oracle)
     if out.dtype == torch.float32 or baseline is None:
-        floor = FLOOR[torch.float32]
-        if oracle.numel() and oracle.double().norm().item() <= floor * oracle.numel() ** 0.5:
-            assert abs_err <= floor, f"{name}: max abs error {abs_err:.3e} > {floor:.0e} against a zero reference"
+        if oracle.numel() and oracle.double().norm().item() <= FLOOR[torch.float32] * oracle.numel() ** 0.5:
+            assert abs_err <= rtol_fp32, (
+                f"{name}: max abs error {abs_err:.3e} > {rtol_fp32:.0e} against a zero reference")
             return
         assert err <= rtol_fp32, f"{name}: relative error {err:.3e} > {rtol_fp32:.0e} (float32 rule)"
         return

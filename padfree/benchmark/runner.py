@@ -227,7 +227,13 @@ def _run_modes(model, initial_state, config, distribution, prepared, on_step) ->
             if run.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(run.device)
             for batch in timed_batches:
-                run.step(batch, timed=True)
+                try:
+                    run.step(batch, timed=True)
+                except torch.cuda.OutOfMemoryError as err:
+                    raise RuntimeError(
+                        f"{mode} on {distribution} ran out of GPU memory on a step of {batch.processed_tokens} "
+                        f"token slots ({batch.useful_tokens} useful); lower --tokens-per-step or --max-length, "
+                        f"or use a smaller --model-size") from err
                 on_step()
             peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
         finally:

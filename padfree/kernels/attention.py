@@ -596,6 +596,7 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
     return None
 
 
+@runtime.on_input_device
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
             window_right, softcap, alibi_slopes, dropout_p, seed):
     """Launch the forward; returns out (total_q, Hq, D) and lse (Hq, total_q) fp32."""
@@ -619,6 +620,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     return out, lse
 
 
+@runtime.on_input_device
 def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
     """Launch the backward; returns dq, dk, dv in the dtypes of q, k, v."""

@@ -249,13 +249,19 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
 
 
 # ----------------------------------------------------------------------------- launch configurations
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM kernels (forward and dx), per
-# element size and problem size. 16-bit "large" is the H100/A100 tile: 128x128x64, 8 warps,
-# 3 stages (about 96 KB of pipelined shared memory plus the r-loop's buffers).
-_GEMM_CONFIGS = {
-    2: {"small": (64, 64, 32, 4, 3), "large": (128, 128, 64, 8, 3)},
-    4: {"small": (32, 32, 32, 4, 2), "large": (64, 64, 32, 8, 3)},
-}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM kernels, per element size and
+# problem size. The forward's output tile is BLOCK_M x BLOCK_N over a BLOCK_K reduction step; dx's
+# is BLOCK_M x BLOCK_K over BLOCK_N. Small problems (fewer than 1024 rows or 256 columns) and fp32
+# (IEEE FMA dots: tests, not speed) have one configuration. Large 16-bit problems have candidates
+# that runtime.pick times on the GPU on first use per shape (the first is the default: the
+# 128x128x64, 8-warp, 3-stage tile). Candidates were kept when they compile for sm_80 and sm_90
+# with at most 8 bytes of spills, bias and dropout variants included (wider tiles such as
+# 128x256 spill hundreds of bytes: the forward holds two fp32 accumulators).
+_GEMM_SMALL = {2: (64, 64, 32, 4, 3), 4: (32, 32, 32, 4, 2)}
+_FP32_LARGE = (64, 64, 32, 8, 3)
+_FORWARD_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4),
+                  (64, 128, 64, 4, 4))
+_DX_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 8, 3))
 _BLOCK_R = 16
 _GROUP_M = 8
 _SHRINK_BLOCK_R = (16, 32, 64, 128)
@@ -265,8 +271,10 @@ _DA_TILE = {2: (64, 64), 4: (32, 32)}
 _DA_BLOCK_R = (16, 32, 64)
 
 
-def _gemm_size(m: int, n: int) -> str:
-    return "large" if m >= 1024 and n >= 256 else "small"
+def _gemm_candidates(elem: int, m: int, n: int, large: tuple) -> tuple:
+    if m < 1024 or n < 256:
+        return (_GEMM_SMALL[elem],)
+    return large if elem == 2 else (_FP32_LARGE,)
 
 
 def _block_r(rank: int, choices: tuple[int, ...]) -> int:
@@ -330,17 +338,24 @@ def expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa:
     m, k = x.shape
     n, rank = lora_b.shape
     y = runtime.empty((m, n), x.dtype, x.device)
-    block_m, block_n, block_k, warps, stages = _GEMM_CONFIGS[_elem(x.dtype)][_gemm_size(m, n)]
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, xa_ptr=xa, b_ptr=lora_b, y_ptr=y,
                 M=m, N=n, K=k, R=rank, stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_xam=xa.stride(0),
                 stride_bn=lora_b.stride(0), stride_ym=y.stride(0), scaling=float(scaling),
-                HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_K=block_k, BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
-    _run(lora_forward_kernel, grid, args, num_warps=warps, num_stages=stages)
+                HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
+
+    def launch(config):
+        block_m, block_n, block_k, warps, stages = config
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+        _run(lora_forward_kernel, grid, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+             num_warps=warps, num_stages=stages)
+
+    candidates = _gemm_candidates(_elem(x.dtype), m, n, _FORWARD_LARGE)
+    key = ("lora_forward", x.dtype, runtime.shape_bucket(m), n, k, rank, bias is not None)
+    launch(candidates[runtime.pick(key, candidates, launch, x.device)])
     return y
 
 
+@runtime.on_input_device
 def forward(x, weights, biases, a_cat, lora_bs, rank_ends, scalings, dropout_p, seed):
     """Same contract as padfree.reference.lora.forward, on the Triton kernels."""
     xa = shrink(x, a_cat, rank_ends, dropout_p, seed)
@@ -351,6 +366,7 @@ def forward(x, weights, biases, a_cat, lora_bs, rank_ends, scalings, dropout_p, 
     return outputs, xa
 
 
+@runtime.on_input_device
 def backward_input_and_a(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed, input_grad=True):
     """Same contract as padfree.reference.lora.backward_input_and_a, on the Triton kernels."""
     dx = _grad_input(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed) if input_grad else x.new_empty(0)
@@ -363,19 +379,25 @@ def _grad_input(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed):
     m, k = x.shape
     rank = a_cat.shape[0]
     dx = runtime.empty((m, k), x.dtype, x.device)
-    block_m, block_n, block_k, warps, stages = _GEMM_CONFIGS[_elem(x.dtype)][_gemm_size(m, k)]
     pairs = list(zip(dys, weights))
     pairs += [(dys[0], weights[0])] * (MAX_STREAMS - len(pairs))
     widths = [w.shape[0] for w in weights] + [0] * (MAX_STREAMS - len(weights))
     args = dict(t_ptr=t, a_ptr=a_cat, dx_ptr=dx, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_ar=a_cat.stride(0),
                 stride_dxm=dx.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
-                DROPOUT=dropout_p > 0, IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-                BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
+                DROPOUT=dropout_p > 0, IEEE=_is_ieee(x.dtype), BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
     for index, ((dy, weight), width) in enumerate(zip(pairs, widths)):
         args.update({f"dy{index}_ptr": dy, f"w{index}_ptr": weight, f"N{index}": width,
                      f"stride_dy{index}": dy.stride(0), f"stride_w{index}": weight.stride(0)})
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(k, block_k),)
-    _run(lora_dx_kernel, grid, args, num_warps=warps, num_stages=stages)
+
+    def launch(config):
+        block_m, block_n, block_k, warps, stages = config
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(k, block_k),)
+        _run(lora_dx_kernel, grid, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+             num_warps=warps, num_stages=stages)
+
+    candidates = _gemm_candidates(_elem(x.dtype), m, k, _DX_LARGE)
+    key = ("lora_dx", x.dtype, runtime.shape_bucket(m), k, tuple(widths), rank, dropout_p > 0)
+    launch(candidates[runtime.pick(key, candidates, launch, x.device)])
     return dx
 
 
@@ -414,9 +436,16 @@ def _shrink_launches():
                     aligned=("K",), pipelined=True)
 
 
+def _gemm_configs(elem: int, large: tuple):
+    """(label, config) of every configuration the launcher can pick."""
+    yield "small", _GEMM_SMALL[elem]
+    for config in (large if elem == 2 else (_FP32_LARGE,)):
+        yield "large {}x{}x{} w{}s{}".format(*config), config
+
+
 def _forward_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        for size, (block_m, block_n, block_k, warps, stages) in _GEMM_CONFIGS[elem].items():
+        for size, (block_m, block_n, block_k, warps, stages) in _gemm_configs(elem, _FORWARD_LARGE):
             for has_bias in (False, True):
                 sig = _signature(lora_forward_kernel, dtype)
                 yield registry.Launch(
@@ -428,7 +457,7 @@ def _forward_launches():
 
 def _dx_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        for size, (block_m, block_n, block_k, warps, stages) in _GEMM_CONFIGS[elem].items():
+        for size, (block_m, block_n, block_k, warps, stages) in _gemm_configs(elem, _DX_LARGE):
             for dropout in (False, True):
                 sig = _signature(lora_dx_kernel, dtype)
                 yield registry.Launch(

@@ -151,7 +151,7 @@ def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr
     up = tl.load(gate_up_rows + inter, mask=col_ok[None, :], other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    tl.store(grad_weight_partial_ptr + tile_n * capacity + rows, tl.sum(silu * up * acc, axis=1))
+    tl.store(grad_weight_partial_ptr + tile_n.to(tl.int64) * capacity + rows, tl.sum(silu * up * acc, axis=1))
     weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
     grad_h = acc * weight[:, None]
     grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
@@ -319,6 +319,7 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+@runtime.on_input_device
 def forward(hidden_states, gate_up_proj, down_proj, weights, top_k, sorted_pairs, block_expert):
     """-> (out (N, H), gate_up (capacity, 2I) pre-activations saved for the backward).
 
@@ -345,6 +346,7 @@ def forward(hidden_states, gate_up_proj, down_proj, weights, top_k, sorted_pairs
     return out_pairs.view(num_tokens, top_k, hidden).sum(1), gate_up
 
 
+@runtime.on_input_device
 def backward(grad_out, hidden_states, gate_up_proj, down_proj, weights, gate_up, top_k, sorted_pairs,
              block_expert, padded_offsets, pair_position, expert_grads=True):
     """-> (d hidden_states, d weights (N*k,) fp32, d gate_up_proj, d down_proj); see the module docstring.

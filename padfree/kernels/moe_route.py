@@ -170,6 +170,7 @@ def _block_e(num_experts: int) -> int:
     return max(BLOCK_ES[0], triton.next_power_of_2(num_experts))
 
 
+@runtime.on_input_device
 def forward(router_logits, correction_bias, top_k, scoring, normalize, n_group, topk_group, routed_scaling_factor):
     """-> (weights (N, k) fp32, index (N, k) int64)."""
     num_tokens, num_experts = router_logits.shape
@@ -188,6 +189,7 @@ def forward(router_logits, correction_bias, top_k, scoring, normalize, n_group, 
     return weights, index
 
 
+@runtime.on_input_device
 def backward(grad_weights, router_logits, weights, index, scoring, normalize, routed_scaling_factor):
     """-> d router_logits (N, E) in router_logits' dtype."""
     num_tokens, num_experts = router_logits.shape

@@ -9,7 +9,10 @@ backend on CPU tensors.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import logging
 import os
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -70,3 +73,83 @@ def empty(shape, dtype, device):
         return torch.empty(shape, dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
     return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+# ---- launch configurations measured on the device ------------------------------------------------
+# A launcher with several candidate configurations (tiles, warps, stages; every one registered for
+# the compile check) asks `pick` which to use. On a GPU, the first time a shape key is seen, each
+# candidate is timed (triton.testing.do_bench, median) and the fastest is kept for that key for
+# the rest of the process; candidate 0 is the default, used on CPU (interpreter), with
+# PADFREE_AUTOTUNE=0, and while a CUDA graph is being captured (timing would break the capture).
+AUTOTUNE = os.environ.get("PADFREE_AUTOTUNE", "1") != "0"
+_CHOICES: dict[tuple, int] = {}
+_FORCED: dict[str, int] = {}
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_current_stream_capturing()
+
+
+def pick(key: tuple, candidates: list, launch, device) -> int:
+    """Index into `candidates` of the configuration to launch for shape `key` (its first element
+    names the launcher) on `device`; `launch(candidate)` runs the kernel once (it overwrites its
+    outputs, so timing it is harmless)."""
+    if key[0] in _FORCED:
+        return _FORCED[key[0]]
+    if len(candidates) == 1 or device.type != "cuda" or not AUTOTUNE:
+        return 0
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if _capturing():
+        return 0
+    times = [_bench(lambda candidate=candidate: launch(candidate)) for candidate in candidates]
+    best = min(range(len(candidates)), key=times.__getitem__)
+    _CHOICES[key] = best
+    logging.getLogger("padfree").info("tuned %s: %s (%.3f ms; candidates %s ms)", key, candidates[best], times[best],
+                                      ", ".join(f"{t:.3f}" for t in times))
+    return best
+
+
+@contextlib.contextmanager
+def force_choice(launcher: str, index: int):
+    """Launch candidate `index` of `launcher` inside the block (tests run every candidate)."""
+    previous = _FORCED.get(launcher)
+    _FORCED[launcher] = index
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _FORCED[launcher]
+        else:
+            _FORCED[launcher] = previous
+
+
+def shape_bucket(rows: int) -> int:
+    """Token counts change every step in packed training: tune per power of two, not per count."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def on_input_device(launcher):
+    """Decorator: run `launcher` with its first tensor argument's GPU as the current CUDA device.
+    Triton launches on the current device, so without this a layer on cuda:1 (a model spread
+    over GPUs with device_map) would launch on cuda:0."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        first = next(arg for arg in args if isinstance(arg, torch.Tensor))
+        if first.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    return wrapper

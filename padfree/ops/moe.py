@@ -210,7 +210,7 @@ def _experts_forward_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
                         block_expert: torch.Tensor, padded_offsets: torch.Tensor, pair_position: torch.Tensor,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _experts_kernels().forward(hidden_states, gate_up_proj, down_proj, top_k_weights.reshape(-1),
+        return _experts_kernels().forward(hidden_states, gate_up_proj, down_proj, top_k_weights.reshape(-1).contiguous(),
                                           top_k_index.shape[1], sorted_pairs, block_expert)
     out = reference.experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     return out, hidden_states.new_empty(0, gate_up_proj.shape[1])
@@ -233,7 +233,7 @@ def _experts_backward_op(grad_out: torch.Tensor, hidden_states: torch.Tensor, to
     do not run and d gate_up_proj / d down_proj come back empty."""
     if backend == "triton":
         grad_x, grad_weights, grad_gate_up, grad_down = _experts_kernels().backward(
-            grad_out, hidden_states, gate_up_proj, down_proj, top_k_weights.reshape(-1), gate_up,
+            grad_out, hidden_states, gate_up_proj, down_proj, top_k_weights.reshape(-1).contiguous(), gate_up,
             top_k_index.shape[1], sorted_pairs, block_expert, padded_offsets, pair_position, expert_grads)
         return grad_x, grad_weights.view(top_k_weights.shape), grad_gate_up, grad_down
     grads = reference.experts_backward(grad_out, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)

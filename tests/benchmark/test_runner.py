@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from padfree import cli
 from padfree.benchmark import runner
@@ -78,3 +79,15 @@ def test_too_few_examples_for_the_steps_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="need warmup \\+ steps"):
         runner.run(config)
 
+
+
+def test_out_of_memory_names_the_mode_and_the_step(monkeypatch):
+    def step(self, batch, timed):
+        if timed and self.mode == "padded":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(runner._ModeRun, "step", step)
+    config = runner.BenchConfig(model_size="micro", tokens_per_step=256, max_length=128, steps=1, warmup=0,
+                                distributions=["flan"], modes=["padded", "padding_free"], progress=False)
+    with pytest.raises(RuntimeError, match=r"padded on flan ran out of GPU memory on a step of \d+ token slots"):
+        runner.run(config)

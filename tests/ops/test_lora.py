@@ -136,6 +136,18 @@ def test_kernels_large_tiles_and_frozen_weight_grad(triton_cpu):
     _check((1030,), 70, [257], [16], torch.float16, True, 0.0, weight_grad=True)
 
 
+@pytest.mark.parametrize("launcher, index", [("lora_forward", i) for i in range(5)] + [("lora_dx", i) for i in range(3)])
+def test_every_tuning_candidate_matches_float64(triton_cpu, launcher, index):
+    """On a GPU the large-problem configuration is picked by timing; each candidate must be right."""
+    from padfree.kernels import lora as kernels
+    from padfree.kernels import runtime
+
+    assert len(kernels._FORWARD_LARGE) == 5 and len(kernels._DX_LARGE) == 3
+    with runtime.force_choice(launcher, index):
+        # M >= 1024 and N, K >= 256 select the large candidates for both the forward and dx
+        _check((1030,), 260, [257], [16], torch.float16, True, 0.2 if launcher == "lora_dx" else 0.0)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_input_without_grad_skips_the_dx_gemm(triton_cpu, monkeypatch, backend, dropout_p):

@@ -292,6 +292,7 @@ def test_gpu_experts_bf16_and_cuda_align(num_experts, top_k):
     device = torch.device("cuda")
     num_tokens, hidden, inter = 2048 + 37, 512, 384
     index = random_index(num_tokens, num_experts, top_k, list(range(num_experts - 1))).to(device)
+    assert _ext.load() and _ext.has_kernel("moe_align", device), _ext.status()
     native = torch.ops.padfree.moe_align(index, num_experts, BLOCK)
     for got, want in zip(native, reference.align(index, num_experts, BLOCK)):
         assert torch.equal(got, want)
