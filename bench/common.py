@@ -3,9 +3,9 @@
 Every suite records, per benchmark, `extra_info` with shape, dtype, backend, device name,
 versions, TFLOP/s (from the FLOP count the suite passes in), GB/s (from the bytes it passes in),
 peak memory (CUDA) and, for the forward+backward cases, `saved_bytes`: the activations the
-forward saves for backward (`padfree.benchmark.memory.SavedTensors`, any device). Timings synchronise the device inside the timed function, so pytest-benchmark's
-wall-clock stats are device times; rounds rotate nothing, so suites size their inputs well past
-the L2 cache on a GPU.
+forward saves for backward (`padfree.benchmark.memory.SavedTensors`, any device). Timings
+synchronise the device inside the timed function, so pytest-benchmark's wall-clock stats are
+device times; rounds rotate nothing, so suites size their inputs well past the L2 cache on a GPU.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = N
     if not work:
         raise RuntimeError(f"no kernel matches {kernel_filter!r}")
     workers = jobs or os.cpu_count() or 1
-    header = f"{'kernel':<44} {'config':<40} {'arch':>5} {'shared':>8} {'regs':>5} {'spill':>6} {'async':>5} {'sec':>5}  status"
+    header = (f"{'kernel':<44} {'config':<40} {'arch':>5} {'shared':>8} {'regs':>5} {'spill':>6} {'async':>5} "
+              f"{'sec':>5}  status")
     print(f"compiling {len(work)} (kernel, config, arch) combinations with {workers} workers", file=stream)
     print(header, file=stream)
     print("-" * len(header), file=stream)

@@ -210,8 +210,9 @@ def _experts_forward_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
                         block_expert: torch.Tensor, padded_offsets: torch.Tensor, pair_position: torch.Tensor,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _experts_kernels().forward(hidden_states, gate_up_proj, down_proj, top_k_weights.reshape(-1).contiguous(),
-                                          top_k_index.shape[1], sorted_pairs, block_expert)
+        return _experts_kernels().forward(hidden_states, gate_up_proj, down_proj,
+                                          top_k_weights.reshape(-1).contiguous(), top_k_index.shape[1],
+                                          sorted_pairs, block_expert)
     out = reference.experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     return out, hidden_states.new_empty(0, gate_up_proj.shape[1])
 

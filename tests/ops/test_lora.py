@@ -136,7 +136,8 @@ def test_kernels_large_tiles_and_frozen_weight_grad(triton_cpu):
     _check((1030,), 70, [257], [16], torch.float16, True, 0.0, weight_grad=True)
 
 
-@pytest.mark.parametrize("launcher, index", [("lora_forward", i) for i in range(5)] + [("lora_dx", i) for i in range(3)])
+@pytest.mark.parametrize("launcher, index",
+                         [("lora_forward", i) for i in range(5)] + [("lora_dx", i) for i in range(3)])
 def test_every_tuning_candidate_matches_float64(triton_cpu, launcher, index):
     """On a GPU the large-problem configuration is picked by timing; each candidate must be right."""
     from padfree.kernels import lora as kernels
