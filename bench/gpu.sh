@@ -18,7 +18,13 @@ echo "== gpu tests (a failure is recorded in the log and the benchmarks still ru
 python -m pytest -m gpu -q tests 2>&1 | tee "$out/gpu-tests-$stamp.txt" || echo "GPU TESTS FAILED: see $out/gpu-tests-$stamp.txt"
 for suite in attention lora moe; do
     echo "== bench/test_$suite.py"
-    python -m pytest "bench/test_$suite.py" -q --bench-size full --benchmark-json "$out/$suite-$stamp.json"
+    python -m pytest "bench/test_$suite.py" -q --bench-size full --benchmark-json "$out/$suite-$stamp.json" \
+        || echo "SUITE $suite FAILED"
+done
+for suite in attention lora; do
+    echo "== bench/test_$suite.py with PADFREE_AUTOTUNE=1 (tiles timed per shape)"
+    PADFREE_AUTOTUNE=1 python -m pytest "bench/test_$suite.py" -q --bench-size full -k padfree \
+        --benchmark-json "$out/$suite-autotune-$stamp.json" || echo "SUITE $suite (autotune) FAILED"
 done
 echo "== padfree bench (dense and MoE, the CUDA defaults)"
 padfree bench --device cuda --json "$out/e2e-$stamp.json" --plot "$out/e2e-$stamp.png" || echo "E2E DENSE FAILED"

@@ -520,10 +520,27 @@ MASK_BLOCK = 32
 _tile_override: Tiles | None = None
 
 
-def tiles(kind: str, head_dim_padded: int, dtype: torch.dtype) -> Tiles:
+# More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
+# with PADFREE_AUTOTUNE=1 (runtime.pick; the _TILES entry is the default, used otherwise). Each compiles for sm_80 and sm_90 without
+# spills in the plain and causal kernels; larger ones (128x128 forward, 32x64 dk/dv) spill.
+_CANDIDATES = {
+    ("fwd", 128, 2): (Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)),
+    ("dkdv", 128, 2): (Tiles(16, 128, 8, 2), Tiles(16, 64, 8, 3)),
+    ("dq", 128, 2): (Tiles(64, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 8, 3)),
+}
+
+
+def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype) -> tuple[Tiles, ...]:
+    """Every tile the launcher may pick, the default first."""
     if _tile_override is not None:
-        return _tile_override
-    return _TILES[(kind, head_dim_padded, 4 if dtype == torch.float32 else 2)]
+        return (_tile_override,)
+    key = (kind, head_dim_padded, 4 if dtype == torch.float32 else 2)
+    return (_TILES[key], *_CANDIDATES.get(key, ()))
+
+
+def _pick(kind: str, candidates: tuple[Tiles, ...], launch, tensor: torch.Tensor, shape: tuple) -> Tiles:
+    """The tile to launch: timed among the candidates on a GPU (runtime.pick), else the default."""
+    return candidates[runtime.pick((f"attention_{kind}", tensor.dtype, *shape), candidates, launch, tensor.device)]
 
 
 class override_tiles:
@@ -606,18 +623,29 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     if total_q == 0 or num_heads == 0:
         return out, lse
     pad = head_dim_pad(head_dim)
-    tile = tiles("fwd", pad, q.dtype)
-    blocks = block_table(cu_seqlens_q, total_q, tile.block_m)
+    flags = _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, q.dtype)
     alibi, stride_alibi = _alibi_args(alibi_slopes, lse)
-    attention_fwd_kernel[(blocks.shape[1], num_heads)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        stride_alibi, blocks.shape[1], total_q, cu_seqlens_q.numel() - 1, num_heads, num_heads // k.shape[1],
-        head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad,
-        **_flags(alibi_slopes, window_left, window_right, softcap, dropout_p, q.dtype),
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+    def launch(tile):
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m)
+        attention_fwd_kernel[(blocks.shape[1], num_heads)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), stride_alibi, blocks.shape[1], total_q, cu_seqlens_q.numel() - 1, num_heads,
+            num_heads // k.shape[1], head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+    shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, k.shape[1])
+    launch(_pick("fwd", tile_candidates("fwd", pad, q.dtype), launch, q, shape))
     return out, lse
+
+
+def _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads) -> tuple:
+    """What a tuned tile is kept for: head dim, feature flags, token count and longest sequence
+    rounded up to powers of two, heads."""
+    return (pad, tuple(sorted(flags.items())), runtime.shape_bucket(total_q), runtime.shape_bucket(max_seqlen_q),
+            num_heads, num_kv_heads)
 
 
 @runtime.on_input_device
@@ -639,8 +667,9 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         attention_bwd_delta_kernel[(triton.cdiv(total_q, delta_rows(pad)), num_heads)](
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total_q, head_dim,
             BLOCK_M=delta_rows(pad), HEAD_DIM_PAD=pad)
-    if total_k > 0:
-        tile = tiles("dkdv", pad, q.dtype)
+    shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads)
+
+    def launch_dkdv(tile):
         blocks = block_table(cu_seqlens_k, total_k, tile.block_n)
         attention_bwd_dkdv_kernel[(blocks.shape[1], num_kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
@@ -650,8 +679,8 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
-    if total_q > 0:
-        tile = tiles("dq", pad, q.dtype)
+
+    def launch_dq(tile):
         blocks = block_table(cu_seqlens_q, total_q, tile.block_m)
         attention_bwd_dq_kernel[(blocks.shape[1], num_heads)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
@@ -661,6 +690,11 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+    if total_k > 0:
+        launch_dkdv(_pick("dkdv", tile_candidates("dkdv", pad, q.dtype), launch_dkdv, q, shape))
+    if total_q > 0:
+        launch_dq(_pick("dq", tile_candidates("dq", pad, q.dtype), launch_dq, q, shape))
     return dq, dk, dv
 
 
@@ -698,8 +732,7 @@ def _flag_sets(dtype_name: str, pad: int):
 
 def _attention_launches(kind: str, kernel):
     for dtype, dtype_name in TRITON_DTYPES.items():
-        for pad in HEAD_DIM_PADS:
-            tile = tiles(kind, pad, dtype)
+        for pad, tile in ((pad, tile) for pad in HEAD_DIM_PADS for tile in tile_candidates(kind, pad, dtype)):
             for flags in _flag_sets(dtype_name, pad):
                 data = {name: f"*{dtype_name}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
                 signature = registry.signature(kernel, {
@@ -710,7 +743,8 @@ def _attention_launches(kind: str, kernel):
                                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
                 on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
                 # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
-                yield registry.Launch(label=f"{dtype_name} d{pad} {tile.block_m}x{tile.block_n} {on}",
+                shape = f"{tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
+                yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
                                       signature=signature, constexprs=constexprs,
                                       num_warps=tile.num_warps, num_stages=tile.num_stages,
                                       aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)

@@ -253,8 +253,8 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
 # problem size. The forward's output tile is BLOCK_M x BLOCK_N over a BLOCK_K reduction step; dx's
 # is BLOCK_M x BLOCK_K over BLOCK_N. Small problems (fewer than 1024 rows or 256 columns) and fp32
 # (IEEE FMA dots: tests, not speed) have one configuration. Large 16-bit problems have candidates
-# that runtime.pick times on the GPU on first use per shape (the first is the default: the
-# 128x128x64, 8-warp, 3-stage tile). Candidates were kept when they compile for sm_80 and sm_90
+# that runtime.pick times on the GPU on first use per shape with PADFREE_AUTOTUNE=1 (the first is
+# the default, used otherwise: the 128x128x64, 8-warp, 3-stage tile). Candidates were kept when they compile for sm_80 and sm_90
 # with at most 8 bytes of spills, bias and dropout variants included (wider tiles such as
 # 128x256 spill hundreds of bytes: the forward holds two fp32 accumulators).
 _GEMM_SMALL = {2: (64, 64, 32, 4, 3), 4: (32, 32, 32, 4, 2)}

@@ -77,11 +77,13 @@ def empty(shape, dtype, device):
 
 # ---- launch configurations measured on the device ------------------------------------------------
 # A launcher with several candidate configurations (tiles, warps, stages; every one registered for
-# the compile check) asks `pick` which to use. On a GPU, the first time a shape key is seen, each
-# candidate is timed (triton.testing.do_bench, median) and the fastest is kept for that key for
-# the rest of the process; candidate 0 is the default, used on CPU (interpreter), with
-# PADFREE_AUTOTUNE=0, and while a CUDA graph is being captured (timing would break the capture).
-AUTOTUNE = os.environ.get("PADFREE_AUTOTUNE", "1") != "0"
+# the compile check) asks `pick` which to use. With PADFREE_AUTOTUNE=1, on a GPU, the first time a
+# shape key is seen each candidate is timed (triton.testing.do_bench, median) and the fastest is
+# kept for that key for the rest of the process. Otherwise candidate 0, the default, runs: it is
+# off by default because a timed choice can differ between processes, and another tile sums in
+# another order, so results would stop being bitwise reproducible run to run. CPU tensors
+# (interpreter) and CUDA graph capture (timing would break the capture) always use the default.
+AUTOTUNE = os.environ.get("PADFREE_AUTOTUNE", "0") == "1"
 _CHOICES: dict[tuple, int] = {}
 _FORCED: dict[str, int] = {}
 

@@ -45,7 +45,7 @@ def test_the_default_without_timing(timings, monkeypatch):
     assert runtime.pick(("k",), ["a", "b"], lambda c: c, CUDA) == 0  # a CUDA graph is being captured
     monkeypatch.setattr(runtime, "_capturing", lambda: False)
     monkeypatch.setattr(runtime, "AUTOTUNE", False)
-    assert runtime.pick(("k",), ["a", "b"], lambda c: c, CUDA) == 0  # PADFREE_AUTOTUNE=0
+    assert runtime.pick(("k",), ["a", "b"], lambda c: c, CUDA) == 0  # PADFREE_AUTOTUNE unset (the default)
     assert calls == [] and runtime._CHOICES == {}
     monkeypatch.setattr(runtime, "AUTOTUNE", True)
     assert runtime.pick(("k",), ["a", "b"], lambda c: c, CUDA) == 1
