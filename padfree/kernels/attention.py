@@ -5,7 +5,10 @@ Work is split into (sequence, block) pairs read from `cu_seqlens` on the device:
 sequence. The table's length is an upper bound known from shapes alone (ceil(total/BLOCK) + B + 1),
 so there is no host sync, and nothing is recompiled when `max_seqlen` changes; programs past the
 real work return at once. The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose
-programs write zeros (out, dq, dk, dv) and lse = +inf. Row offsets are int64.
+programs write zeros (out, dq, dk, dv) and lse = +inf. Row offsets are int64. The table lists the
+blocks heaviest first (longest-processing-time order), so the GPU does not end a launch on a few
+long blocks while the other SMs idle: by sequence length, or under a causal mask by the keys a
+query block sees (its last blocks are heaviest) or the queries a key block serves (its first).
 
 Scores, for query i and key j of a sequence with lengths (sq, sk), diagonal offset sk - sq:
 
@@ -558,9 +561,13 @@ class override_tiles:
         _tile_override = self.saved
 
 
-def block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> torch.Tensor:
+TABLE_ORDERS = ("length", "causal_queries", "causal_keys")
+
+
+def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "length") -> torch.Tensor:
     """int32 (2, G): row 0 the sequence of each program (B = the tail of padding tokens, B + 1 =
     nothing to do), row 1 its block index inside that sequence. G depends on shapes only.
+    Programs come heaviest first by the estimate `order` names (see _build_block_table).
 
     Every layer of a model gets the same `cu_seqlens` tensor, so the tables are kept on it and
     built once per batch; they are keyed by its version counter, so an in-place update (a reused
@@ -568,18 +575,25 @@ def block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> torch.Tenso
     try:
         version = cu_seqlens._version
     except RuntimeError:
-        return _build_block_table(cu_seqlens, total, block)
+        return _build_block_table(cu_seqlens, total, block, order)
     cached = getattr(cu_seqlens, "_padfree_block_tables", None)
     if cached is None or cached[0] != version:
         cached = (version, {})
         cu_seqlens._padfree_block_tables = cached
-    table = cached[1].get((total, block))
+    table = cached[1].get((total, block, order))
     if table is None:
-        table = cached[1][(total, block)] = _build_block_table(cu_seqlens, total, block)
+        table = cached[1][(total, block, order)] = _build_block_table(cu_seqlens, total, block, order)
     return table
 
 
-def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> torch.Tensor:
+def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "length") -> torch.Tensor:
+    """The (sequence, block) pairs in sequence order, then sorted (stably, on the device) by the
+    work estimate of `order`, largest first: "length" the sequence length L (every block of a
+    sequence sees all its keys or queries), "causal_queries" min((b + 1) * block, L) (query block
+    b sees the keys up to its last row), "causal_keys" L - b * block (key block b serves the
+    queries from its first row on). The tail and the empty programs go last."""
+    if order not in TABLE_ORDERS:
+        raise ValueError(f"order must be one of {TABLE_ORDERS}, got {order!r}")
     num_seqs = cu_seqlens.numel() - 1
     offsets = cu_seqlens.to(torch.int64)
     lengths = torch.cat([offsets[1:] - offsets[:-1], total - offsets[-1:]])
@@ -589,7 +603,16 @@ def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int) -> torc
     seq = torch.searchsorted(ends, program, right=True)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     index = program - starts[seq.clamp(max=num_seqs)]
-    return torch.stack([seq, index]).to(torch.int32)
+    length = lengths[seq.clamp(max=num_seqs)]
+    if order == "causal_queries":
+        work = torch.minimum((index + 1) * block, length)
+    elif order == "causal_keys":
+        work = length - index * block
+    else:
+        work = length
+    work = torch.where(seq < num_seqs, work, num_seqs - 1 - seq)
+    permutation = torch.argsort(work, descending=True, stable=True)
+    return torch.stack([seq, index])[:, permutation].to(torch.int32)
 
 
 def _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, dtype):
@@ -626,8 +649,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     flags = _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, q.dtype)
     alibi, stride_alibi = _alibi_args(alibi_slopes, lse)
 
+    order = "causal_queries" if flags["HAS_RIGHT"] else "length"
+
     def launch(tile):
-        blocks = block_table(cu_seqlens_q, total_q, tile.block_m)
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, order)
         attention_fwd_kernel[(blocks.shape[1], num_heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
@@ -669,8 +694,10 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             BLOCK_M=delta_rows(pad), HEAD_DIM_PAD=pad)
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads)
 
+    causal = flags["HAS_RIGHT"]
+
     def launch_dkdv(tile):
-        blocks = block_table(cu_seqlens_k, total_k, tile.block_n)
+        blocks = block_table(cu_seqlens_k, total_k, tile.block_n, "causal_keys" if causal else "length")
         attention_bwd_dkdv_kernel[(blocks.shape[1], num_kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -681,7 +708,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     def launch_dq(tile):
-        blocks = block_table(cu_seqlens_q, total_q, tile.block_m)
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, "causal_queries" if causal else "length")
         attention_bwd_dq_kernel[(blocks.shape[1], num_heads)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -257,14 +257,30 @@ def test_bad_options_raise():
         padfree.varlen_attention(**bad(), alibi_slopes=torch.rand(3))
 
 
-def test_block_table_covers_every_block_once():
+@pytest.mark.parametrize("order, expected", [
+    ("length", [(2, 0), (2, 1), (1, 0), (3, 0)]),          # L = 32, 32, 5, 1
+    ("causal_queries", [(2, 1), (2, 0), (1, 0), (3, 0)]),  # keys seen: 32, 16, 5, 1
+    ("causal_keys", [(2, 0), (2, 1), (1, 0), (3, 0)]),     # queries served: 32, 16, 5, 1
+])
+def test_block_table_covers_every_block_once_heaviest_first(order, expected):
+    # sequences of 0, 5, 32 and 1 tokens, then a tail of 7 padding tokens (45 in all)
     cu = torch.tensor([0, 0, 5, 37, 38], dtype=torch.int32)
-    table = kernels.block_table(cu, 45, 16)
+    table = kernels.block_table(cu, 45, 16, order)
     seq, index = table.tolist()
-    work = [(s, i) for s, i in zip(seq, index) if s <= 4]
-    assert work == [(1, 0), (2, 0), (2, 1), (3, 0), (4, 0)]
-    assert all(s == 5 for s in seq[len(work):])
+    assert list(zip(seq, index))[:5] == [*expected, (4, 0)]    # the tail after the real blocks
+    assert all(s == 5 for s in seq[5:])                         # then the programs with nothing to do
     assert table.shape[1] == -(-45 // 16) + 4 + 1
+
+
+def test_block_tables_of_every_order_hold_the_same_blocks():
+    lengths = [0, 300, 17, 1, 128, 129, 64]
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    total = int(cu[-1]) + 5
+    tables = [kernels._build_block_table(cu, total, 64, order) for order in kernels.TABLE_ORDERS]
+    pairs = [sorted(map(tuple, table.t().tolist())) for table in tables]
+    assert pairs[0] == pairs[1] == pairs[2]
+    with pytest.raises(ValueError, match="order must be one of"):
+        kernels._build_block_table(cu, total, 64, "random")
 
 
 @pytest.mark.gpu
@@ -309,6 +325,7 @@ def test_block_table_is_built_once_per_offsets_and_rebuilt_after_an_in_place_upd
     cu = torch.tensor([0, 5, 37], dtype=torch.int32)
     first = kernels.block_table(cu, 40, 16)
     assert kernels.block_table(cu, 40, 16) is first
+    assert kernels.block_table(cu, 40, 16, "causal_queries") is not first
     cu[1] = 20
     rebuilt = kernels.block_table(cu, 40, 16)
     assert rebuilt is not first
