@@ -21,7 +21,7 @@ for suite in attention lora moe; do
     python -m pytest "bench/test_$suite.py" -q --bench-size full --benchmark-json "$out/$suite-$stamp.json" \
         || echo "SUITE $suite FAILED"
 done
-for suite in attention lora; do
+for suite in attention lora moe; do
     echo "== bench/test_$suite.py with PADFREE_AUTOTUNE=1 (tiles timed per shape)"
     PADFREE_AUTOTUNE=1 python -m pytest "bench/test_$suite.py" -q --bench-size full -k padfree \
         --benchmark-json "$out/$suite-autotune-$stamp.json" || echo "SUITE $suite (autotune) FAILED"

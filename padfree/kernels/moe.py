@@ -260,19 +260,33 @@ TILES = {
     "gate_up_weight_grad": (64, 128, 64, 8, 3),
 }
 FP32_TILE = (32, 32, 4, 2)  # BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M as above
+# More 16-bit tiles for the four grouped kernels, timed on the GPU on first use per shape with
+# PADFREE_AUTOTUNE=1 (runtime.pick; TILES holds the default, used otherwise). Every one compiles
+# for sm_80 and sm_90 pipelined and without spills.
+CANDIDATES = {
+    "gate_up": ((ALIGN_BLOCK, 64, 64, 4, 4), (ALIGN_BLOCK, 128, 64, 8, 3)),
+    "down": ((ALIGN_BLOCK, 128, 64, 4, 3), (ALIGN_BLOCK, 256, 64, 8, 3), (ALIGN_BLOCK, 64, 64, 4, 4),
+             (ALIGN_BLOCK, 128, 32, 4, 4)),
+    "down_backward": ((ALIGN_BLOCK, 128, 64, 8, 3), (ALIGN_BLOCK, 64, 64, 4, 3), (ALIGN_BLOCK, 64, 128, 4, 3),
+                      (ALIGN_BLOCK, 64, 32, 4, 4)),
+    "gate_up_backward_input": ((ALIGN_BLOCK, 128, 64, 4, 3), (ALIGN_BLOCK, 256, 64, 8, 3),
+                               (ALIGN_BLOCK, 64, 64, 4, 4), (ALIGN_BLOCK, 128, 32, 4, 4)),
+}
 
 
-def _tile(tile: str, fp32: bool) -> tuple[int, int, int, int, int]:
-    block_m = TILES[tile][0]
-    return (block_m, *FP32_TILE) if fp32 else TILES[tile]
+def _candidates(tile: str, fp32: bool) -> tuple[tuple[int, int, int, int, int], ...]:
+    """Every tile the launcher of `tile` may pick, the default first."""
+    if fp32:
+        return ((TILES[tile][0], *FP32_TILE),)
+    return (TILES[tile], *CANDIDATES.get(tile, ()))
 
 
 def _launches(kernel, tile: str, pointer_args: dict[str, str]):
     """One Launch per data dtype; pointer_args maps name -> "data" | "i32" | "fp32" | "i64"; the other
     runtime arguments are i32."""
     def launches():
-        for dtype_name in DTYPES.values():
-            block_m, block_n, block_k, warps, stages = _tile(tile, dtype_name == "fp32")
+        for dtype_name, config in ((d, c) for d in DTYPES.values() for c in _candidates(tile, d == "fp32")):
+            block_m, block_n, block_k, warps, stages = config
             signature = registry.signature(kernel, {name: f"*{dtype_name if kind == 'data' else kind}"
                                                     for name, kind in pointer_args.items()})
             constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
@@ -309,10 +323,20 @@ def unsupported_reason(hidden_states: torch.Tensor) -> str | None:
     return None
 
 
-def _options(tile: str, dtype: torch.dtype) -> dict[str, object]:
-    block_m, block_n, block_k, warps, stages = _tile(tile, dtype == torch.float32)
+def _options(config: tuple[int, int, int, int, int], dtype: torch.dtype) -> dict[str, object]:
+    block_m, block_n, block_k, warps, stages = config
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == torch.float32,
             "num_warps": warps, "num_stages": stages}
+
+
+def _launch_tuned(tile: str, launch, tensor: torch.Tensor, shape: tuple):
+    """Run `launch(options)` with the tile runtime.pick chooses among the candidates; returns its result."""
+    candidates = _candidates(tile, tensor.dtype == torch.float32)
+
+    def run(config):
+        return launch(_options(config, tensor.dtype))
+
+    return run(candidates[runtime.pick((f"moe_{tile}", tensor.dtype, *shape), candidates, run, tensor.device)])
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -334,15 +358,14 @@ def forward(hidden_states, gate_up_proj, down_proj, weights, top_k, sorted_pairs
     device, dtype = hidden_states.device, hidden_states.dtype
     gate_up = runtime.empty((capacity, 2 * inter), dtype, device)
     h = torch.empty(capacity, inter, dtype=dtype, device=device)
-    options = _options("gate_up", dtype)
-    moe_gate_up_kernel[(num_blocks, _cdiv(inter, options["BLOCK_N"]))](
+    shape = (runtime.shape_bucket(num_pairs), gate_up_proj.shape[0], hidden, inter, top_k)
+    _launch_tuned("gate_up", lambda options: moe_gate_up_kernel[(num_blocks, _cdiv(inter, options["BLOCK_N"]))](
         hidden_states, gate_up_proj, sorted_pairs, block_expert, gate_up, h, num_pairs, hidden, inter, top_k,
-        hidden_states.stride(0), *gate_up_proj.stride(), **options)
+        hidden_states.stride(0), *gate_up_proj.stride(), **options), hidden_states, shape)
     out_pairs = runtime.empty((num_pairs, hidden), dtype, device)
-    options = _options("down", dtype)
-    moe_down_kernel[(num_blocks, _cdiv(hidden, options["BLOCK_N"]))](
+    _launch_tuned("down", lambda options: moe_down_kernel[(num_blocks, _cdiv(hidden, options["BLOCK_N"]))](
         h, down_proj, sorted_pairs, block_expert, weights, out_pairs, num_pairs, hidden, inter,
-        *down_proj.stride(), **options)
+        *down_proj.stride(), **options), hidden_states, shape)
     return out_pairs.view(num_tokens, top_k, hidden).sum(1), gate_up
 
 
@@ -359,33 +382,38 @@ def backward(grad_out, hidden_states, gate_up_proj, down_proj, weights, gate_up,
     num_blocks = block_expert.shape[0]
     device, dtype = hidden_states.device, hidden_states.dtype
 
-    options = _options("down_backward", dtype)
-    inter_tiles = _cdiv(inter, options["BLOCK_N"])
+    shape = (runtime.shape_bucket(num_pairs), num_experts, hidden, inter, top_k)
     grad_gate_up = torch.empty(capacity, 2 * inter, dtype=dtype, device=device)
-    grad_weight_partial = torch.empty(inter_tiles, capacity, dtype=torch.float32, device=device)
-    moe_down_backward_kernel[(num_blocks, inter_tiles)](
-        grad_out, down_proj, gate_up, sorted_pairs, block_expert, weights, grad_gate_up, grad_weight_partial,
-        num_pairs, hidden, inter, top_k, capacity, *down_proj.stride(), **options)
-    grad_weights = grad_weight_partial.sum(0)[pair_position.long()]
+
+    def down_backward(options):
+        """-> the (inter tiles, capacity) fp32 partial sums of d weight, one row per BLOCK_N tile."""
+        inter_tiles = _cdiv(inter, options["BLOCK_N"])
+        partial = torch.empty(inter_tiles, capacity, dtype=torch.float32, device=device)
+        moe_down_backward_kernel[(num_blocks, inter_tiles)](
+            grad_out, down_proj, gate_up, sorted_pairs, block_expert, weights, grad_gate_up, partial,
+            num_pairs, hidden, inter, top_k, capacity, *down_proj.stride(), **options)
+        return partial
+
+    grad_weights = _launch_tuned("down_backward", down_backward, hidden_states, shape).sum(0)[pair_position.long()]
 
     grad_x_pairs = runtime.empty((num_pairs, hidden), dtype, device)
-    options = _options("gate_up_backward_input", dtype)
-    moe_gate_up_backward_input_kernel[(num_blocks, _cdiv(hidden, options["BLOCK_N"]))](
-        grad_gate_up, gate_up_proj, sorted_pairs, block_expert, grad_x_pairs, num_pairs, hidden, inter,
-        *gate_up_proj.stride(), **options)
+    _launch_tuned("gate_up_backward_input",
+                  lambda options: moe_gate_up_backward_input_kernel[(num_blocks, _cdiv(hidden, options["BLOCK_N"]))](
+                      grad_gate_up, gate_up_proj, sorted_pairs, block_expert, grad_x_pairs, num_pairs, hidden,
+                      inter, *gate_up_proj.stride(), **options), hidden_states, shape)
 
     grad_x = grad_x_pairs.view(num_tokens, top_k, hidden).sum(1)
     if not expert_grads:
         return grad_x, grad_weights, gate_up_proj.new_empty(0), down_proj.new_empty(0)
 
     grad_down = runtime.empty((num_experts, hidden, inter), down_proj.dtype, device)
-    options = _options("down_weight_grad", dtype)
+    options = _options(_candidates("down_weight_grad", dtype == torch.float32)[0], dtype)
     moe_down_weight_grad_kernel[(num_experts, _cdiv(hidden, options["BLOCK_M"]), _cdiv(inter, options["BLOCK_N"]))](
         grad_out, gate_up, sorted_pairs, padded_offsets, weights, grad_down, num_pairs, hidden, inter, top_k,
         **options)
 
     grad_gate_up_proj = runtime.empty((num_experts, 2 * inter, hidden), gate_up_proj.dtype, device)
-    options = _options("gate_up_weight_grad", dtype)
+    options = _options(_candidates("gate_up_weight_grad", dtype == torch.float32)[0], dtype)
     moe_gate_up_weight_grad_kernel[(num_experts, _cdiv(2 * inter, options["BLOCK_M"]),
                                     _cdiv(hidden, options["BLOCK_N"]))](
         grad_gate_up, hidden_states, sorted_pairs, padded_offsets, grad_gate_up_proj, num_pairs, hidden, inter,

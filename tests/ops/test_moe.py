@@ -85,6 +85,35 @@ def test_experts_forward_backward_match_float64(triton_cpu, case, dtype):
         assert grads[2][idle].abs().max() == 0 and grads[3][idle].abs().max() == 0
 
 
+@pytest.mark.parametrize("tile, index", [(tile, i) for tile, count in (("gate_up", 3), ("down", 5),
+                                                                         ("down_backward", 5),
+                                                                         ("gate_up_backward_input", 5))
+                                         for i in range(count)])
+def test_every_tuning_candidate_matches_float64(triton_cpu, tile, index):
+    """On a GPU the 16-bit tiles are picked by timing (PADFREE_AUTOTUNE=1); each must be right."""
+    from padfree.kernels import moe as kernels
+    from padfree.kernels import runtime
+
+    assert len(kernels._candidates(tile, fp32=False)) == {"gate_up": 3}.get(tile, 5)
+    # hidden and inter cross the 64/128 tiles; 70 tokens x top-2 over 5 experts cross the 64-row block
+    num_tokens, num_experts, top_k, hidden, inter = 70, 5, 2, 136, 72
+    index_ = random_index(num_tokens, num_experts, top_k)
+    gate_up, down = expert_weights(num_experts, hidden, inter, torch.float64)
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64)
+    weights = torch.rand(num_tokens, top_k, dtype=torch.float64)
+    grad = torch.randn(num_tokens, hidden, dtype=torch.float64)
+    oracle, oracle_grads = reference_experts((x, weights, gate_up, down), index_, grad)
+    low = (x.half(), weights.float(), gate_up.half(), down.half())
+    with runtime.force_choice(f"moe_{tile}", index):
+        out, grads = run_experts(low, index_, grad.half())
+    with padfree.use_backend("reference"):
+        base, base_grads = reference_experts(low, index_, grad.half())
+    assert_close("out", out, oracle, base, factor=2)
+    for name, got, want, baseline in zip(("d hidden_states", "d top_k_weights", "d gate_up_proj", "d down_proj"),
+                                         grads, oracle_grads, base_grads):
+        assert_close(name, got.half(), want, baseline.half(), factor=3, rtol_fp32=2e-5)
+
+
 def test_experts_are_deterministic(triton_cpu):
     index = random_index(40, 4, 2)
     gate_up, down = expert_weights(4, 32, 48, torch.float32)
