@@ -443,28 +443,20 @@ def _gemm_configs(elem: int, large: tuple):
         yield "large {}x{}x{} w{}s{}".format(*config), config
 
 
-def _forward_launches():
-    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        for size, (block_m, block_n, block_k, warps, stages) in _gemm_configs(elem, _FORWARD_LARGE):
-            for has_bias in (False, True):
-                sig = _signature(lora_forward_kernel, dtype)
-                yield registry.Launch(
-                    f"{dtype} {size}{' bias' if has_bias else ''}", sig,
-                    {"HAS_BIAS": has_bias, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                     "BLOCK_K": block_k, "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
-                    num_warps=warps, num_stages=stages, aligned=("N", "K"), pipelined=True)
+def _gemm_launches(kernel, large: tuple, flag: str, aligned: tuple[str, ...]):
+    """Every configuration the launcher of the forward or dx GEMM can pick, with its feature `flag`
+    (HAS_BIAS, DROPOUT) off and on."""
+    def launches():
+        for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+            for size, (block_m, block_n, block_k, warps, stages) in _gemm_configs(elem, large):
+                for on in (False, True):
+                    yield registry.Launch(
+                        f"{dtype} {size}{' ' + flag.lower() if on else ''}", _signature(kernel, dtype),
+                        {flag: on, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                         "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
+                        num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True)
 
-
-def _dx_launches():
-    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        for size, (block_m, block_n, block_k, warps, stages) in _gemm_configs(elem, _DX_LARGE):
-            for dropout in (False, True):
-                sig = _signature(lora_dx_kernel, dtype)
-                yield registry.Launch(
-                    f"{dtype} {size}{' dropout' if dropout else ''}", sig,
-                    {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                     "BLOCK_N": block_n, "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
-                    num_warps=warps, num_stages=stages, aligned=("K", "N0", "N1", "N2"), pipelined=True)
+    return launches
 
 
 def _da_launches():
@@ -480,6 +472,6 @@ def _da_launches():
 
 
 registry.register(lora_shrink_kernel, _shrink_launches)
-registry.register(lora_forward_kernel, _forward_launches)
-registry.register(lora_dx_kernel, _dx_launches)
+registry.register(lora_forward_kernel, _gemm_launches(lora_forward_kernel, _FORWARD_LARGE, "HAS_BIAS", ("N", "K")))
+registry.register(lora_dx_kernel, _gemm_launches(lora_dx_kernel, _DX_LARGE, "DROPOUT", ("K", "N0", "N1", "N2")))
 registry.register(lora_da_kernel, _da_launches)

@@ -58,13 +58,9 @@ EXPERT_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", list(EXPERT_CASES))
-def test_experts_forward_backward_match_float64(triton_cpu, case, dtype):
-    spec = dict(EXPERT_CASES[case])
-    hidden, inter = 32, 48
-    num_tokens, num_experts, top_k = spec["num_tokens"], spec["num_experts"], spec["top_k"]
-    index = random_index(num_tokens, num_experts, top_k, spec.get("experts"))
+def check_experts(num_tokens, num_experts, top_k, hidden, inter, dtype, experts=None):
+    """padfree.moe_experts (the current backend) vs a float64 oracle, forward and backward; -> grads."""
+    index = random_index(num_tokens, num_experts, top_k, experts)
     gate_up, down = expert_weights(num_experts, hidden, inter, torch.float64)
     x = torch.randn(num_tokens, hidden, dtype=torch.float64)
     weights = torch.rand(num_tokens, top_k, dtype=torch.float64)
@@ -80,6 +76,15 @@ def test_experts_forward_backward_match_float64(triton_cpu, case, dtype):
                                          grads, oracle_grads, base_grads):
         # d top_k_weights is fp32 but carries the precision of the fp16 data it is computed from
         assert_close(name, got.to(dtype), want, baseline.to(dtype), factor=3, rtol_fp32=2e-5)
+    return grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(EXPERT_CASES))
+def test_experts_forward_backward_match_float64(triton_cpu, case, dtype):
+    spec = dict(EXPERT_CASES[case])
+    num_experts = spec["num_experts"]
+    grads = check_experts(spec["num_tokens"], num_experts, spec["top_k"], 32, 48, dtype, spec.get("experts"))
     if "experts" in spec:
         idle = sorted(set(range(num_experts)) - set(spec["experts"]))
         assert grads[2][idle].abs().max() == 0 and grads[3][idle].abs().max() == 0
@@ -96,22 +101,8 @@ def test_every_tuning_candidate_matches_float64(triton_cpu, tile, index):
 
     assert len(kernels._candidates(tile, fp32=False)) == {"gate_up": 3}.get(tile, 5)
     # hidden and inter cross the 64/128 tiles; 70 tokens x top-2 over 5 experts cross the 64-row block
-    num_tokens, num_experts, top_k, hidden, inter = 70, 5, 2, 136, 72
-    index_ = random_index(num_tokens, num_experts, top_k)
-    gate_up, down = expert_weights(num_experts, hidden, inter, torch.float64)
-    x = torch.randn(num_tokens, hidden, dtype=torch.float64)
-    weights = torch.rand(num_tokens, top_k, dtype=torch.float64)
-    grad = torch.randn(num_tokens, hidden, dtype=torch.float64)
-    oracle, oracle_grads = reference_experts((x, weights, gate_up, down), index_, grad)
-    low = (x.half(), weights.float(), gate_up.half(), down.half())
     with runtime.force_choice(f"moe_{tile}", index):
-        out, grads = run_experts(low, index_, grad.half())
-    with padfree.use_backend("reference"):
-        base, base_grads = reference_experts(low, index_, grad.half())
-    assert_close("out", out, oracle, base, factor=2)
-    for name, got, want, baseline in zip(("d hidden_states", "d top_k_weights", "d gate_up_proj", "d down_proj"),
-                                         grads, oracle_grads, base_grads):
-        assert_close(name, got.half(), want, baseline.half(), factor=3, rtol_fp32=2e-5)
+        check_experts(70, 5, 2, 136, 72, torch.float16)
 
 
 def test_experts_are_deterministic(triton_cpu):
