@@ -18,26 +18,22 @@ COLUMNS = (("distribution", "distribution"), ("mode", "mode"), ("tok/s", "useful
            ("loss gap", "loss_gap_vs_padded"))
 
 
+_FORMATS = {
+    "useful_tokens_per_s": "{:,.0f}".format,
+    "peak_memory_bytes": lambda value: f"{value / 2**20:,.0f}",
+    "activation_bytes": lambda value: f"{value / 2**20:,.1f}",
+    "speedup_vs_padded": "{:.2f}x".format,
+    "memory_vs_padded": "{:.2f}x".format,
+    "activations_vs_padded": "{:.2f}x".format,
+    "step_time_s": "{:.3f}".format,
+    "fill_ratio": "{:.2f}".format,
+    "loss": "{:.4f}".format,
+    "loss_gap_vs_padded": "{:.1e}".format,
+}
+
+
 def _cell(key: str, value) -> str:
-    if value is None:
-        return "n/a"
-    if key == "useful_tokens_per_s":
-        return f"{value:,.0f}"
-    if key == "peak_memory_bytes":
-        return f"{value / 2**20:,.0f}"
-    if key == "activation_bytes":
-        return f"{value / 2**20:,.1f}"
-    if key in ("speedup_vs_padded", "memory_vs_padded", "activations_vs_padded"):
-        return f"{value:.2f}x"
-    if key == "step_time_s":
-        return f"{value:.3f}"
-    if key == "fill_ratio":
-        return f"{value:.2f}"
-    if key == "loss":
-        return f"{value:.4f}"
-    if key == "loss_gap_vs_padded":
-        return f"{value:.1e}"
-    return str(value)
+    return "n/a" if value is None else _FORMATS.get(key, str)(value)
 
 
 def table(report: dict) -> str:

@@ -174,6 +174,7 @@ class _ModeRun:
         self.seconds: list[float] = []
         self.losses: list[float] = []
         self.activation_bytes: list[int] = []
+        self.parameters = list(model.parameters())
         self.patched = None
         if mode == "padding_free":
             import padfree
@@ -185,7 +186,7 @@ class _ModeRun:
     def step(self, batch: batching.Batch, timed: bool) -> None:
         _synchronize(self.device)
         start = time.perf_counter()
-        existing = [*self.model.parameters(), *(v for v in batch.inputs.values() if torch.is_tensor(v))]
+        existing = [*self.parameters, *(v for v in batch.inputs.values() if torch.is_tensor(v))]
         with memory.SavedTensors(existing) as saved:
             loss = self.model(**batch.inputs).loss
         loss.backward()

@@ -524,8 +524,9 @@ _tile_override: Tiles | None = None
 
 
 # More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
-# with PADFREE_AUTOTUNE=1 (runtime.pick; the _TILES entry is the default, used otherwise). Each compiles for sm_80 and sm_90 without
-# spills in the plain and causal kernels; larger ones (128x128 forward, 32x64 dk/dv) spill.
+# with PADFREE_AUTOTUNE=1 (runtime.pick; the _TILES entry is the default, used otherwise). Each
+# compiles for sm_80 and sm_90 without spills in the plain and causal kernels; larger ones
+# (128x128 forward, 32x64 dk/dv) spill.
 _CANDIDATES = {
     ("fwd", 128, 2): (Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)),
     ("dkdv", 128, 2): (Tiles(16, 128, 8, 2), Tiles(16, 64, 8, 3)),
@@ -539,11 +540,6 @@ def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype) -> tupl
         return (_tile_override,)
     key = (kind, head_dim_padded, 4 if dtype == torch.float32 else 2)
     return (_TILES[key], *_CANDIDATES.get(key, ()))
-
-
-def _pick(kind: str, candidates: tuple[Tiles, ...], launch, tensor: torch.Tensor, shape: tuple) -> Tiles:
-    """The tile to launch: timed among the candidates on a GPU (runtime.pick), else the default."""
-    return candidates[runtime.pick((f"attention_{kind}", tensor.dtype, *shape), candidates, launch, tensor.device)]
 
 
 class override_tiles:
@@ -649,10 +645,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     flags = _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, q.dtype)
     alibi, stride_alibi = _alibi_args(alibi_slopes, lse)
 
-    order = "causal_queries" if flags["HAS_RIGHT"] else "length"
-
     def launch(tile):
-        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, order)
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
         attention_fwd_kernel[(blocks.shape[1], num_heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
@@ -662,8 +656,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, k.shape[1])
-    launch(_pick("fwd", tile_candidates("fwd", pad, q.dtype), launch, q, shape))
+    runtime.launch_tuned("attention_fwd", tile_candidates("fwd", pad, q.dtype), launch, q, shape)
     return out, lse
+
+
+def _table_order(flags: dict, side: str) -> str:
+    """The block-table order of query-block ("queries") or key-block ("keys") kernels: a right
+    window bound (causal) makes the work of a block depend on its position, else on its length."""
+    return f"causal_{side}" if flags["HAS_RIGHT"] else "length"
 
 
 def _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads) -> tuple:
@@ -694,10 +694,8 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             BLOCK_M=delta_rows(pad), HEAD_DIM_PAD=pad)
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads)
 
-    causal = flags["HAS_RIGHT"]
-
     def launch_dkdv(tile):
-        blocks = block_table(cu_seqlens_k, total_k, tile.block_n, "causal_keys" if causal else "length")
+        blocks = block_table(cu_seqlens_k, total_k, tile.block_n, _table_order(flags, "keys"))
         attention_bwd_dkdv_kernel[(blocks.shape[1], num_kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -708,7 +706,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     def launch_dq(tile):
-        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, "causal_queries" if causal else "length")
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
         attention_bwd_dq_kernel[(blocks.shape[1], num_heads)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -719,9 +717,9 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     if total_k > 0:
-        launch_dkdv(_pick("dkdv", tile_candidates("dkdv", pad, q.dtype), launch_dkdv, q, shape))
+        runtime.launch_tuned("attention_dkdv", tile_candidates("dkdv", pad, q.dtype), launch_dkdv, q, shape)
     if total_q > 0:
-        launch_dq(_pick("dq", tile_candidates("dq", pad, q.dtype), launch_dq, q, shape))
+        runtime.launch_tuned("attention_dq", tile_candidates("dq", pad, q.dtype), launch_dq, q, shape)
     return dq, dk, dv
 
 

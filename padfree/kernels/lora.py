@@ -254,9 +254,10 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
 # is BLOCK_M x BLOCK_K over BLOCK_N. Small problems (fewer than 1024 rows or 256 columns) and fp32
 # (IEEE FMA dots: tests, not speed) have one configuration. Large 16-bit problems have candidates
 # that runtime.pick times on the GPU on first use per shape with PADFREE_AUTOTUNE=1 (the first is
-# the default, used otherwise: the 128x128x64, 8-warp, 3-stage tile). Candidates were kept when they compile for sm_80 and sm_90
-# with at most 8 bytes of spills, bias and dropout variants included (wider tiles such as
-# 128x256 spill hundreds of bytes: the forward holds two fp32 accumulators).
+# the default, used otherwise: the 128x128x64, 8-warp, 3-stage tile). Candidates were kept when
+# they compile for sm_80 and sm_90 with at most 8 bytes of spills, bias and dropout variants
+# included (wider tiles such as 128x256 spill hundreds of bytes: the forward holds two fp32
+# accumulators).
 _GEMM_SMALL = {2: (64, 64, 32, 4, 3), 4: (32, 32, 32, 4, 2)}
 _FP32_LARGE = (64, 64, 32, 8, 3)
 _FORWARD_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4),
@@ -271,10 +272,14 @@ _DA_TILE = {2: (64, 64), 4: (32, 32)}
 _DA_BLOCK_R = (16, 32, 64)
 
 
+def _large_configs(elem: int, large: tuple) -> tuple:
+    return large if elem == 2 else (_FP32_LARGE,)
+
+
 def _gemm_candidates(elem: int, m: int, n: int, large: tuple) -> tuple:
     if m < 1024 or n < 256:
         return (_GEMM_SMALL[elem],)
-    return large if elem == 2 else (_FP32_LARGE,)
+    return _large_configs(elem, large)
 
 
 def _block_r(rank: int, choices: tuple[int, ...]) -> int:
@@ -349,9 +354,8 @@ def expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa:
         _run(lora_forward_kernel, grid, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
              num_warps=warps, num_stages=stages)
 
-    candidates = _gemm_candidates(_elem(x.dtype), m, n, _FORWARD_LARGE)
-    key = ("lora_forward", x.dtype, runtime.shape_bucket(m), n, k, rank, bias is not None)
-    launch(candidates[runtime.pick(key, candidates, launch, x.device)])
+    runtime.launch_tuned("lora_forward", _gemm_candidates(_elem(x.dtype), m, n, _FORWARD_LARGE), launch, x,
+                         (runtime.shape_bucket(m), n, k, rank, bias is not None))
     return y
 
 
@@ -395,9 +399,8 @@ def _grad_input(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed):
         _run(lora_dx_kernel, grid, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
              num_warps=warps, num_stages=stages)
 
-    candidates = _gemm_candidates(_elem(x.dtype), m, k, _DX_LARGE)
-    key = ("lora_dx", x.dtype, runtime.shape_bucket(m), k, tuple(widths), rank, dropout_p > 0)
-    launch(candidates[runtime.pick(key, candidates, launch, x.device)])
+    runtime.launch_tuned("lora_dx", _gemm_candidates(_elem(x.dtype), m, k, _DX_LARGE), launch, x,
+                         (runtime.shape_bucket(m), k, tuple(widths), rank, dropout_p > 0))
     return dx
 
 
@@ -439,7 +442,7 @@ def _shrink_launches():
 def _gemm_configs(elem: int, large: tuple):
     """(label, config) of every configuration the launcher can pick."""
     yield "small", _GEMM_SMALL[elem]
-    for config in (large if elem == 2 else (_FP32_LARGE,)):
+    for config in _large_configs(elem, large):
         yield "large {}x{}x{} w{}s{}".format(*config), config
 
 

@@ -330,13 +330,9 @@ def _options(config: tuple[int, int, int, int, int], dtype: torch.dtype) -> dict
 
 
 def _launch_tuned(tile: str, launch, tensor: torch.Tensor, shape: tuple):
-    """Run `launch(options)` with the tile runtime.pick chooses among the candidates; returns its result."""
-    candidates = _candidates(tile, tensor.dtype == torch.float32)
-
-    def run(config):
-        return launch(_options(config, tensor.dtype))
-
-    return run(candidates[runtime.pick((f"moe_{tile}", tensor.dtype, *shape), candidates, run, tensor.device)])
+    """runtime.launch_tuned over the candidates of `tile`, handing `launch` the kernel options."""
+    return runtime.launch_tuned(f"moe_{tile}", _candidates(tile, tensor.dtype == torch.float32),
+                                lambda config: launch(_options(config, tensor.dtype)), tensor, shape)
 
 
 def _cdiv(a: int, b: int) -> int:

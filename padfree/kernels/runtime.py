@@ -120,6 +120,12 @@ def pick(key: tuple, candidates: list, launch, device) -> int:
     return best
 
 
+def launch_tuned(name: str, candidates, launch, tensor, shape: tuple = ()):
+    """Run `launch(candidate)` with the candidate `pick` chooses for the key (name, tensor's
+    dtype, *shape) on the tensor's device; returns what `launch` returns."""
+    return launch(candidates[pick((name, tensor.dtype, *shape), candidates, launch, tensor.device)])
+
+
 @contextlib.contextmanager
 def force_choice(launcher: str, index: int):
     """Launch candidate `index` of `launcher` inside the block (tests run every candidate)."""
