@@ -15,6 +15,7 @@ import math
 import torch
 
 from padfree import _backend, _checks
+from padfree.ops import _autocast
 from padfree.reference import attention as reference
 
 OP = "varlen_attention"
@@ -29,6 +30,7 @@ def _kernels():
 
 
 @torch.library.custom_op("padfree::varlen_attention_fwd", mutates_args=())
+@_autocast.disabled
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                 window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
@@ -51,6 +53,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 
 
 @torch.library.custom_op("padfree::varlen_attention_bwd", mutates_args=())
+@_autocast.disabled
 def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                  max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
@@ -84,6 +87,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@_autocast.disabled
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed = ctx.saved_tensors
     (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
@@ -171,11 +175,18 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             environment sets PADFREE_CHECKS=0; they are skipped inside torch.compile). Shape,
             dtype and device checks always run.
 
+    Autocast: inside `torch.autocast`, q, k and v (fp32 or half, mixed allowed: rotary embeddings
+    and q/k norms hand over fp32 q/k next to a bf16 v) are cast to the autocast dtype first and
+    the attention runs in it; gradients reach fp32 inputs in fp32 (padfree/ops/_autocast.py says
+    why the cast is done here rather than by a torch.library autocast rule). Outside autocast,
+    mixed dtypes are a TypeError.
+
     Returns:
-        out (total_q, Hq, D) in q's dtype, and lse when `return_lse`. A query with no key to
-        attend to gets out = 0.
+        out (total_q, Hq, D) in q's dtype (the autocast dtype under autocast), and lse when
+        `return_lse`. A query with no key to attend to gets out = 0.
     """
     del deterministic
+    q, k, v = _autocast.cast_inputs(q, k, v)
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
               window_size, softcap, alibi_slopes, check)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

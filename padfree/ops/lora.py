@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from padfree import _backend, _checks
+from padfree.ops import _autocast
 from padfree.reference import lora as reference
 
 OP = "lora_linear"
@@ -57,6 +58,7 @@ def _expand_biases(biases: list[torch.Tensor], has_bias: list[bool]) -> list[tor
 
 
 @torch.library.custom_op("padfree::lora_linear_fwd", mutates_args=())
+@_autocast.disabled
 def _forward_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], has_bias: list[bool],
                 lora_a: torch.Tensor, lora_bs: list[torch.Tensor], rank_ends: list[int], scalings: list[float],
                 dropout_p: float, seed: torch.Tensor, backend: str) -> list[torch.Tensor]:
@@ -71,6 +73,7 @@ def _(x, weights, biases, has_bias, lora_a, lora_bs, rank_ends, scalings, dropou
 
 
 @torch.library.custom_op("padfree::lora_linear_bwd", mutates_args=())
+@_autocast.disabled
 def _backward_op(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor], t: torch.Tensor,
                  lora_a: torch.Tensor, rank_ends: list[int], dropout_p: float, seed: torch.Tensor,
                  input_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +97,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[-1])
 
 
+@_autocast.disabled
 def _backward(ctx, grads):
     x, lora_a, xa, seed, *rest = ctx.saved_tensors
     weights, lora_bs = rest[:ctx.count], rest[ctx.count:]
@@ -179,9 +183,10 @@ def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
     Returns [lora_linear(x, weights[p], biases[p], lora_as[p], lora_bs[p], scalings[p], dropout_p)
     for each p], computing every x @ lora_as[p].T in one pass over x. Each projection gets its own
     dropout mask (independent, as with one PEFT dropout module per layer). Arguments as in
-    `lora_linear`, one list entry per projection; the Triton kernels fuse up to 3 projections
-    (more run on the reference, with a warning).
+    `lora_linear`, one list entry per projection, autocast included; the Triton kernels fuse up
+    to 3 projections (more run on the reference, with a warning).
     """
+    x, weights, biases, lora_as, lora_bs = _autocast.cast_inputs(x, weights, biases, lora_as, lora_bs)
     _validate(x, weights, biases, lora_as, lora_bs, scalings, dropout_p)
     leading = x.shape[:-1]
     x2d = _row_major(x.reshape(-1, x.shape[-1]))
@@ -218,9 +223,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             default generator per call; the backward regenerates the mask from it (nothing of the
             mask's size is saved). Pass 0 in eval mode.
     All tensors share x's dtype and device. Only metadata is checked (no device -> host copy).
+    Inside `torch.autocast` every tensor is first cast to the autocast dtype (as `F.linear` does
+    under autocast, so fp32 weights with bf16 activations are fine); gradients reach fp32
+    parameters in fp32.
 
     Returns:
-        (..., out_features) in x's dtype. Gradients flow to x, lora_a, lora_b, and to weight /
+        (..., out_features) in x's dtype (the autocast dtype under autocast). Gradients flow to x, lora_a, lora_b, and to weight /
         bias when they require grad. lora_b @ lora_a is never formed.
     """
     return lora_linear_shared(x, [weight], [bias], [lora_a], [lora_b], [scaling], dropout_p)[0]

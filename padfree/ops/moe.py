@@ -19,6 +19,7 @@ import math
 import torch
 
 from padfree import _backend, _checks, _ext
+from padfree.ops import _autocast
 from padfree.reference import moe as reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,6 +80,7 @@ def moe_align(top_k_index: torch.Tensor, num_experts: int, block_size: int
 # ---------------------------------------------------------------------------------------- route
 
 @torch.library.custom_op("padfree::moe_route_fwd", mutates_args=())
+@_autocast.disabled
 def _route_forward_op(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, scoring: str,
                       normalize: bool, n_group: int, topk_group: int, routed_scaling_factor: float,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +101,7 @@ def _(router_logits, correction_bias, top_k, scoring, normalize, n_group, topk_g
 
 
 @torch.library.custom_op("padfree::moe_route_bwd", mutates_args=())
+@_autocast.disabled
 def _route_backward_op(grad_weights: torch.Tensor, router_logits: torch.Tensor, weights: torch.Tensor,
                        index: torch.Tensor, scoring: str, normalize: bool, routed_scaling_factor: float,
                        backend: str) -> torch.Tensor:
@@ -122,6 +125,7 @@ def _route_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(index)
 
 
+@_autocast.disabled
 def _route_backward(ctx, grad_weights, grad_index):
     router_logits, weights, index = ctx.saved_tensors
     scoring, normalize, routed_scaling_factor, backend = ctx.options
@@ -180,6 +184,10 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
             are eligible.
         routed_scaling_factor: multiplies the final weights.
 
+    Autocast changes nothing here: the logits are taken in the dtype they come in (a router
+    linear under autocast gives bf16/fp16 ones) and the scores and weights are always computed
+    and returned in fp32, inside autocast or not (transformers' routers also softmax in fp32).
+
     Returns:
         (top_k_weights (N, k) float32, top_k_index (N, k) int64), choices in descending score
         order. Differentiable w.r.t. router_logits through the weights (the choice itself is
@@ -205,6 +213,7 @@ def _route_triton_unsupported(router_logits: torch.Tensor, top_k: int, n_group: 
 # -------------------------------------------------------------------------------------- experts
 
 @torch.library.custom_op("padfree::moe_experts_fwd", mutates_args=())
+@_autocast.disabled
 def _experts_forward_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                         gate_up_proj: torch.Tensor, down_proj: torch.Tensor, sorted_pairs: torch.Tensor,
                         block_expert: torch.Tensor, padded_offsets: torch.Tensor, pair_position: torch.Tensor,
@@ -225,6 +234,7 @@ def _(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, sorted
 
 
 @torch.library.custom_op("padfree::moe_experts_bwd", mutates_args=())
+@_autocast.disabled
 def _experts_backward_op(grad_out: torch.Tensor, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                          gate_up: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
@@ -262,6 +272,7 @@ def _experts_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+@_autocast.disabled
 def _experts_backward(ctx, grad_out, grad_gate_up):
     (hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up, sorted_pairs, block_expert,
      padded_offsets, pair_position) = ctx.saved_tensors
@@ -334,10 +345,15 @@ def moe_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_we
         check: run the check that copies top_k_index's range to the host (None: on unless
             PADFREE_CHECKS=0; skipped inside torch.compile). Shape/dtype/device checks always run.
 
-    Returns (N, H) in hidden_states' dtype. Differentiable w.r.t. hidden_states, top_k_weights,
+    Autocast: inside `torch.autocast`, hidden_states, gate_up_proj and down_proj are cast to the
+    autocast dtype first (fp32 expert weights with bf16 activations are fine), the routing weights
+    stay fp32 as always, and gradients reach fp32 parameters in fp32.
+
+    Returns (N, H) in hidden_states' dtype (the autocast dtype under autocast). Differentiable w.r.t. hidden_states, top_k_weights,
     gate_up_proj and down_proj; experts with no token get a zero gradient. The backward keeps
     only the gate/up pre-activations of the forward and recomputes the SiLU product.
     """
+    hidden_states, gate_up_proj, down_proj = _autocast.cast_inputs(hidden_states, gate_up_proj, down_proj)
     _validate_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, check)
     if hidden_states.stride(-1) != 1:
         hidden_states = hidden_states.contiguous()
