@@ -228,8 +228,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     parameters in fp32.
 
     Returns:
-        (..., out_features) in x's dtype (the autocast dtype under autocast). Gradients flow to x, lora_a, lora_b, and to weight /
-        bias when they require grad. lora_b @ lora_a is never formed.
+        (..., out_features) in x's dtype (the autocast dtype under autocast). Gradients flow to
+        x, lora_a, lora_b, and to weight / bias when they require grad. lora_b @ lora_a is never
+        formed.
     """
     return lora_linear_shared(x, [weight], [bias], [lora_a], [lora_b], [scaling], dropout_p)[0]
 

@@ -349,9 +349,10 @@ def moe_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     autocast dtype first (fp32 expert weights with bf16 activations are fine), the routing weights
     stay fp32 as always, and gradients reach fp32 parameters in fp32.
 
-    Returns (N, H) in hidden_states' dtype (the autocast dtype under autocast). Differentiable w.r.t. hidden_states, top_k_weights,
-    gate_up_proj and down_proj; experts with no token get a zero gradient. The backward keeps
-    only the gate/up pre-activations of the forward and recomputes the SiLU product.
+    Returns (N, H) in hidden_states' dtype (the autocast dtype under autocast). Differentiable
+    w.r.t. hidden_states, top_k_weights, gate_up_proj and down_proj; experts with no token get a
+    zero gradient. The backward keeps only the gate/up pre-activations of the forward and
+    recomputes the SiLU product.
     """
     hidden_states, gate_up_proj, down_proj = _autocast.cast_inputs(hidden_states, gate_up_proj, down_proj)
     _validate_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, check)
