@@ -10,6 +10,12 @@ query i and key j (positions inside the sequence, lengths sq and sk):
     p_ij = exp(s_ij - lse_i) over allowed j, lse_i = log sum_j exp(s_ij)   (lse_i = +inf if none)
     out_i = sum_j dropout(p_ij) v_j,   dropout(p) = p * keep / (1 - dropout_p)
 
+Attention sinks (GPT-OSS `s_aux`, one logit per query head h): the softmax of every row gets one
+more logit s_aux[h], neither scaled nor softcapped, whose value vector is zero:
+    lse_i = log(sum_j exp(s_ij) + exp(s_aux[h]))   over allowed j, for a row with at least one key
+A row with no allowed key still gets out = 0 and lse = +inf. v may have its own head dim Dv
+(MLA); out then has Dv.
+
 Causal attention is the window (left=-1, right=0): bottom-right aligned as in flash-attn 2.1+.
 A query with no allowed key gets out_i = 0; tokens past cu_seqlens_q[-1] get out = 0.
 GQA: query head h reads key/value head h // (Hq // Hkv).
@@ -68,12 +74,15 @@ def _sequence_scores(q_b, k_b, softmax_scale, window_left, window_right, softcap
     return scores.masked_fill(~allowed, float("-inf")), allowed, capped
 
 
-def _probabilities(scores, allowed):
-    """Softmax over allowed keys and its log-normaliser; rows with no key get p = 0."""
+def _probabilities(scores, allowed, sinks=None):
+    """Softmax over allowed keys (and the sink logit of each head, (H,), when given) and its
+    log-normaliser; rows with no key get p = 0."""
     has_key = allowed.any(dim=-1)
     # Rows with no allowed key get finite scores for the logsumexp (their probabilities are zeroed
     # below): an all -inf row would back-propagate 0 * NaN.
     lse = torch.logsumexp(scores.masked_fill(~has_key[None, :, None], 0.0), dim=-1)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks[:, None])
     probs = torch.exp(scores - lse[..., None]).masked_fill(~allowed, 0.0)
     return probs, lse, has_key
 
@@ -106,15 +115,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
               cu_seqlens_k: torch.Tensor, softmax_scale: float, window_left: int = -1,
               window_right: int = -1, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
               dropout_p: float = 0.0, seed: int = 0, dropout_masks: list[torch.Tensor] | None = None,
-              upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Varlen attention, differentiable by autograd. Returns (out like q, lse (Hq, total_q)).
+              upcast: bool = True, s_aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen attention, differentiable by autograd (s_aux included). Returns (out (total_q, Hq, Dv)
+    in q's dtype, lse (Hq, total_q)).
 
     `upcast=True` computes in float32 for half inputs (the CPU backend); `upcast=False` computes
     in the input dtype (the low-precision baseline of the tolerance rule). float64 inputs compute
     in float64 and give a float64 lse (the oracle); otherwise lse is float32.
-    `dropout_masks[b]` (Hq, sq, sk) overrides the reference's own keep-mask.
+    `dropout_masks[b]` (Hq, sq, sk) overrides the reference's own keep-mask. `s_aux` (Hq,): the
+    sink logits (module docstring), taken in the compute dtype.
     """
     total_q, num_heads, _ = q.shape
+    sinks = None if s_aux is None else s_aux.to(_compute_dtype(q.dtype, upcast))
     compute = _compute_dtype(q.dtype, upcast)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_zeros(total_q, num_heads, v.shape[-1], dtype=compute)
@@ -123,7 +135,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     for b, q_b, k_b, v_b, rows_q, _ in _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, compute):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         scores, allowed, _ = _sequence_scores(q_b, k_b, softmax_scale, window_left, window_right, softcap, slopes)
-        probs, lse, has_key = _probabilities(scores, allowed)
+        probs, lse, has_key = _probabilities(scores, allowed, sinks)
         if dropout_p > 0:
             keep = _keep(b, num_heads, q_b, k_b, seed, dropout_p, dropout_masks)
             probs = probs * keep.to(compute) / (1.0 - dropout_p)
@@ -142,8 +154,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
                        window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                        alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0, seed: int = 0,
-                       dropout_masks: list[torch.Tensor] | None = None,
-                       upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       dropout_masks: list[torch.Tensor] | None = None, upcast: bool = True,
+                       s_aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of `attention` for upstream `dout`, derived by hand.
 
     With P the probabilities, Z = keep / (1 - dropout_p) (1 without dropout) and O = (P*Z) V:
@@ -153,9 +165,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dS0  = dS * (1 - tanh^2(s0 / softcap))                 (softcap; dS0 = dS without it)
         dQ   = scale * dS0 K,   dK = scale * dS0^T Q           (summed over the GQA group)
     ALiBi and masking add constants to S, so they pass dS through unchanged (masked entries have
-    P = 0). Padding tokens and rows with no key get zero gradients.
+    P = 0). Padding tokens and rows with no key get zero gradients. With sinks, P is normalised
+    by the lse that includes them and the formulas stand as written: the sink's value is zero, so
+    its dP is 0 and it adds nothing to D. The sink's own gradient, d s_aux[h] = -sum_i P_i,sink D_i,
+    is computed by the op from out and lse (padfree.ops.attention); autograd through `attention`
+    gives it independently.
     """
     compute = _compute_dtype(q.dtype, upcast)
+    sinks = None if s_aux is None else s_aux.to(compute)
     num_heads, group = q.shape[1], q.shape[1] // k.shape[1]
     dq = torch.zeros(q.shape, dtype=compute, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=q.device)
@@ -163,7 +180,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     for b, q_b, k_b, v_b, rows_q, rows_k in _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, compute):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
         scores, allowed, capped = _sequence_scores(q_b, k_b, softmax_scale, window_left, window_right, softcap, slopes)
-        probs, _, _ = _probabilities(scores, allowed)
+        probs, _, _ = _probabilities(scores, allowed, sinks)
         dout_b = dout[rows_q].to(compute).transpose(0, 1)
         dropped, dprobs = probs, torch.matmul(dout_b, v_b.transpose(1, 2))
         if dropout_p > 0:
@@ -176,7 +193,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dq_b = torch.matmul(dscores, k_b) * softmax_scale
         dk_b = torch.matmul(dscores.transpose(1, 2), q_b) * softmax_scale
         dq[rows_q] = dq_b.transpose(0, 1)
-        fold = (k.shape[1], group, k_b.shape[1], k.shape[2])
-        dk[rows_k] = dk_b.reshape(fold).sum(1).transpose(0, 1)
-        dv[rows_k] = dv_b.reshape(fold[:3] + (v.shape[2],)).sum(1).transpose(0, 1)
+        fold = (k.shape[1], group, k_b.shape[1])
+        dk[rows_k] = dk_b.reshape(*fold, k.shape[2]).sum(1).transpose(0, 1)
+        dv[rows_k] = dv_b.reshape(*fold, v.shape[2]).sum(1).transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
