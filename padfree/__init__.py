@@ -3,11 +3,12 @@
 Public API (see README.md):
     varlen_attention, lora_linear, moe_route, moe_experts   ops (torch custom ops, autograd)
     patch, unpatch                                          switch a transformers/PEFT model over
+    register                                                make "padfree" an attn_implementation
     use_backend                                             "auto" | "triton" | "cuda" | "reference"
 
 Importing padfree has no side effects beyond defining its torch custom ops: nothing in
-transformers is registered or patched until `patch` is called, and triton / `padfree._C` are
-only loaded when an op first needs them.
+transformers is registered or patched until `patch` or `register` is called, and triton /
+`padfree._C` are only loaded when an op first needs them.
 """
 
 from importlib import import_module
@@ -23,6 +24,7 @@ _LAZY = {
     "moe_experts": "padfree.ops.moe",
     "patch": "padfree.hf.patch",
     "unpatch": "padfree.hf.patch",
+    "register": "padfree.hf.attention",
 }
 
 __all__ = ["use_backend", "__version__", *_LAZY]

@@ -171,6 +171,118 @@ def verify_model(model, sequences, tol: float, device="cpu", per_parameter: bool
     return checks
 
 
+# The sweep (`padfree verify --all`): every causal-LM model type of the installed transformers.
+PROVEN, REFUSED, NOT_BUILT, WRONG, CRASHED = "served, proven", "refused", "cannot be built tiny", "SERVED WRONG", \
+    "SERVED, CRASHED"
+SWEEP_LENGTHS = (5, 11, 3, 7)  # 11 and 7 > the tiny sliding window (4); 3 < it
+TRITON_SWEEP_TYPES = ("llama", "gemma2", "qwen3", "mistral", "gpt2", "deepseek_v3", "gpt_oss", "exaone4")
+
+
+@dataclass
+class SweepRow:
+    model_type: str
+    model_class: str
+    flash: bool    # the class declares flash-attention support (_supports_flash_attn)
+    status: str    # one of PROVEN, REFUSED, NOT_BUILT, WRONG, CRASHED
+    detail: str    # one line: the features exercised, the refusal reason, or the error
+
+    @property
+    def failed(self) -> bool:
+        return self.status in (WRONG, CRASHED)
+
+
+def causal_lm_types() -> dict[str, str]:
+    """model_type -> *ForCausalLM class name, for every causal-LM type of the installed transformers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def _exercised(model) -> str:
+    """The attention options the tiny model exercises, for the table."""
+    config, found = model.config, []
+    if getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        found.append("sliding window")
+    if getattr(config, "attn_logit_softcapping", None):
+        found.append("softcap")
+    if getattr(config, "v_head_dim", None) and getattr(config, "qk_nope_head_dim", None):
+        found.append("MLA")
+    if any(hasattr(m, "sinks") for m in model.modules()):
+        found.append("sinks")
+    if getattr(config, "num_key_value_heads", None) not in (None, getattr(config, "num_attention_heads", None)):
+        found.append("GQA")
+    if any("expert" in name for name, _ in model.named_modules()):
+        found.append("MoE")
+    return ", ".join(found)
+
+
+def sweep_one(model_type: str, class_name: str, backends=("reference",), lengths=SWEEP_LENGTHS,
+              tol: float = RTOL[torch.float32]) -> SweepRow:
+    """Build `model_type` tiny, ask padfree to serve it, and prove packed == one by one == padded
+    on each backend. A type that padfree patches but gets wrong (or crashes on) is a failure."""
+    import padfree
+    import transformers
+    from padfree.hf import models
+
+    model_class = getattr(transformers, class_name)
+    flash = bool(getattr(model_class, "_supports_flash_attn", False))
+    row = lambda status, detail: SweepRow(model_type, class_name, flash, status, detail)  # noqa: E731
+    try:
+        torch.manual_seed(0)
+        config = models.tiny_config(model_type)
+        config._attn_implementation = "eager"
+        model = model_class(config).float().eval()
+    except Exception as error:  # any failure to build is reported, the sweep goes on
+        return row(NOT_BUILT, _one_line(error))
+    reason = models.refusal(model)
+    if reason is not None:
+        return row(REFUSED, reason)
+    sequences = random_sequences(lengths, model.config.vocab_size, torch.Generator().manual_seed(0))
+    for backend in backends:
+        try:
+            with padfree.use_backend(backend):
+                checks = verify_model(model, sequences, tol)
+        except Exception as error:
+            return row(CRASHED, f"{backend}: {_one_line(error)}")
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            worst = max(failed, key=lambda c: (c.rel != c.rel, c.rel))
+            return row(WRONG, f"{backend}: {worst.name} rel err {worst.rel:.2e} > {worst.tol:.0e}")
+    return row(PROVEN, f"{'/'.join(backends)}; {_exercised(model) or 'causal MHA'}")
+
+
+def sweep(model_types: dict[str, str], triton_types=(), progress=print) -> list[SweepRow]:
+    """`sweep_one` for every type (reference backend, plus interpreted Triton for `triton_types`)."""
+    rows = []
+    for index, (model_type, class_name) in enumerate(model_types.items(), 1):
+        backends = ("reference", "triton") if model_type in triton_types else ("reference",)
+        rows.append(sweep_one(model_type, class_name, backends))
+        progress(f"[{index}/{len(model_types)}] {model_type}: {rows[-1].status} ({rows[-1].detail})")
+    return rows
+
+
+def sweep_summary(rows: list[SweepRow]) -> str:
+    flash = [r for r in rows if r.flash]
+    counts = {status: sum(r.status == status for r in flash) for status in (PROVEN, REFUSED, NOT_BUILT, WRONG,
+                                                                            CRASHED)}
+    return (f"{len(rows)} causal-LM types, {len(flash)} declare flash-attention support; of those: "
+            + ", ".join(f"{count} {status}" for status, count in counts.items()))
+
+
+def sweep_table(rows: list[SweepRow]) -> str:
+    """A markdown table, flash-capable types first."""
+    lines = ["| model type | class | flash | result | detail |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (not r.flash, r.model_type)):
+        detail = r.detail.replace("|", "\\|")
+        lines.append(f"| {r.model_type} | {r.model_class} | {'yes' if r.flash else 'no'} | {r.status} | {detail} |")
+    return "\n".join(lines)
+
+
 def format_table(checks: list[Check]) -> str:
     width = max(len("check"), *(len(c.name) for c in checks))
     lines = [f"{'check':<{width}}  {'max abs err':>11}  {'rel err':>9}  {'tol':>7}  result"]

@@ -24,11 +24,19 @@ from, first match wins:
   4. otherwise every row is one sequence (e.g. decoding with a cache; causal attention is aligned
      bottom-right, so the new queries see the whole cache).
 
-Per-layer options come from the call and the module: `sliding_window` (the argument, else
-`module.sliding_window`), `softcap`, `scaling`, `dropout` (only while `module.training`), causal
-from the `is_causal` keyword else `module.is_causal`. Grouped-query key/value heads go to the
-kernel as they are (no repeat). Transformers' sliding window W lets query i see keys i-W < j <= i,
-which is flash-attn's window_size (W - 1, 0).
+Per-layer options come from the call and the module: `sliding_window` (the argument when the
+layer passes one, None included: Exaone4 and Kolibri1 pass None for their full-attention layers
+while the module still carries a window; `module.sliding_window` only when the argument is not
+passed at all), `softcap`, `scaling`, `dropout` (only while `module.training`), causal from the
+`is_causal` keyword else `module.is_causal`, attention sinks `s_aux` (GPT-OSS) and a value head
+dim different from the query's (multi-head latent attention) forwarded as they are. Grouped-query
+key/value heads go to the kernel as they are (no repeat). Transformers' sliding window W lets
+query i see keys i-W < j <= i, which is flash-attn's window_size (W - 1, 0).
+
+Sequence boundaries are worked out once per batch: every layer of a forward gets the same
+`position_ids` / `attention_mask` tensor, so what `_pack` derives from it (offsets, the kept-token
+rows and their host-side maximum) is cached on that tensor object, keyed by its version counter
+so an in-place change is noticed.
 """
 
 from __future__ import annotations
@@ -53,8 +61,12 @@ def _as_int(value, name: str) -> int:
     return value
 
 
-def _window(module: torch.nn.Module, sliding_window: int | None, causal: bool) -> tuple[int, int]:
-    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+# Default of `attention_forward`'s sliding_window: tells "not passed" from "passed None".
+_NOT_PASSED = object()
+
+
+def _window(module: torch.nn.Module, sliding_window, causal: bool) -> tuple[int, int]:
+    window = getattr(module, "sliding_window", None) if sliding_window is _NOT_PASSED else sliding_window
     if window is None:
         return (-1, 0) if causal else (-1, -1)
     if not isinstance(window, int) or window < 1:
@@ -106,6 +118,38 @@ def _check_first_use(*tensors: torch.Tensor) -> bool | None:
     return None
 
 
+_CACHE_ATTR = "_padfree_per_batch"
+
+
+def _per_batch(source: torch.Tensor, key: tuple, compute: Callable[[], tuple]) -> tuple:
+    """`compute()`, once per batch: cached on the `source` tensor object (the `position_ids` or
+    mask every layer receives), invalidated when its version counter says it changed in place."""
+    if torch.compiler.is_compiling():
+        return compute()
+    version, cache = getattr(source, _CACHE_ATTR, (None, None))
+    if version != source._version:
+        cache = {}
+        setattr(source, _CACHE_ATTR, (source._version, cache))
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _mask_boundaries(attention_mask: torch.Tensor, q_len: int) -> tuple:
+    """A 2D padding mask -> (query rows, key rows, cu_seqlens_q, cu_seqlens_k, max_q, max_k); the
+    two `int(max)` are the host syncs this path cannot avoid."""
+    keep_k = attention_mask.to(torch.bool)
+    keep_q = keep_k[:, -q_len:]
+    lengths_q, lengths_k = keep_q.sum(1), keep_k.sum(1)
+    return (keep_q.reshape(-1).nonzero().squeeze(1), keep_k.reshape(-1).nonzero().squeeze(1),
+            _offsets(lengths_q), _offsets(lengths_k), int(lengths_q.max()), int(lengths_k.max()))
+
+
+def _position_boundaries(position_ids: torch.Tensor, batch: int, q_len: int) -> torch.Tensor:
+    position_ids = position_ids.reshape(-1, q_len).expand(batch, q_len).to(torch.int64)
+    return seqlens.cu_seqlens_from_position_ids(position_ids)[0]
+
+
 def _pack(query, key, value, attention_mask, kwargs) -> _Packed:
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -126,18 +170,14 @@ def _pack(query, key, value, attention_mask, kwargs) -> _Packed:
             raise ValueError(f"padfree attention takes a 2D padding mask (batch, kv_len) = ({batch}, {kv_len}); "
                              f"got attention_mask of shape {tuple(attention_mask.shape)} (a 4D or custom mask "
                              "cannot be expressed as packed sequences: use attn_implementation='eager' or 'sdpa')")
-        keep_k = attention_mask.to(torch.bool)
-        keep_q = keep_k[:, -q_len:]
-        rows_q = keep_q.reshape(-1).nonzero().squeeze(1)
-        rows_k = keep_k.reshape(-1).nonzero().squeeze(1)
-        lengths_q, lengths_k = keep_q.sum(1), keep_k.sum(1)
+        rows_q, rows_k, cu_seqlens_q, cu_seqlens_k, max_q, max_k = _per_batch(
+            attention_mask, ("mask", q_len), lambda: _mask_boundaries(attention_mask, q_len))
         return _Packed(_tokens(query)[rows_q], _tokens(key)[rows_k], _tokens(value)[rows_k],
-                       _offsets(lengths_q), _offsets(lengths_k), int(lengths_q.max()), int(lengths_k.max()),
-                       check=False, query_rows=rows_q)
+                       cu_seqlens_q, cu_seqlens_k, max_q, max_k, check=False, query_rows=rows_q)
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and q_len == kv_len and position_ids.shape[-1] == q_len:
-        position_ids = position_ids.reshape(-1, q_len).expand(batch, q_len).to(torch.int64)
-        cu_seqlens, _ = seqlens.cu_seqlens_from_position_ids(position_ids)
+        cu_seqlens = _per_batch(position_ids, ("positions", batch, q_len),
+                                lambda: _position_boundaries(position_ids, batch, q_len))
         # The true longest length stays on the device; any upper bound is a valid max_seqlen.
         return _Packed(_tokens(query), _tokens(key), _tokens(value), cu_seqlens, cu_seqlens, q_len, q_len,
                        check=False)
@@ -145,35 +185,56 @@ def _pack(query, key, value, attention_mask, kwargs) -> _Packed:
                    _uniform_offsets(batch, kv_len, device), q_len, kv_len, check=False)
 
 
+def _refuse_unservable(module: torch.nn.Module) -> None:
+    """A model switched to "padfree" without `patch` (from_pretrained(attn_implementation="padfree"))
+    never went through `models.refusal`: check what its config tells, once per attention module."""
+    from padfree.hf import models
+
+    if getattr(module, "_padfree_served", False):
+        return
+    reason = models.config_refusal(getattr(module, "config", None))
+    if reason is not None:
+        raise ValueError(f"padfree attention cannot serve this model exactly: {reason}")
+    module._padfree_served = True
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                      sliding_window: int | None = None, softcap: float | None = None,
+                      sliding_window=_NOT_PASSED, softcap: float | None = None, s_aux: torch.Tensor | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function backed by `padfree.varlen_attention` (see the module doc).
 
-    query (B, Hq, S, D), key/value (B, Hkv, S_kv, D) -> (attn_output (B, S, Hq, D), None).
+    query (B, Hq, S, D), key (B, Hkv, S_kv, D), value (B, Hkv, S_kv, Dv), s_aux (Hq,) attention
+    sinks or None -> (attn_output (B, S, Hq, Dv), None).
     """
     from padfree.ops.attention import varlen_attention
 
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("padfree attention does not support attention sinks (s_aux)")
-    if value.shape[-1] != query.shape[-1]:
-        raise ValueError(f"padfree attention needs one head_dim for query and value, got {query.shape[-1]} "
-                         f"and {value.shape[-1]}")
+    _refuse_unservable(module)
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     batch, _, q_len, _ = query.shape
     packed = _pack(query, key, value, attention_mask, kwargs)
+    sinks = {} if s_aux is None else {"s_aux": s_aux}
     out = varlen_attention(packed.q, packed.k, packed.v, packed.cu_seqlens_q, packed.cu_seqlens_k,
                            packed.max_seqlen_q, packed.max_seqlen_k,
                            dropout_p=float(dropout) if module.training else 0.0, softmax_scale=scaling,
                            causal=causal, window_size=_window(module, sliding_window, causal),
-                           softcap=float(softcap) if softcap else 0.0, check=packed.check)
+                           softcap=float(softcap) if softcap else 0.0, check=packed.check, **sinks)
     return packed.unpack(out, batch, q_len), None
 
 
 def register() -> None:
-    """Register "padfree" in transformers' attention and mask registries (idempotent)."""
+    """Make "padfree" a valid `attn_implementation` for transformers: `from_pretrained(...,
+    attn_implementation="padfree")`, `model.set_attn_implementation("padfree")`, TRL's
+    `model_init_kwargs` and trainer CLIs' `--attn_implementation padfree`.
+
+    Registers `attention_forward` in transformers' `AttentionInterface` (the names transformers
+    accepts are that registry's keys) and transformers' flash-attention mask builder in
+    `AttentionMaskInterface` (without it the model would build no mask for "padfree" and a padded
+    batch could not be told from a plain one). Idempotent; nothing else changes, no model is
+    switched. A model switched this way is not checked the way `padfree.patch` checks it: call
+    `padfree.patch(model)` after loading to get the report and the refusals.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -218,8 +279,7 @@ def patch_attention(model: torch.nn.Module, report, undo: list[Callable[[], None
     """Switch `model`'s attention to padfree (the `patch` protocol: see padfree/hf/patch.py).
 
     Records one entry per attention module, or one entry for the whole model saying why it was not
-    patched (not a transformers model, an architecture padfree does not serve). Nothing is changed
-    in that case.
+    patched (not a transformers model, or `models.refusal`'s reason). Nothing is changed then.
     """
     from padfree.hf import models
 
@@ -227,16 +287,11 @@ def patch_attention(model: torch.nn.Module, report, undo: list[Callable[[], None
     if target is None:
         report.add(PART, "", False, f"{type(model).__name__} holds no transformers PreTrainedModel")
         return
-    architecture, reason = models.lookup(target)
-    if architecture is None:
+    reason = models.refusal(target)
+    if reason is not None:
         report.add(PART, "", False, reason)
         return
-    attention_modules = [(name, m) for name, m in target.named_modules()
-                         if type(m).__name__ in architecture.attention_classes]
-    if not attention_modules:
-        report.add(PART, "", False, f"no attention module of class {', '.join(architecture.attention_classes)} "
-                                    f"found in {type(target).__name__}")
-        return
+    attention_modules = models.attention_modules(target)
     register()
     saved = [(config, config._attn_implementation_internal) for config in _configs(target)]
 
@@ -245,7 +300,8 @@ def patch_attention(model: torch.nn.Module, report, undo: list[Callable[[], None
             config._attn_implementation_internal = implementation
 
     target.set_attn_implementation(NAME)
-    missed = [name for name, m in attention_modules if m.config._attn_implementation != NAME]
+    missed = [name for name, m in attention_modules
+              if getattr(getattr(m, "config", None), "_attn_implementation", NAME) != NAME]
     if missed:
         restore()
         report.add(PART, "", False, f"transformers did not switch {', '.join(missed)} to '{NAME}' "
@@ -255,7 +311,7 @@ def patch_attention(model: torch.nn.Module, report, undo: list[Callable[[], None
     undo.append(restore)
     prefix = _prefix(model, target)
     for name, module in attention_modules:
-        report.add(PART, prefix + name, True, _describe(module, module.config))
+        report.add(PART, prefix + name, True, _describe(module, getattr(module, "config", target.config)))
 
 
 def _prefix(model: torch.nn.Module, target: torch.nn.Module) -> str:

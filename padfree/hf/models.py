@@ -10,6 +10,7 @@ model's forward is copied: transformers' own attention modules call padfree thro
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,6 @@ class Architecture:
     model_type: str                   # config.model_type
     config_class: str                 # transformers config class
     causal_lm_class: str              # transformers *ForCausalLM class
-    attention_classes: tuple[str, ...]  # the attention modules that call ALL_ATTENTION_FUNCTIONS
     features: tuple[str, ...] = ()    # attention options beyond causal GQA the architecture uses
     tiny: dict = field(default_factory=dict)  # overrides on top of TINY for a small random model
 
@@ -52,80 +52,181 @@ TINY_WINDOW = 4  # shorter than the test sequences, so the window changes the re
 TINY_MOE = dict(num_experts_per_tok=2)
 
 ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
-    Architecture("llama", "LlamaConfig", "LlamaForCausalLM", ("LlamaAttention",)),
-    Architecture("mistral", "MistralConfig", "MistralForCausalLM", ("MistralAttention",), ("sliding_window",),
+    Architecture("llama", "LlamaConfig", "LlamaForCausalLM",),
+    Architecture("mistral", "MistralConfig", "MistralForCausalLM", ("sliding_window",),
                  dict(sliding_window=TINY_WINDOW)),
-    Architecture("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ("Qwen2Attention",), ("sliding_window",),
+    Architecture("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ("sliding_window",),
                  dict(use_sliding_window=True, sliding_window=TINY_WINDOW, max_window_layers=1,
                       layer_types=["full_attention", "sliding_attention"])),
-    Architecture("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("Qwen3Attention",), ("sliding_window", "qk_norm"),
+    Architecture("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("sliding_window", "qk_norm"),
                  dict(head_dim=16, use_sliding_window=True, sliding_window=TINY_WINDOW, max_window_layers=1,
                       layer_types=["full_attention", "sliding_attention"])),
-    Architecture("gemma2", "Gemma2Config", "Gemma2ForCausalLM", ("Gemma2Attention",),
+    Architecture("gemma2", "Gemma2Config", "Gemma2ForCausalLM",
                  ("sliding_window", "softcap", "scaling"),
                  dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=TINY_WINDOW, attn_logit_softcapping=0.5,
                       final_logit_softcapping=5.0, layer_types=["sliding_attention", "full_attention"])),
-    Architecture("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", ("Gemma3Attention",),
+    Architecture("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM",
                  ("sliding_window", "qk_norm", "scaling"),
                  dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=TINY_WINDOW,
                       layer_types=["sliding_attention", "full_attention"])),
-    Architecture("phi3", "Phi3Config", "Phi3ForCausalLM", ("Phi3Attention",), ("sliding_window",),
+    Architecture("phi3", "Phi3Config", "Phi3ForCausalLM", ("sliding_window",),
                  dict(sliding_window=TINY_WINDOW)),
-    Architecture("granite", "GraniteConfig", "GraniteForCausalLM", ("GraniteAttention",), ("scaling",),
+    Architecture("granite", "GraniteConfig", "GraniteForCausalLM", ("scaling",),
                  dict(attention_multiplier=0.3, logits_scaling=2.0, residual_multiplier=0.5,
                       embedding_multiplier=2.0)),
-    Architecture("olmo2", "Olmo2Config", "Olmo2ForCausalLM", ("Olmo2Attention",), ("qk_norm",)),
-    Architecture("mixtral", "MixtralConfig", "MixtralForCausalLM", ("MixtralAttention",), ("sliding_window", "moe"),
+    Architecture("olmo2", "Olmo2Config", "Olmo2ForCausalLM", ("qk_norm",)),
+    Architecture("mixtral", "MixtralConfig", "MixtralForCausalLM", ("sliding_window", "moe"),
                  dict(TINY_MOE, num_local_experts=4, sliding_window=TINY_WINDOW)),
-    Architecture("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", ("Qwen2MoeAttention",),
+    Architecture("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                  ("sliding_window", "moe"),
                  dict(TINY_MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                       use_sliding_window=True, sliding_window=TINY_WINDOW, max_window_layers=2)),
-    Architecture("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", ("Qwen3MoeAttention",), ("qk_norm", "moe"),
+    Architecture("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", ("qk_norm", "moe"),
                  dict(TINY_MOE, head_dim=16, num_experts=4, moe_intermediate_size=32)),
-    Architecture("olmoe", "OlmoeConfig", "OlmoeForCausalLM", ("OlmoeAttention",), ("qk_norm", "moe"),
+    Architecture("olmoe", "OlmoeConfig", "OlmoeForCausalLM", ("qk_norm", "moe"),
                  dict(TINY_MOE, num_experts=4)),
-    Architecture("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM", ("GraniteMoeAttention",),
+    Architecture("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM",
                  ("scaling", "moe"),
                  dict(TINY_MOE, num_local_experts=4, attention_multiplier=0.3, logits_scaling=2.0)),
 )}
 
-# Architectures known not to fit padfree's attention, and why (checked against transformers 5).
-UNSUPPORTED: dict[str, str] = {
-    "gpt_oss": "attention sinks (s_aux) are not supported by padfree.varlen_attention",
-    "deepseek_v3": "multi-head latent attention: value head_dim differs from the query/key head_dim",
+# Genuine per-model exceptions: what the structural checks in `refusal` cannot see.
+EXCEPTIONS: dict[str, str] = {
     "gemma3": "multimodal Gemma3: image tokens attend bidirectionally through a custom mask; "
               "load the text model (Gemma3ForCausalLM, model_type gemma3_text) instead",
 }
 
+# Layer types (config.layer_types) that act on each token alone or through attention; any other
+# (linear_attention, conv, hybrid, ...) mixes tokens outside attention, across packed sequences.
+TOKEN_WISE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "mlp", "moe"})
+# Sequence mixers outside attention, by module class name fragment (state-space, recurrent,
+# linear attention); depthwise causal convolutions are found by type (nn.Conv1d, kernel > 1).
+MIXER_CLASS_FRAGMENTS = ("Mamba", "Mixer", "Recurrent", "RGLRU", "GatedDeltaNet", "LinearAttention", "ShortConv",
+                         "LightningAttention", "Lstm", "LSTM")
 
-def lookup(model) -> tuple[Architecture | None, str | None]:
-    """(architecture, None) when padfree serves `model` (a transformers PreTrainedModel), else (None, why)."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type in UNSUPPORTED:
-        return None, f"model type {model_type!r}: {UNSUPPORTED[model_type]}"
-    if model_type not in ARCHITECTURES:
-        return None, (f"model type {model_type!r} is not in padfree's architecture table (padfree.hf.models); "
-                      f"served: {', '.join(sorted(ARCHITECTURES))}")
-    if not type(model)._can_set_attn_implementation():
-        return None, (f"{type(model).__name__}'s attention does not go through transformers' "
-                      "AttentionInterface, so it cannot be switched to padfree")
-    return ARCHITECTURES[model_type], None
+_DISPATCHES: dict[type, bool] = {}
 
 
-_TINY_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
-_TINY_IF_PRESENT = dict(head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                        num_experts=4, num_local_experts=4)
+def _dispatches_attention(cls: type) -> bool:
+    """Whether `cls.forward` looks its attention function up in transformers' AttentionInterface."""
+    if cls not in _DISPATCHES:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _DISPATCHES[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _DISPATCHES[cls]
 
 
-def shrink(values: dict) -> dict:
-    """A config dict (config.json) with its sizes made tiny; attention options (window, softcap,
-    scaling, layer types of the remaining layers) are kept."""
-    small = {**values, **{key: TINY[key] for key in _TINY_SIZES}}
-    small.update({key: size for key, size in _TINY_IF_PRESENT.items() if key in values})
-    if "num_experts_per_tok" in values:
-        small["num_experts_per_tok"] = min(values["num_experts_per_tok"], TINY_MOE["num_experts_per_tok"])
-    if values.get("layer_types"):
-        small["layer_types"] = list(values["layer_types"])[: TINY["num_hidden_layers"]]
-    return small
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The modules of `model` that call their attention through `ALL_ATTENTION_FUNCTIONS`."""
+    return [(name, m) for name, m in model.named_modules() if _dispatches_attention(type(m))]
+
+
+def config_refusal(config) -> str | None:
+    """What `refusal` can tell from the config alone (the EXCEPTIONS table, layer types that mix
+    tokens): the check a model loaded with attn_implementation="padfree" gets at its first call."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in EXCEPTIONS:
+        return f"model type {model_type!r}: {EXCEPTIONS[model_type]}"
+    layer_types = getattr(config, "layer_types", None) or ()
+    mixing = sorted({t for t in layer_types if t not in TOKEN_WISE_LAYER_TYPES})
+    if mixing:
+        return (f"layer types {', '.join(map(repr, mixing))} (config.layer_types) mix tokens outside attention, "
+                "across the packed sequences")
+    return None
+
+
+def _sequence_mixer(model: torch.nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        class_name = type(module).__name__
+        if any(fragment in class_name for fragment in MIXER_CLASS_FRAGMENTS):
+            return f"{class_name} ({name})"
+        if isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
+            return f"a convolution over the sequence ({name}, kernel {module.kernel_size[0]})"
+        if isinstance(module, torch.nn.RNNBase):
+            return f"a recurrent layer ({name})"
+    return None
+
+
+def _position_problem(model: torch.nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if hasattr(type(module), "create_position_ids_from_input_ids"):
+            return (f"{type(module).__name__} ({name}) numbers positions from padding_idx + 1 over non-padding "
+                    "tokens, which packed position_ids (0, 1, ... per sequence) do not reproduce")
+        if isinstance(module, torch.nn.Embedding) and hasattr(module, "offset") and "Positional" in type(module).__name__:
+            return (f"learned absolute positions ({type(module).__name__}, {name}) that the decoder computes from "
+                    "the row length, ignoring position_ids: a packed sequence would not restart at position 0")
+    return None
+
+
+def refusal(model: torch.nn.Module) -> str | None:
+    """Why padfree's attention cannot serve the transformers model `model` exactly; None when it can.
+
+    Served: a model whose attention layers dispatch through transformers' AttentionInterface with
+    flash-attention semantics (`_supports_flash_attn`), so every per-layer option reaches padfree
+    at call time. Refused: what packing would make wrong outside attention (sequence mixers,
+    positions that ignore position_ids), cross-attention, and the EXCEPTIONS table.
+    """
+    cls = type(model)
+    from_config = config_refusal(model.config)
+    if from_config is not None:
+        return from_config
+    if not getattr(cls, "_supports_flash_attn", False):
+        return (f"{cls.__name__} does not declare flash-attention support (_supports_flash_attn): its attention "
+                "may rely on a 4D mask that packed sequences cannot express")
+    if not cls._can_set_attn_implementation():
+        return f"{cls.__name__}'s attention does not go through transformers' AttentionInterface"
+    if getattr(model.config, "add_cross_attention", False) or getattr(model.config, "is_encoder_decoder", False) \
+            and not getattr(model.config, "is_decoder", False):
+        return "cross-attention: keys from another sequence have no packed boundaries padfree could use"
+    mixer = _sequence_mixer(model)
+    if mixer is not None:
+        return f"{mixer} mixes tokens outside attention, across the packed sequences"
+    positions = _position_problem(model)
+    if positions is not None:
+        return positions
+    if not attention_modules(model):
+        return f"no module of {cls.__name__} calls its attention through ALL_ATTENTION_FUNCTIONS"
+    return None
+
+
+# `tiny_config`: sizes set on any config that has the attribute (aliases through attribute_map too).
+TINY_GENERIC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=False,
+                    # mixture of experts
+                    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
+                    num_experts_per_tok=2, moe_k=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                    n_group=1, topk_group=1,
+                    # multi-head latent attention: a value head dim unlike the query's
+                    kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                    # encoder-decoder families' decoders and older naming
+                    d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=2,
+                    encoder_attention_heads=4, encoder_ffn_dim=128, ffn_dim=128, num_layers=2)
+TINY_IF_SET = dict(q_lora_rank=16, sliding_window=TINY_WINDOW, attention_chunk_size=TINY_WINDOW)
+TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _representative_layer_types(layer_types) -> list[str] | None:
+    """One layer of every distinct type, in order of first appearance (at least two layers)."""
+    if not layer_types:
+        return None
+    distinct = list(dict.fromkeys(layer_types))
+    return (distinct * 2)[: max(2, len(distinct))]
+
+
+def tiny_config(model_type: str):
+    """`model_type`'s default transformers config with its sizes made tiny, keeping every kind of
+    layer it has (config.layer_types), a sliding window shorter than the test sequences and a few
+    experts. Raises whatever transformers raises when the config cannot be built that small."""
+    from transformers import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    default = config_class()
+    values = {key: value for key, value in TINY_GENERIC.items() if hasattr(default, key)}
+    values.update({key: value for key, value in TINY_IF_SET.items() if getattr(default, key, None) is not None})
+    values.update({key: value for key, value in TOKEN_IDS.items() if getattr(default, key, None) is not None})
+    layer_types = _representative_layer_types(getattr(default, "layer_types", None))
+    if layer_types is not None and not isinstance(getattr(config_class, "layer_types", None), property):
+        values.update(layer_types=layer_types, num_hidden_layers=len(layer_types))
+    return config_class(**values)

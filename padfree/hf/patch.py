@@ -63,13 +63,23 @@ class PatchReport:
         return "\n".join(lines) if lines else "nothing to patch"
 
 
-def patch(model: torch.nn.Module, attention: bool = True, lora: bool = True, moe: bool = True) -> PatchReport:
+class NotServedError(ValueError):
+    """`patch(strict=True)` could serve nothing of what was asked; the message holds the report."""
+
+
+def patch(model: torch.nn.Module, attention: bool = True, lora: bool = True, moe: bool = True,
+          strict: bool = True) -> PatchReport:
     """Switch `model` (a transformers `PreTrainedModel`, optionally wrapped by PEFT) to padfree.
 
     attention: packed varlen attention, fed by `cu_seq_lens_*`/`max_length_*` kwargs, packed
         `position_ids` or a 2D padding mask.
     lora: fused LoRA linear for every eligible PEFT LoRA `Linear`.
     moe: padfree experts through transformers' `ExpertsInterface`.
+    strict: raise `NotServedError` (a ValueError) when nothing of what was asked could be patched,
+        leaving the model as it was. With strict=False the report says why and, when attention was
+        asked but refused, the model gets a forward pre-hook that raises on a packed batch
+        (`cu_seq_lens_q` or `position_ids` that restart inside a row): its attention would mix
+        the packed sequences.
 
     Returns a `PatchReport` naming what was patched and what was not, and why. Patching a model
     that is already patched first restores it, so calling twice is safe; `unpatch` restores.
@@ -82,12 +92,39 @@ def patch(model: torch.nn.Module, attention: bool = True, lora: bool = True, moe
         for part, module_name, function_name in _PARTS:
             if {"attention": attention, "lora": lora, "moe": moe}[part]:
                 getattr(import_module(module_name), function_name)(model, report, undo)
+        if strict and report.records and not report.patched():
+            raise NotServedError(f"padfree could not patch anything asked of {type(model).__name__} "
+                                 f"(pass strict=False to get the report instead):\n{report}")
     except BaseException:
         for restore in reversed(undo):
             restore()
         raise
+    if attention and not report.patched("attention"):
+        undo.append(_guard_packed_batches(model, report.skipped("attention")[0].detail))
     object.__setattr__(model, _STATE_ATTR, undo)
     return report
+
+
+def is_packed_batch(kwargs: dict) -> bool:
+    """Whether forward kwargs hold a packed batch: `cu_seq_lens_q`, or `position_ids` that restart
+    inside a row (one device->host copy)."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return True
+    position_ids = kwargs.get("position_ids")
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2:
+        return False
+    return bool((position_ids[..., 1:] != position_ids[..., :-1] + 1).any())
+
+
+def _guard_packed_batches(model: torch.nn.Module, reason: str) -> Callable[[], None]:
+    """A forward pre-hook refusing packed batches on a model whose attention padfree refused."""
+
+    def refuse_packed(module, args, kwargs):
+        if is_packed_batch(kwargs):
+            raise ValueError(f"a packed batch reached {type(module).__name__}, whose attention padfree did not "
+                             f"patch ({reason}): it would mix the packed sequences. Feed it padded batches.")
+
+    return model.register_forward_pre_hook(refuse_packed, with_kwargs=True).remove
 
 
 def unpatch(model: torch.nn.Module) -> None:

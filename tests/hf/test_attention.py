@@ -4,6 +4,8 @@ semantics (sliding window W: query i sees keys i - W < j <= i)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -137,9 +139,17 @@ def test_sliding_window_matches_transformers_semantics(backend, where):
     window = 4
     q, k, v = qkv(1, sum(LENGTHS))
     layer = Layer(sliding_window=window if where == "module" else None)
-    argument = window if where == "argument" else None
-    out, _ = attention_forward(layer, q, k, v, None, sliding_window=argument, position_ids=positions(LENGTHS))
+    argument = {"sliding_window": window} if where == "argument" else {}  # "module": the layer passes nothing
+    out, _ = attention_forward(layer, q, k, v, None, **argument, position_ids=positions(LENGTHS))
     check(out, packed_oracle(q, k, v, LENGTHS, window=window))
+
+
+def test_sliding_window_passed_none_is_full_attention_even_if_the_module_has_one():
+    """Exaone4 / Kolibri1 full-attention layers pass sliding_window=None while carrying a window."""
+    q, k, v = qkv(1, sum(LENGTHS))
+    out, _ = attention_forward(Layer(sliding_window=4), q, k, v, None, sliding_window=None,
+                               position_ids=positions(LENGTHS))
+    check(out, packed_oracle(q, k, v, LENGTHS))
 
 
 def test_sliding_window_argument_wins_over_the_module():
@@ -185,14 +195,10 @@ def test_bad_inputs_name_the_argument():
     q, k, v = qkv(1, 6)
     with pytest.raises(ValueError, match="2D padding mask"):
         attention_forward(Layer(), q, k, v, torch.zeros(1, 1, 6, 6))
-    with pytest.raises(ValueError, match="s_aux"):
-        attention_forward(Layer(), q, k, v, None, s_aux=torch.zeros(HEADS))
     with pytest.raises(ValueError, match="sliding_window"):
         attention_forward(Layer(), q, k, v, None, sliding_window=0)
     with pytest.raises(TypeError, match="max_length_q"):
         attention_forward(Layer(), q, k, v, None, cu_seq_lens_q=cu_seqlens([6]), max_length_q="6")
-    with pytest.raises(ValueError, match="head_dim"):
-        attention_forward(Layer(), q, k, v[..., :8], None)
 
 
 def test_kwargs_boundaries_are_value_checked_once_per_batch(monkeypatch):
@@ -220,3 +226,81 @@ def test_kwargs_boundaries_are_value_checked_once_per_batch(monkeypatch):
     with pytest.raises(ValueError, match="non-decreasing"):
         adapter.attention_forward(module, query, key, value, None, cu_seq_lens_q=bad, cu_seq_lens_k=bad,
                                   max_length_q=9, max_length_k=9)
+
+
+def _varlen_attention_takes(name: str) -> bool:
+    from padfree.ops.attention import varlen_attention
+
+    return name in inspect.signature(varlen_attention).parameters
+
+
+needs_sinks = pytest.mark.skipif(not _varlen_attention_takes("s_aux"),
+                                 reason="padfree.varlen_attention has no s_aux yet (the ops change)")
+
+
+@needs_sinks
+def test_attention_sinks_are_forwarded(backend):
+    """GPT-OSS: a per-head sink logit joins every row's softmax and takes probability, no value."""
+    q, k, v = qkv(1, sum(LENGTHS))
+    sinks = torch.randn(HEADS)
+    out, _ = attention_forward(Layer(), q, k, v, None, s_aux=sinks, position_ids=positions(LENGTHS))
+    expected, start = [], 0
+    for n in LENGTHS:
+        part = slice(start, start + n)
+        qs, ks, vs = q[0, :, part].double(), k[0, :, part].double(), v[0, :, part].double()
+        ks, vs = ks.repeat_interleave(HEADS // KV_HEADS, 0), vs.repeat_interleave(HEADS // KV_HEADS, 0)
+        scores = (qs @ ks.transpose(1, 2) * DIM ** -0.5).masked_fill(~allowed(n, n), float("-inf"))
+        sink = sinks.double()[:, None, None].expand(HEADS, n, 1)
+        probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+        expected.append((probs @ vs).transpose(0, 1))
+        start += n
+    check(out, torch.cat(expected)[None])
+
+
+@needs_sinks
+def test_value_head_dim_unlike_the_query_is_forwarded(backend):
+    """Multi-head latent attention: values of head dim 8 with queries/keys of 16."""
+    q, k, v = qkv(1, sum(LENGTHS))
+    v = v[..., :8].contiguous()
+    out, _ = attention_forward(Layer(), q, k, v, None, position_ids=positions(LENGTHS))
+    assert out.shape == (1, sum(LENGTHS), HEADS, 8)
+    check(out, packed_oracle(q, k, v, LENGTHS))
+
+
+def test_position_boundaries_are_computed_once_per_batch(monkeypatch):
+    """Every layer gets the same position_ids tensor: cu_seqlens is derived from it once, and again
+    only when it changes in place."""
+    from padfree.ops import seqlens
+
+    calls = []
+    original = seqlens.cu_seqlens_from_position_ids
+    monkeypatch.setattr(seqlens, "cu_seqlens_from_position_ids", lambda p: calls.append(1) or original(p))
+    q, k, v = qkv(1, sum(LENGTHS))
+    position_ids = positions(LENGTHS)
+    for _ in range(3):  # three layers of one forward
+        out, _ = attention_forward(Layer(), q, k, v, None, position_ids=position_ids)
+        check(out, packed_oracle(q, k, v, LENGTHS))
+    assert len(calls) == 1
+    position_ids.copy_(positions([sum(LENGTHS)]))  # the next batch reuses the buffer: one sequence
+    out, _ = attention_forward(Layer(), q, k, v, None, position_ids=position_ids)
+    assert len(calls) == 2
+    check(out, packed_oracle(q, k, v, [sum(LENGTHS)]))
+
+
+def test_mask_boundaries_are_computed_once_per_batch(monkeypatch):
+    """The padding mask's nonzero and host-side maxima run once per forward, not once per layer."""
+    from padfree.hf import attention as adapter
+
+    calls = []
+    original = adapter._mask_boundaries
+    monkeypatch.setattr(adapter, "_mask_boundaries", lambda *a: calls.append(1) or original(*a))
+    lengths = [6, 2, 9]
+    q, k, v = qkv(3, 9)
+    mask = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
+    for _ in range(3):
+        out, _ = attention_forward(Layer(), q, k, v, mask)
+    assert len(calls) == 1
+    for row, n in enumerate(lengths):
+        check(out[row, :n], oracle(q[row, :, :n], k[row, :, :n], v[row, :, :n], allowed(n, n)))
+    attention_forward(Layer(), q, k, v, mask.clone())  # a new batch: a new tensor
+    assert len(calls) == 2
