@@ -1,6 +1,7 @@
 """Test setup: Triton kernels run in the interpreter on CPU tensors unless a GPU is present.
 
 Kernel outputs are NaN-poisoned (PADFREE_POISON_OUTPUTS=1) so an unwritten element fails.
+The interpreter's bf16 arithmetic is fixed by tests/bf16_interpreter.py, so bf16 kernels run too.
 
 `TRITON_INTERPRET` must be set before triton is imported (padfree.kernels.runtime explains why),
 so it is decided here, before anything imports padfree. On a CUDA machine kernels compile for the
@@ -26,6 +27,10 @@ from padfree.kernels import runtime
 INTERPRETING = runtime.HAS_TRITON and runtime.interpreting()
 if runtime.HAS_TRITON and os.environ["TRITON_INTERPRET"] == "1" and not INTERPRETING:
     sys.exit("tests/conftest.py: triton was imported before TRITON_INTERPRET=1 took effect")
+if INTERPRETING:
+    from tests import bf16_interpreter
+
+    bf16_interpreter.install()
 
 
 def pytest_collection_modifyitems(config, items):

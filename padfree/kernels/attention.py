@@ -625,8 +625,8 @@ def _alibi_args(alibi_slopes, fallback):
 
 def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
     """Why the Triton kernels cannot run this input, or None."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return "the Triton interpreter does not support bf16 tl.dot; use fp16/fp32 on CPU"
+    if (reason := runtime.interpreter_bf16_reason(q)) is not None:
+        return f"{reason}; use fp16/fp32 on CPU"
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
         return "bf16 needs sm_80 or newer"
     return None

@@ -304,8 +304,8 @@ def _run(kernel, grid, args: dict, *, num_warps: int, num_stages: int) -> None:
 
 def unsupported_reason(x: torch.Tensor, num_projections: int) -> str | None:
     """Why the Triton kernels cannot run this input, or None."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        return "the Triton interpreter has no bf16 tl.dot"
+    if (reason := runtime.interpreter_bf16_reason(x)) is not None:
+        return reason
     if num_projections > MAX_STREAMS:
         return f"the kernels fuse at most {MAX_STREAMS} projections, got {num_projections}"
     return None

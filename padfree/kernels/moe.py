@@ -318,8 +318,8 @@ _launches(moe_gate_up_weight_grad_kernel, "gate_up_weight_grad",
 def unsupported_reason(hidden_states: torch.Tensor) -> str | None:
     if hidden_states.dtype not in DTYPES:
         return f"dtype {hidden_states.dtype} (fp16, bf16, fp32 only)"
-    if hidden_states.device.type == "cpu" and hidden_states.dtype == torch.bfloat16:
-        return "bf16 tl.dot is not supported by the Triton interpreter"
+    if (reason := runtime.interpreter_bf16_reason(hidden_states)) is not None:
+        return reason
     return None
 
 

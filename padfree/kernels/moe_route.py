@@ -7,6 +7,9 @@ Forward (math in `padfree.reference.moe`):
     group-limited (n_group > 1): group score = max1 + max2 of c in the group; the topk_group best
     groups stay, other experts get c = -inf
     k times: i_j = argmax c (lowest index on ties), w_j = p[i_j], c[i_j] = -inf
+    a NaN c counts as +inf: a NaN logit makes p NaN, and no expert would equal a NaN maximum (the
+    pick would be the out-of-range BLOCK_E with weight 0, a row the experts never write); so the
+    row picks real experts and its NaN weight reaches the output
     w = s * w / (sum w + 1e-20) when normalising, else s * w.
 Backward (the choice is constant almost everywhere, so only w carries gradient):
     dp[i_j] = (s dw_j - sum_l dw_l w_l) / S  (normalised; S = sum_l p[i_l] + 1e-20)  or  s dw_j
@@ -55,7 +58,9 @@ def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, index_ptr, num_tokens, n
     col_ok = cols < num_experts
     p = _scores(logits_ptr, rows, cols, row_ok, col_ok, stride_row, sigmoid)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
-    choice = tl.where(col_ok[None, :], p + bias[None, :], float("-inf"))
+    choice = p + bias[None, :]
+    choice = tl.where(choice != choice, float("inf"), choice)
+    choice = tl.where(col_ok[None, :], choice, float("-inf"))
     if n_group > 1:
         group_size = num_experts // n_group
         group_of = cols // group_size

@@ -56,6 +56,44 @@ def require_interpreter(op: str) -> None:
             "padfree.use_backend('reference').")
 
 
+_BF16_DOT_EXACT = None
+
+
+def interpreter_bf16_reason(tensor) -> str | None:
+    """Why the interpreter cannot run bf16 kernels on this CPU tensor, or None.
+
+    The Triton interpreter multiplies the raw bit patterns of bf16 values in `tl.dot` and in
+    elementwise math (triton#11584), so it is asked once per process whether a tiny bf16 dot comes
+    out right: a Triton that fixes it (or the test suite's fix, tests/bf16_interpreter.py) passes."""
+    global _BF16_DOT_EXACT
+    import torch
+
+    if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16:
+        return None
+    if _BF16_DOT_EXACT is None:
+        _BF16_DOT_EXACT = _interpreted_bf16_dot_is_exact()
+    return None if _BF16_DOT_EXACT else "the Triton interpreter computes bf16 wrongly (triton#11584)"
+
+
+def _interpreted_bf16_dot_is_exact() -> bool:
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bf16_dot_fn(a_ptr, b_ptr, c_ptr):
+        offs = tl.arange(0, 16)
+        tile = offs[:, None] * 16 + offs[None, :]
+        tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
+
+    # small integers: every product and sum is exact in bf16 inputs and a float32 accumulator
+    a = torch.arange(256, dtype=torch.float32).remainder(7).sub(3).view(16, 16).bfloat16()
+    b = a.t().contiguous()
+    c = torch.empty(16, 16)
+    bf16_dot_fn[(1,)](a, b, c)
+    return torch.equal(c, a.float() @ b.float())
+
+
 def interpreter_env_set() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -8,8 +8,10 @@ Routing (per token, E experts, k chosen):
     c = p + correction_bias                        choice scores (bias only steers the choice)
     groups: c split into n_group groups of E / n_group experts, a group's score is the sum of its
     two largest c; only experts of the topk_group best groups stay eligible (DeepSeek-V3).
-    i_1..i_k = the k largest eligible c;  w_j = s * p_{i_j} / S  with S = sum_j p_{i_j} + 1e-20
-    when normalising (S = 1 otherwise) and s = routed_scaling_factor.
+    i_1..i_k = the k largest eligible c, the lowest index first on ties;  w_j = s * p_{i_j} / S  with
+    S = sum_j p_{i_j} + 1e-20 when normalising (S = 1 otherwise) and s = routed_scaling_factor.
+    A NaN c (a NaN logit) ranks above every number: the token still goes to real experts, with a
+    NaN weight, so the NaN reaches its output row instead of leaving the row unwritten.
   Backward (the choice is piecewise constant, so only the weights carry gradient):
     dp_{i_j} = (s * dw_j - sum_l dw_l w_l) / S  (normalised),  dp_{i_j} = s * dw_j  (not),
     dp_e = 0 for experts not chosen;
@@ -42,18 +44,25 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax", nor
     """(N, E) logits -> (weights (N, k) fp32 (fp64 for fp64 logits), index (N, k) int64)."""
     scores = route_scores(router_logits, scoring)
     choice = scores if correction_bias is None else scores + correction_bias.to(scores.dtype)
+    choice = choice.masked_fill(choice.isnan(), float("inf"))
     if n_group > 1:
         num_tokens, num_experts = choice.shape
         grouped = choice.view(num_tokens, n_group, num_experts // n_group)
         group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-        best_groups = group_scores.topk(topk_group, dim=-1).indices
+        best_groups = _largest(group_scores, topk_group)
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
         choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
-    index = choice.topk(top_k, dim=-1).indices
+    index = _largest(choice, top_k)
     weights = scores.gather(1, index)
     if normalize:
         weights = weights / (weights.sum(-1, keepdim=True) + NORMALIZE_EPS)
     return weights * routed_scaling_factor, index
+
+
+def _largest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest along the last dim, lowest index first on ties (as the kernel
+    picks; torch.topk leaves the order of ties unspecified)."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :count]
 
 
 def route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, weights: torch.Tensor,

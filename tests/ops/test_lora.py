@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import padfree
-from padfree._backend import PadfreeFallbackWarning
 from padfree.ops import lora as lora_ops
 from padfree.reference import lora as reference
 from tests.numerics import assert_close
@@ -193,15 +192,6 @@ def test_leading_shape_and_non_contiguous_input(triton_cpu):
     expected = x @ weight.t() + 0.5 * (x @ lora_a.t()) @ lora_b.t()
     assert y.shape == (3, 2, 7)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_bf16_on_the_interpreter_falls_back_with_a_warning(triton_cpu):
-    x = torch.randn(5, 16, dtype=torch.bfloat16)
-    weight, lora_a, lora_b = (torch.randn(*s, dtype=torch.bfloat16) for s in ((8, 16), (4, 16), (8, 4)))
-    with pytest.warns(PadfreeFallbackWarning, match="bf16"):
-        y = padfree.lora_linear(x, weight, None, lora_a, lora_b, 1.0)
-    with padfree.use_backend("reference"):
-        torch.testing.assert_close(y, padfree.lora_linear(x, weight, None, lora_a, lora_b, 1.0))
 
 
 def _op_args(dropout_p, backend, bias=True):

@@ -159,6 +159,32 @@ def test_route_matches_float64(triton_cpu, case):
     torch.testing.assert_close(explicit, oracle_logits.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("n_group", [1, 2])
+def test_nan_router_logits_give_nan_output_rows(triton_cpu, scoring, n_group):
+    """A NaN logit routes its token to real experts with NaN weight (kernel and reference alike), so
+    the NaN reaches that token's output row through the C++ align; the other rows stay right."""
+    assert _ext.load(), _ext.status()
+    logits = torch.randn(70, 8)
+    nan_rows = torch.tensor([0, 5, 63, 64])
+    logits[nan_rows, torch.tensor([3, 0, 7, 4])] = float("nan")
+    logits[5, 6] = float("nan")
+    options = dict(scoring=scoring, n_group=n_group, topk_group=1)
+    weights, index = padfree.moe_route(logits, 2, **options)
+    want_weights, want_index = reference.route(logits.double(), 2, **options)
+    assert torch.equal(index, want_index) and ((index >= 0) & (index < 8)).all()
+    assert torch.equal(weights.isnan(), want_weights.isnan())
+    assert weights[nan_rows].isnan().all() and not weights[~weights.isnan().any(1)].isnan().any()
+    gate_up, down = expert_weights(8, 16, 24, torch.float32)
+    x = torch.randn(70, 16)
+    out = padfree.moe_experts(x, index, weights, gate_up, down)
+    finite = torch.ones(70, dtype=torch.bool)
+    finite[nan_rows] = False
+    assert out[nan_rows].isnan().all()
+    want = reference.experts(x[finite], index[finite], weights[finite], gate_up, down)
+    torch.testing.assert_close(out[finite], want, rtol=2e-5, atol=1e-5)
+
+
 def test_route_fp16_logits(triton_cpu):
     logits = torch.randn(21, 8).half()
     weights, index = padfree.moe_route(logits, 2)
