@@ -1,7 +1,7 @@
 """`padfree bench`: end-to-end training throughput, padded vs padding-free (see runner.py).
 
     padfree bench                                   CPU default: tiny Llama-like, fp32, flan + orcamath
-    padfree bench --quick                           fewer steps
+    padfree bench --quick                           3 rounds instead of 5 (CPU)
     padfree bench --device cuda --model-size 1b     a real GPU run, bf16
     padfree bench --moe --lora --json out.json --plot out.png
     padfree bench --lengths my_lengths.txt          one length per line
@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 
-# Per-device defaults: (model size, dtype, tokens per step, max example length, steps, warmup).
-# The CPU default is sized to finish in under 3 minutes on 2 idle cores; --quick in about two thirds.
+# Per-device defaults: (model size, dtype, tokens per step, max example length, rounds, warmup).
+# A round times one step of every mode (runner.py); --quick keeps runner.MIN_ROUNDS rounds, the
+# fewest that give a spread, on the same problem, so its ratios estimate the same thing.
 # The CUDA budget keeps the padded baseline in an 80 GB GPU: its largest FLAN-like step pads to
 # about 34k token slots at 4096/2048 (181k at 16384/4096, far past any GPU for `small`).
-_DEFAULTS = {"cpu": ("tiny", "fp32", 4096, 1024, 3, 1), "cuda": ("small", "bf16", 4096, 2048, 20, 3)}
-_QUICK_STEPS = {"cpu": (1, 1), "cuda": (8, 2)}
+_DEFAULTS = {"cpu": ("tiny", "fp32", 4096, 1024, 5, 1), "cuda": ("small", "bf16", 4096, 2048, 20, 3)}
+_QUICK_STEPS = {"cpu": (3, 1), "cuda": (8, 2)}
+
+
+def _default_text(index: int) -> str:
+    return ", ".join(f"{values[index]} on {device}" for device, values in _DEFAULTS.items())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,13 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--modes", nargs="+", choices=batches.MODES, default=list(batches.MODES),
                         help="batching modes (padded is always needed: ratios are against it)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="rounds: each times one step of every mode, modes rotated per round "
+                             f"(default {_default_text(4)}; a spread needs at least {runner.MIN_ROUNDS})")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warmup steps per mode")
     parser.add_argument("--tokens-per-step", type=int, default=None,
-                        help="useful-token budget of one step (default 4096 cpu, 16384 cuda)")
+                        help=f"useful-token budget of one step (default {_default_text(2)})")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="longest example; built-in distributions scale with it (default 1024 cpu, 4096 cuda)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps")
+                        help=f"longest example; built-in distributions scale with it (default {_default_text(3)})")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: " + ", ".join(f"{rounds} on {device}" for device, (rounds, _) in _QUICK_STEPS.items()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--json", default=None, help="write the report as JSON here")

@@ -1,9 +1,11 @@
 """Terminal table, JSON file and PNG plot of a `padfree bench` report.
 
 The report (from `runner.run`) is
-    {"device", "versions", "date", "config", "length_stats", "peak_memory_note", "activation_note",
-     "results": [{"distribution", "mode", "useful_tokens_per_s", "step_time_s", "peak_memory_bytes",
-                  "activation_bytes", "loss", "fill_ratio", "speedup_vs_padded", ...}]}
+    {"device", "versions", "date", "config", "machine": {"before", "after"}, "length_stats",
+     "peak_memory_note", "activation_note",
+     "results": [{"distribution", "mode", "useful_tokens_per_s", "round_tokens_per_s", "step_time_s",
+                  "peak_memory_bytes", "activation_bytes", "loss", "fill_ratio", "speedup_vs_padded",
+                  "speedup_range", "speedup_rounds", "speedup_flag", ...}]}
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 from pathlib import Path
 
 COLUMNS = (("distribution", "distribution"), ("mode", "mode"), ("tok/s", "useful_tokens_per_s"),
-           ("vs padded", "speedup_vs_padded"), ("step s", "step_time_s"), ("peak MiB", "peak_memory_bytes"),
+           ("vs padded", "speedup_vs_padded"),
+           ("range", "speedup_range"), ("step s", "step_time_s"), ("peak MiB", "peak_memory_bytes"),
            ("mem vs padded", "memory_vs_padded"), ("act MiB", "activation_bytes"),
            ("act vs padded", "activations_vs_padded"), ("fill", "fill_ratio"), ("loss", "loss"),
            ("loss gap", "loss_gap_vs_padded"))
@@ -23,6 +26,7 @@ _FORMATS = {
     "peak_memory_bytes": lambda value: f"{value / 2**20:,.0f}",
     "activation_bytes": lambda value: f"{value / 2**20:,.1f}",
     "speedup_vs_padded": "{:.2f}x".format,
+    "speedup_range": lambda value: f"{value[0]:.2f}-{value[1]:.2f}x",
     "memory_vs_padded": "{:.2f}x".format,
     "activations_vs_padded": "{:.2f}x".format,
     "step_time_s": "{:.3f}".format,
@@ -36,23 +40,43 @@ def _cell(key: str, value) -> str:
     return "n/a" if value is None else _FORMATS.get(key, str)(value)
 
 
+def _load(conditions: dict) -> str:
+    load = conditions.get("load_average")
+    clock = conditions.get("cpu_mhz")
+    return (f"load {load[0]:.2f}" if load else "load n/a") + (f" @ {clock:,.0f} MHz" if clock else "")
+
+
+def load(path: str | Path) -> dict:
+    """A report written by `write_json` (or `padfree bench --json`)."""
+    return json.loads(Path(path).read_text())
+
+
 def table(report: dict) -> str:
     """The results as an aligned text table, with a header line naming device, model and date."""
-    rows = [[_cell(key, result.get(key)) for _, key in COLUMNS] for result in report["results"]]
+    rows = [[_cell(key, result.get(key)) + ("?" if key == "speedup_vs_padded" and result.get("speedup_flag") else "")
+             for _, key in COLUMNS] for result in report["results"]]
     headers = [title for title, _ in COLUMNS]
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
     config = report["config"]
     model = config["model_size"] + (" MoE" if config["moe"] else "") + (" LoRA" if config["lora"] else "")
     lines = [f"padfree bench: {report['device']}, model {model}, {config['dtype']}, "
-             f"{config['tokens_per_step']} tokens/step, {config['steps']} timed steps "
+             f"{config['tokens_per_step']} tokens/step, {config['steps']} rounds of one timed step per mode "
              f"(+{config['warmup']} warmup), {report['date']}",
+             f"machine: {_load(report['machine']['before'])} before, {_load(report['machine']['after'])} after "
+             f"({report['machine']['before']['cpu_count']} CPUs)",
              "  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))),
              "  ".join("-" * w for w in widths)]
     for row in rows:
         lines.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    lines.append("tok/s: useful (non-pad) tokens per second over the timed steps; fill: useful / computed "
-                 "tokens; loss gap: max |loss - padded loss| over the same steps (n/a for padded_sorted, "
-                 "whose steps hold other examples)")
+    lines.append("tok/s: useful (non-pad) tokens per second over the timed steps; vs padded: median of the "
+                 "per-round ratios of tok/s to padded's, range: their min-max; fill: useful / computed tokens; "
+                 "loss gap: max |loss - padded loss| over the same steps (n/a for padded_sorted, whose steps "
+                 "hold other examples)")
+    flagged = [r for r in report["results"] if r.get("speedup_flag")]
+    for result in flagged:
+        lines.append(f"? {result['distribution']} {result['mode']}: {result['speedup_flag']}")
+    if flagged:
+        lines.append("? marks a ratio its rounds do not pin down: rerun with more --steps or on a quieter machine")
     lines.append(f"peak memory: {report['peak_memory_note']}")
     lines.append(f"act: {report['activation_note']}")
     return "\n".join(lines)
@@ -81,7 +105,7 @@ def plot(report: dict, path: str | Path) -> None:
             if match:
                 xs.append(group_index + (index - (len(modes) - 1) / 2) * width)
                 heights.append(match[0]["useful_tokens_per_s"])
-                labels.append(f"{match[0]['speedup_vs_padded']:.2f}x")
+                labels.append(f"{match[0]['speedup_vs_padded']:.2f}x" + ("?" if match[0]["speedup_flag"] else ""))
         bars = axes.bar(xs, heights, width, label=mode)
         axes.bar_label(bars, labels, fontsize=7)
     axes.set_xticks(range(len(groups)), groups)

@@ -1,26 +1,35 @@
 """The end-to-end run behind `padfree bench`: train a small model under each batching mode.
 
-For every length distribution the runner draws the examples once (random token ids, seeded),
-forms the steps once (`batches.greedy_steps`), and then for each mode restores the same initial
-weights, builds a fresh AdamW and trains `warmup + steps` steps. Warmup steps are not timed.
-Each timed step is forward + backward + optimizer step, with the device synchronised before the
+For every length distribution the runner draws the examples once (random token ids, seeded) and
+forms the steps once (`batches.greedy_steps`). Every mode gets its own copy of the same initial
+weights and its own AdamW, and trains on its own batches of those examples.
+
+Timing runs in rounds: after the untimed warmup steps of every mode, each round times one step
+of every mode, the modes in an order rotated by one per round. A change of machine load then
+hits every mode of a round alike instead of whichever mode happened to run at the time, and
+each round gives one ratio per mode against `padded` (useful tokens/s of the mode's step over
+padded's). A mode's `speedup_vs_padded` is the median of its per-round ratios and
+`speedup_range` their minimum and maximum; `speedup_flag` says when that range crosses 1.0x or
+is wider than the effect (|median - 1|), or when there are too few rounds to have a range.
+`padded`, `naive_packing` and `padding_free` time the same examples in the same round;
+`padded_sorted` regroups the examples (its step r holds other examples than padded's step r),
+so its per-round ratios also carry the differences between its steps.
+
+A timed step is forward + backward + optimizer step, with the device synchronised before the
 clock stops; batches are built and moved to the device before timing (data loading is not what
-is measured).
+is measured). The machine's load average and CPU clock are recorded before and after the run.
 
-The modes run one after another on one model instance. Taking turns step by step (each mode on
-its own model copy) was tried to even out load changes on a shared CPU, and dropped: it slowed
-whichever mode followed another by a factor up to 2 (cold allocator and caches), a worse bias.
-Benchmark on a quiet machine.
-
-Memory: peak memory is CUDA's allocator peak (GPU only); `activation_bytes` (any device) is the
-largest, over the timed steps, of the bytes the forward saved for backward
-(`padfree.benchmark.memory.SavedTensors`: the activations a step holds, weights and inputs
-excluded), the part of a step's memory that padding inflates.
+Memory: `activation_bytes` (any device) is the largest, over the timed steps, of the bytes the
+forward saved for backward (`padfree.benchmark.memory.SavedTensors`: the activations a step
+holds, weights and inputs excluded), the part of a step's memory that padding inflates. On CUDA,
+`peak_memory_bytes` is what one mode alone would peak at: the largest allocator peak of a timed
+step above what was allocated before it, plus the mode's own weights and optimizer state (the
+other modes' copies are resident too, and are not counted).
 
 Baselines: `padded` and `padded_sorted` run transformers' `sdpa` attention with the padding
-mask; `naive_packing` runs `sdpa` causal over the whole concatenation; `padding_free` runs the
-same model after `padfree.patch(model, attention=True, lora=<--lora>, moe=<--moe>)`, unpatched
-afterwards.
+mask; `naive_packing` runs `sdpa` causal over the whole concatenation; `padding_free` runs its
+copy of the model after `padfree.patch(model, attention=True, lora=<--lora>, moe=<--moe>)`,
+unpatched afterwards.
 """
 
 from __future__ import annotations
@@ -112,7 +121,11 @@ class ModeResult:
     mean_loss: float
     fill_ratio: float
     losses: list[float]
+    round_tokens_per_s: list[float]
     speedup_vs_padded: float | None = None
+    speedup_range: list[float] | None = None
+    speedup_rounds: list[float] | None = None
+    speedup_flag: str | None = None
     step_time_vs_padded: float | None = None
     memory_vs_padded: float | None = None
     activations_vs_padded: float | None = None
@@ -157,24 +170,35 @@ def example_lengths(config: BenchConfig, distribution: str) -> list[int]:
     return distributions.builtin_lengths(distribution, count, config.seed, config.max_length)
 
 
+_clock = time.perf_counter  # one name for the step timer, so tests can drive it
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class _ModeRun:
-    """One mode's optimizer, losses and step times on the shared model; patches for padding_free."""
+def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = [*model.parameters(), *(value for state in optimizer.state.values() for value in state.values()
+                                       if torch.is_tensor(value))]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
-    def __init__(self, model: torch.nn.Module, initial_state: dict[str, torch.Tensor], config: BenchConfig,
-                 mode: str, timed_batches: list[batching.Batch]):
+
+class _ModeRun:
+    """One mode's model copy, optimizer, batches and measurements; patched for padding_free."""
+
+    def __init__(self, model: torch.nn.Module, config: BenchConfig, mode: str,
+                 warmup_batches: list[batching.Batch], timed_batches: list[batching.Batch]):
         self.model, self.mode, self.device = model, mode, torch.device(config.device)
-        self.timed_batches = timed_batches
-        model.load_state_dict(initial_state)
+        self.warmup_batches, self.timed_batches = warmup_batches, timed_batches
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+        self.parameters = list(model.parameters())
         self.seconds: list[float] = []
         self.losses: list[float] = []
         self.activation_bytes: list[int] = []
-        self.parameters = list(model.parameters())
+        self.step_peaks: list[int] = []
+        self.useful: list[int] = []
+        self.processed: list[int] = []
         self.patched = None
         if mode == "padding_free":
             import padfree
@@ -184,8 +208,12 @@ class _ModeRun:
                                      for part, (done, skipped) in report.summary().items())
 
     def step(self, batch: batching.Batch, timed: bool) -> None:
+        cuda = self.device.type == "cuda"
         _synchronize(self.device)
-        start = time.perf_counter()
+        if cuda:
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = _clock()
         existing = [*self.parameters, *(v for v in batch.inputs.values() if torch.is_tensor(v))]
         with memory.SavedTensors(existing) as saved:
             loss = self.model(**batch.inputs).loss
@@ -194,8 +222,12 @@ class _ModeRun:
         self.optimizer.zero_grad(set_to_none=True)
         _synchronize(self.device)
         if timed:
-            self.seconds.append(time.perf_counter() - start)
+            self.seconds.append(_clock() - start)
             self.activation_bytes.append(saved.bytes)
+            self.useful.append(batch.useful_tokens)
+            self.processed.append(batch.processed_tokens)
+            if cuda:
+                self.step_peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
         self.losses.append(float(loss.detach().float()))
 
     def finish(self) -> None:
@@ -204,50 +236,71 @@ class _ModeRun:
 
             padfree.unpatch(self.model)
 
-    def result(self, distribution: str, peak_memory: int | None) -> ModeResult:
-        useful = sum(batch.useful_tokens for batch in self.timed_batches)
-        processed = sum(batch.processed_tokens for batch in self.timed_batches)
-        return ModeResult(distribution=distribution, mode=self.mode, steps=len(self.timed_batches),
+    def result(self, distribution: str) -> ModeResult:
+        peak = max(self.step_peaks) + _state_bytes(self.model, self.optimizer) if self.step_peaks else None
+        useful, processed = sum(self.useful), sum(self.processed)
+        return ModeResult(distribution=distribution, mode=self.mode, steps=len(self.seconds),
                           useful_tokens=useful, processed_tokens=processed,
                           useful_tokens_per_s=useful / sum(self.seconds),
-                          step_time_s=statistics.mean(self.seconds), peak_memory_bytes=peak_memory,
+                          step_time_s=statistics.mean(self.seconds), peak_memory_bytes=peak,
                           activation_bytes=max(self.activation_bytes),
                           loss=self.losses[-1], mean_loss=statistics.mean(self.losses),
-                          fill_ratio=useful / processed, losses=self.losses, patched=self.patched)
+                          fill_ratio=useful / processed, losses=self.losses,
+                          round_tokens_per_s=[u / s for u, s in zip(self.useful, self.seconds)],
+                          patched=self.patched)
 
 
-def _run_modes(model, initial_state, config, distribution, prepared, on_step) -> list[ModeResult]:
-    """One mode after the other on one model instance; CUDA peak memory per mode."""
-    results = []
-    for mode, (warmup_batches, timed_batches) in prepared.items():
-        run = _ModeRun(model, initial_state, config, mode, timed_batches)
-        try:
-            for batch in warmup_batches:
-                run.step(batch, timed=False)
-                on_step()
-            if run.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(run.device)
-            for batch in timed_batches:
-                try:
-                    run.step(batch, timed=True)
-                except torch.cuda.OutOfMemoryError as err:
-                    raise RuntimeError(
-                        f"{mode} on {distribution} ran out of GPU memory on a step of {batch.processed_tokens} "
-                        f"token slots ({batch.useful_tokens} useful); lower --tokens-per-step or --max-length, "
-                        f"or use a smaller --model-size") from err
-                on_step()
-            peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
-        finally:
-            run.finish()
-        results.append(run.result(distribution, peak))
-    return results
+def round_orders(modes: list[str], rounds: int) -> list[list[str]]:
+    """The order of the modes in each round: rotated by one per round, so each leads in turn."""
+    return [modes[r % len(modes):] + modes[:r % len(modes)] for r in range(rounds)]
+
+
+def _run_rounds(runs: dict[str, _ModeRun], config: BenchConfig, distribution: str, bar) -> None:
+    """Every mode's warmup steps, then `config.steps` rounds of one timed step of every mode."""
+    for run in runs.values():
+        for batch in run.warmup_batches:
+            bar.set_description(f"{distribution} {run.mode} (warmup)")
+            run.step(batch, timed=False)
+            bar.update()
+    for round_index, order in enumerate(round_orders(list(runs), config.steps)):
+        for mode in order:
+            run = runs[mode]
+            batch = run.timed_batches[round_index % len(run.timed_batches)]
+            bar.set_description(f"{distribution} {mode}")
+            try:
+                run.step(batch, timed=True)
+            except torch.cuda.OutOfMemoryError as err:
+                raise RuntimeError(
+                    f"{mode} on {distribution} ran out of GPU memory on a step of {batch.processed_tokens} "
+                    f"token slots ({batch.useful_tokens} useful); lower --tokens-per-step or --max-length, "
+                    f"or use a smaller --model-size") from err
+            bar.update()
+
+
+MIN_ROUNDS = 3
+
+
+def spread_flag(ratios: list[float]) -> str | None:
+    """Why the median of these per-round ratios should not be trusted, or None when it can be."""
+    if len(ratios) < MIN_ROUNDS:
+        return f"{len(ratios)} round(s): too few for a spread (use --steps {MIN_ROUNDS} or more)"
+    median, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    if low < 1.0 < high:
+        return f"spread {low:.2f}-{high:.2f}x crosses 1.0x"
+    if high - low > abs(median - 1.0):
+        return f"spread {low:.2f}-{high:.2f}x is wider than the effect ({median:.2f}x)"
+    return None
 
 
 def _add_ratios(results: list[ModeResult]) -> None:
     """Fill the *_vs_padded fields against the `padded` result of the same distribution."""
     padded = next(r for r in results if r.mode == "padded")
     for result in results:
-        result.speedup_vs_padded = result.useful_tokens_per_s / padded.useful_tokens_per_s
+        ratios = [mine / base for mine, base in zip(result.round_tokens_per_s, padded.round_tokens_per_s)]
+        result.speedup_rounds = ratios
+        result.speedup_vs_padded = statistics.median(ratios)
+        result.speedup_range = [min(ratios), max(ratios)]
+        result.speedup_flag = None if result is padded else spread_flag(ratios)
         result.step_time_vs_padded = result.step_time_s / padded.step_time_s
         if result.peak_memory_bytes is not None and padded.peak_memory_bytes:
             result.memory_vs_padded = result.peak_memory_bytes / padded.peak_memory_bytes
@@ -271,20 +324,25 @@ def _device_batches(mode: str, examples: list[torch.Tensor], steps: list[list[in
     return [batch.to(torch.device(config.device)) for batch in built]
 
 
+def _sources(config: BenchConfig) -> list[str]:
+    if config.lengths_file:
+        return ["lengths-file"]
+    return ["dataset"] if config.dataset else list(config.distributions)
+
+
 def run(config: BenchConfig) -> dict:
     """Run every (distribution, mode) and return the JSON-ready report (see report.py)."""
     config.validate()
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but CUDA is not available")
+    started = machine.conditions()
     model = build_model(config)
-    initial_state = copy.deepcopy(model.state_dict())
-    sources = ["lengths-file"] if config.lengths_file else ["dataset"] if config.dataset else config.distributions
+    sources = _sources(config)
     vocab_size = MODEL_SIZES[config.model_size]["vocab_size"]
     results: list[ModeResult] = []
     length_stats = {}
-    total_steps = len(sources) * len(config.modes) * (config.steps + config.warmup)
-    with _progress(total_steps, config.progress) as bar:
+    with _progress(len(sources) * len(config.modes) * (config.warmup + config.steps), config.progress) as bar:
         for distribution in sources:
             lengths = example_lengths(config, distribution)
             examples = batching.make_examples(lengths, vocab_size, config.seed)
@@ -296,17 +354,26 @@ def run(config: BenchConfig) -> dict:
             warmup_steps, timed_steps = steps[:config.warmup], steps[config.warmup:config.warmup + config.steps]
             used = [i for step in warmup_steps + timed_steps for i in step]
             length_stats[distribution] = distributions.summary([lengths[i] for i in used])
-            prepared = {mode: (_device_batches(mode, examples, warmup_steps, config),
-                               _device_batches(mode, examples, timed_steps, config)) for mode in config.modes}
-            # padded_sorted may form a different number of steps from the same examples.
-            bar.total += sum(len(w) + len(t) for w, t in prepared.values()) - len(config.modes) * len(
-                warmup_steps + timed_steps)
-            bar.set_description(distribution)
-            per_distribution = _run_modes(model, initial_state, config, distribution, prepared, bar.update)
+            runs = {}
+            try:
+                for mode in config.modes:
+                    # padded_sorted regroups the examples and may form another number of steps: a mode
+                    # runs exactly `warmup` untimed steps and `steps` timed ones, cycling its batches.
+                    warmup = _device_batches(mode, examples, warmup_steps, config)
+                    runs[mode] = _ModeRun(copy.deepcopy(model), config, mode,
+                                          [warmup[i % len(warmup)] for i in range(config.warmup)],
+                                          _device_batches(mode, examples, timed_steps, config))
+                _run_rounds(runs, config, distribution, bar)
+            finally:
+                for mode_run in runs.values():
+                    mode_run.finish()
+            per_distribution = [mode_run.result(distribution) for mode_run in runs.values()]
             _add_ratios(per_distribution)
             results += per_distribution
-    return {"device": machine.device_name(device), "versions": machine.versions(), "date": datetime.datetime.now().isoformat(
-        timespec="seconds"), "config": asdict(config), "length_stats": length_stats,
+            del runs
+    return {"device": machine.device_name(device), "versions": machine.versions(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "config": asdict(config),
+            "machine": {"before": started, "after": machine.conditions()}, "length_stats": length_stats,
             "peak_memory_note": _peak_memory_note(device),
             "activation_note": "bytes of the tensors the forward saves for backward (weights and inputs excluded), "
                                "largest timed step",
@@ -316,6 +383,5 @@ def run(config: BenchConfig) -> dict:
 def _peak_memory_note(device: torch.device) -> str:
     if device.type != "cuda":
         return "not measured on CPU (no allocator statistics): null"
-    return "torch.cuda.max_memory_allocated over each mode's timed steps (weights and optimizer state included)"
-
-
+    return ("torch.cuda.max_memory_allocated of the largest timed step above what was allocated before it, "
+            "plus the mode's weights and optimizer state")
