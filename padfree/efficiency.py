@@ -267,41 +267,47 @@ def _analyze_one(job: tuple[str, str, int, int]) -> Efficiency:
                           error=(lines[-1] if lines else type(err).__name__)[:300])
 
 
-def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = None) -> list[Efficiency]:
-    """Analyze every hot launch (and its reference) for every arch; gate flags filled in."""
+def hot_launches(archs: list[int], kernel_filter: str | None = None) -> list[tuple[str, int, int]]:
+    """(kernel name, launch index, arch) of every hot launch registered for each of `archs`."""
+    from padfree.kernels import registry
+
+    return [(entry.name, index, arch) for entry in registry.all_kernels()
+            if not kernel_filter or kernel_filter in entry.name
+            for index, launch in enumerate(entry.launches()) if is_hot(entry.name, launch)
+            for arch in archs if arch in launch.archs]
+
+
+def evaluate(launches: list[tuple[str, int, int]], jobs: int | None = None) -> list[Efficiency]:
+    """Analyze each (kernel name, launch index, arch) and its reference; gate flags filled in."""
     import multiprocessing
 
     from padfree.kernels import registry, runtime
 
     if runtime.interpreting():
         raise RuntimeError("the efficiency report needs compiled kernels: unset TRITON_INTERPRET and run again")
-    work, references = [], {}
-    for entry in registry.all_kernels():
-        if kernel_filter and kernel_filter not in entry.name:
-            continue
-        for index, launch in enumerate(entry.launches()):
-            if not is_hot(entry.name, launch):
-                continue
-            kernel, ref = reference_for(entry.name, launch)
-            for arch in (a for a in archs if a in launch.archs):
-                work.append((entry.name, "hot", index, arch))
-                key = (kernel.fn.__name__, ref.label, arch)
-                references.setdefault(key, (entry.name, "reference", index, arch))
-    if not work:
-        raise RuntimeError(f"no hot launch matches {kernel_filter!r}")
+    entries = {entry.name: list(entry.launches()) for entry in registry.all_kernels()}
+    keys, references = [], {}
+    for name, index, arch in launches:
+        kernel, ref = reference_for(name, entries[name][index])
+        keys.append((kernel.fn.__name__, ref.label, arch))
+        references.setdefault(keys[-1], (name, "reference", index, arch))
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    ref_keys = list(references)
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1, mp_context=context) as pool:
-        rows = list(pool.map(_analyze_one, work))
-        measured = dict(zip(ref_keys, pool.map(_analyze_one, [references[k] for k in ref_keys])))
-    for job, row in zip(work, rows):
-        entry = next(e for e in registry.all_kernels() if e.name == job[0])
-        kernel, ref = reference_for(job[0], list(entry.launches())[job[2]])
-        reference = measured[(kernel.fn.__name__, ref.label, job[3])]
-        row.reference = f"{kernel.fn.__name__.removeprefix('textbook_').removesuffix('_kernel')} {ref.label}"
-        row.reference_instr_per_mflop = reference.instr_per_mflop
+        rows = list(pool.map(_analyze_one, [(name, "hot", index, arch) for name, index, arch in launches]))
+        measured = dict(zip(references, pool.map(_analyze_one, references.values())))
+    for row, key in zip(rows, keys):
+        row.reference = f"{key[0].removeprefix('textbook_').removesuffix('_kernel')} {key[1]}"
+        row.reference_instr_per_mflop = measured[key].instr_per_mflop
         row.flags = gate(row)
     return rows
+
+
+def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = None) -> list[Efficiency]:
+    """The report: every hot launch (and its reference) for every arch."""
+    launches = hot_launches(archs, kernel_filter)
+    if not launches:
+        raise RuntimeError(f"no hot launch matches {kernel_filter!r}")
+    return evaluate(launches, jobs)
 
 
 def _cell(value, fmt: str) -> str:
