@@ -3,6 +3,7 @@
     padfree env                         versions, usable backends, GPU and arch, padfree._C state
     padfree compile-check --arch 80 90  compile every Triton kernel config to a cubin, no GPU needed
                         [--cuda]        and every csrc/*.cu with nvcc -c
+                        [--efficiency [--json]]  static efficiency of the hot launches, and its gate
     padfree verify --model-type llama   packed batch == sequences one by one == padded, on a tiny random model
     padfree bench [--quick] [--json F]  end-to-end training throughput, padded vs padding-free batches
     padfree bench-compare OLD NEW       flag regressions over 10% between two saved benchmark runs
@@ -88,11 +89,22 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda", action="store_true",
                         help="also compile every csrc/*.cu with nvcc -c per arch and syntax-check the CUDA glue")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA sources, no Triton kernels")
+    parser.add_argument("--efficiency", action="store_true",
+                        help="instead, the static efficiency report of the hot bf16 launches and its gate")
+    parser.add_argument("--json", action="store_true", help="with --efficiency: JSON rows instead of a table")
 
 
 def _compile_check(args: argparse.Namespace) -> int:
     from padfree import compile_check
 
+    if args.efficiency:
+        from padfree import efficiency
+
+        rows = efficiency.run(args.arch, args.kernel, args.jobs)
+        print(efficiency.to_json(rows) if args.json else efficiency.table(rows))
+        flagged = sum(bool(row.flags) for row in rows)
+        print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged", file=sys.stderr)
+        return 1 if flagged else 0
     results = [] if args.cuda_only else compile_check.run(args.arch, args.kernel, args.jobs)
     if args.cuda or args.cuda_only:
         results += compile_check.run_cuda_sources(args.arch)

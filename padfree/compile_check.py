@@ -68,23 +68,28 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(registers.group(1)) if registers else None), spill
 
 
-def compile_launch(kernel, launch, arch: int, name: str = "") -> CompileResult:
-    """Compile one `registry.Launch` of `kernel` for sm_`arch` and check its resources."""
+def build(kernel, launch, arch: int):
+    """`triton.compile` of one `registry.Launch` of `kernel` for sm_`arch` (Triton's cache reuses it)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    arg_names = list(launch.signature)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(arg_names)
+             if launch.signature[arg].startswith("*")
+             or ((arg.startswith("stride") or arg in launch.aligned)
+                 and launch.signature[arg] in ("i32", "i64"))}
+    source = ASTSource(fn=kernel, signature=launch.signature, constexprs=launch.constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+def compile_launch(kernel, launch, arch: int, name: str = "") -> CompileResult:
+    """Compile one `registry.Launch` of `kernel` for sm_`arch` and check its resources."""
     name = name or getattr(kernel, "__name__", str(kernel))
     started = time.perf_counter()
     try:
-        arg_names = list(launch.signature)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(arg_names)
-                 if launch.signature[arg].startswith("*")
-                 or ((arg.startswith("stride") or arg in launch.aligned)
-                     and launch.signature[arg] in ("i32", "i64"))}
-        source = ASTSource(fn=kernel, signature=launch.signature, constexprs=launch.constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        compiled = build(kernel, launch, arch)
         registers, local = _resource_usage(compiled.asm["cubin"])
         shared = int(compiled.metadata.shared)
         pipelined = re.search(r"\bcp\.async\.", compiled.asm["ptx"]) is not None

@@ -1,0 +1,333 @@
+"""Static efficiency of compiled Triton launches: what the compiler's output says about speed, no GPU.
+
+For one launch compiled for one arch (`compile_check.build`), read:
+
+- from the TTGIR, every `tt.dot` / `ttng.warp_group_dot` with its result layout. `#ttg.nvidia_mma`
+  versionMajor 3 is Hopper's wgmma, 2 Ampere's mma.sync; a blocked layout is an FMA dot. A layout
+  covers `warpsPerCTA[0] * instrShape[0]` rows and `warpsPerCTA[1] * instrShape[1]` columns; a
+  result tile smaller than that is computed by several warps at once, each doing the same work.
+  **Replication** = MMA work issued / work needed, FLOP-weighted over the kernel's dots (1.00 when
+  every warp computes its own part; Triton lays chained dots out with warpsPerCTA = [num_warps, 1],
+  so 8 warps on a 64-row attention tile issue every score GEMM twice).
+- from `cuobjdump -res-usage`: registers and spill/stack bytes; from the metadata: shared memory;
+  from those and the arch limits, **CTAs per SM**.
+- from the PTX: pipelining (`cp.async` software pipeline, or TMA `cp.async.bulk.tensor`).
+- from the SASS (`cuobjdump -sass`, shipped with Triton): the **main loop**, i.e. of the innermost
+  backward-branching regions that hold MMA instructions (HGMMA / HMMA), the one with the fewest
+  instructions per useful FLOP (for attention: the unmasked key/query loop, the steady state).
+  Useful FLOPs per iteration = the MMA FLOPs its HGMMA/HMMA instructions issue (per warpgroup /
+  per warp) divided by the replication. **Instructions per useful MFLOP** = loop instructions x
+  num_warps / useful MFLOP: the issue slots a CTA spends per unit of real tensor-core work.
+
+`reference_for` maps each hot launch to a textbook kernel (padfree.kernels.textbook) at the same
+tile, warps and stages, so each row gets a ratio against a plain structure of the same shape, and
+`gate` flags what the CI gate rejects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+# Per SM: registers, resident threads, resident CTAs, shared memory (bytes, the CTA's 1 KiB system
+# reserve included in what a CTA takes).
+ARCH_LIMITS = {80: (65536, 2048, 32, 164 * 1024), 86: (65536, 1536, 16, 100 * 1024),
+               89: (65536, 1536, 24, 100 * 1024), 90: (65536, 2048, 32, 228 * 1024)}
+RESERVED_SHARED = 1024
+MAX_REFERENCE_RATIO = 1.2
+
+_LAYOUT = re.compile(r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
+                     r".*?instrShape = \[(\d+), (\d+)", re.M)
+_DOT = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*? : (?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x\w+.*?"
+                  r"-> tensor<(\d+)x(\d+)xf32, (#\w+)>")
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);")
+
+
+@dataclass
+class Dot:
+    m: int
+    n: int
+    k: int
+    kind: str  # "wgmma", "mma.sync" or "fma"
+    replication: float
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.n * self.k
+
+
+def dots(ttgir: str) -> list[Dot]:
+    """Every dot of a TTGIR module with its MMA kind and replication factor."""
+    layouts = {name: (int(major), int(wm), int(wn), int(im), int(inn))
+               for name, major, wm, wn, im, inn in _LAYOUT.findall(ttgir)}
+    found = []
+    for k_rows, k, m, n, layout in _DOT.findall(ttgir):
+        m, n, k = int(m), int(n), int(k)
+        if layout not in layouts:
+            found.append(Dot(m, n, k, "fma", 1.0))
+            continue
+        major, wm, wn, im, inn = layouts[layout]
+        replication = max(1.0, wm * im / m) * max(1.0, wn * inn / n)
+        found.append(Dot(m, n, k, "wgmma" if major == 3 else "mma.sync", replication))
+    return found
+
+
+def _mma_flops(opcode: str, num_warps: int) -> int:
+    """MMA FLOPs one static HGMMA / HMMA instruction issues per CTA (all warps executing it)."""
+    if opcode.startswith("HGMMA."):
+        m, n, k = (int(v) for v in opcode.split(".")[1].split("x"))
+        return 2 * m * n * k * (num_warps // 4)  # one per warpgroup
+    shape = opcode.split(".")[1]  # HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8
+    return 2 * int(shape[:2]) * int(shape[2]) * int(shape[3:]) * num_warps
+
+
+def main_loop(sass: str, num_warps: int, replication: float) -> tuple[int, float] | None:
+    """(instructions, useful MFLOP) per iteration of the main loop of a SASS listing, or None when
+    no loop holds an MMA instruction."""
+    code = [(int(addr, 16), opcode, operands) for addr, opcode, operands in _SASS.findall(sass) if opcode != "NOP"]
+    loops = []
+    for addr, opcode, operands in code:
+        target = re.match(r"\s*0x([0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) < addr:
+            body = [op for a, op, _ in code if int(target.group(1), 16) <= a <= addr]
+            flops = sum(_mma_flops(op, num_warps) for op in body if op.startswith(("HGMMA.", "HMMA.")))
+            if flops:
+                loops.append((int(target.group(1), 16), addr, len(body), flops))
+    innermost = [loop for loop in loops
+                 if not any(o is not loop and loop[0] <= o[0] and o[1] <= loop[1] for o in loops)]
+    if not innermost:
+        return None
+    best = min(innermost, key=lambda loop: loop[2] * replication / loop[3])
+    return best[2], best[3] / replication / 1e6
+
+
+def ctas_per_sm(arch: int, registers: int | None, num_warps: int, shared: int) -> int | None:
+    if arch not in ARCH_LIMITS or registers is None:
+        return None
+    max_regs, max_threads, max_ctas, max_shared = ARCH_LIMITS[arch]
+    per_warp = -(-max(registers, 1) // 8) * 8 * 32  # allocated per warp in units of 8 registers a thread
+    by_regs = (max_regs // per_warp) // num_warps
+    by_threads = max_threads // (32 * num_warps)
+    by_shared = max_shared // (shared + RESERVED_SHARED)
+    return min(by_regs, by_threads, by_shared, max_ctas)
+
+
+@dataclass
+class Efficiency:
+    kernel: str
+    label: str
+    arch: int
+    num_warps: int
+    num_stages: int
+    mma: str = "none"
+    replication: float = 1.0
+    registers: int | None = None
+    spill: int | None = None
+    shared: int = 0
+    ctas_per_sm: int | None = None
+    pipelining: str = "none"
+    loop_instructions: int | None = None
+    loop_mflop: float | None = None
+    instr_per_mflop: float | None = None
+    reference: str = ""
+    reference_instr_per_mflop: float | None = None
+    error: str = ""
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.instr_per_mflop is None or not self.reference_instr_per_mflop:
+            return None
+        return self.instr_per_mflop / self.reference_instr_per_mflop
+
+
+def analyze(compiled, arch: int, kernel: str = "", label: str = "") -> Efficiency:
+    """The static efficiency of one `triton.compile` result for sm_`arch`."""
+    from padfree.compile_check import _resource_usage
+
+    num_warps, num_stages = compiled.metadata.num_warps, compiled.metadata.num_stages
+    result = Efficiency(kernel, label, arch, num_warps, num_stages)
+    found = dots(compiled.asm["ttgir"])
+    if found:
+        kinds = {d.kind for d in found}
+        result.mma = kinds.pop() if len(kinds) == 1 else "mixed"
+        result.replication = sum(d.flops * d.replication for d in found) / sum(d.flops for d in found)
+    result.registers, result.spill = _resource_usage(compiled.asm["cubin"])
+    result.shared = int(compiled.metadata.shared)
+    result.ctas_per_sm = ctas_per_sm(arch, result.registers, num_warps, result.shared)
+    ptx = compiled.asm["ptx"]
+    result.pipelining = ("TMA" if "cp.async.bulk.tensor" in ptx else
+                         "cp.async" if re.search(r"\bcp\.async\.", ptx) else "none")
+    loop = main_loop(_sass(compiled.asm["cubin"]), num_warps, result.replication)
+    if loop is not None:
+        result.loop_instructions, result.loop_mflop = loop
+        result.instr_per_mflop = loop[0] * num_warps / loop[1]
+    return result
+
+
+def _sass(cubin: bytes) -> str:
+    from padfree.compile_check import _cuobjdump
+
+    tool = _cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (neither on PATH nor in triton's nvidia backend)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        return subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+
+
+def gate(row: Efficiency) -> list[str]:
+    """Why the CI gate rejects a 16-bit hot launch (empty when it passes)."""
+    if row.error:
+        return [f"does not compile: {row.error}"]
+    flags = []
+    if row.replication > 1.005:
+        flags.append(f"MMA replicated {row.replication:.2f}x")
+    if row.arch >= 90 and row.mma != "wgmma":
+        flags.append(f"{row.mma} instead of wgmma on sm_{row.arch}")
+    if row.spill:
+        flags.append(f"spills {row.spill} B")
+    if row.ratio is not None and row.ratio > MAX_REFERENCE_RATIO:
+        flags.append(f"{row.ratio:.2f}x the reference's instructions per MFLOP")
+    if row.instr_per_mflop is None:
+        flags.append("no MMA main loop found in the SASS")
+    return flags
+
+
+# ---- which launches, and their references ---------------------------------------------------------
+
+ATTENTION = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")
+LORA = ("lora_forward_kernel", "lora_dx_kernel", "lora_da_kernel", "lora_shrink_kernel")
+
+
+def is_hot(name: str, launch) -> bool:
+    """The bf16 launches the gate covers: attention at head dims 64/128/256 plain and causal (no
+    left window, softcap, ALiBi or dropout), every bf16 LoRA and grouped MoE launch."""
+    short = name.rsplit(".", 1)[-1]
+    values = launch.constexprs
+    if short in ATTENTION:
+        return (launch.signature["Q"] == "*bf16" and values["HEAD_DIM_PAD"] in (64, 128, 256)
+                and not any(values[f] for f in ("HAS_LEFT", "SOFTCAP", "ALIBI", "DROPOUT")))
+    if short in LORA or name.startswith("padfree.kernels.moe."):
+        data = next(t for n, t in launch.signature.items() if n.endswith("_ptr") and t.startswith("*"))
+        return data == "*bf16" and short.endswith("_kernel")
+    return False
+
+
+def reference_for(name: str, launch):
+    """(textbook kernel, its Launch) at the tile of `launch`, or None."""
+    from padfree.kernels import textbook
+
+    short = name.rsplit(".", 1)[-1]
+    c, warps, stages = launch.constexprs, launch.num_warps, launch.num_stages
+    kernels = {"attention_fwd_kernel": textbook.textbook_attention_fwd_kernel,
+               "attention_bwd_dq_kernel": textbook.textbook_attention_dq_kernel,
+               "attention_bwd_dkdv_kernel": textbook.textbook_attention_dkdv_kernel}
+    if short in kernels:
+        return kernels[short], textbook.attention_launch(kernels[short], "bf16", c["BLOCK_M"], c["BLOCK_N"],
+                                                         c["HEAD_DIM_PAD"], warps, stages)
+    # (rows, columns, reduction) of the output tile of each GEMM-shaped kernel
+    shapes = {"lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+              "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+              "lora_da_kernel": ("BLOCK_R", "BLOCK_K", "BLOCK_M"),
+              "lora_shrink_kernel": ("BLOCK_M", "BLOCK_R", "BLOCK_K")}
+    if short in shapes:
+        m, n, k = (c[key] for key in shapes[short])
+    elif name.startswith("padfree.kernels.moe."):
+        m, n, k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    else:
+        return None
+    return textbook.textbook_gemm_kernel, textbook.gemm_launch("bf16", m, n, k, warps, stages)
+
+
+def _analyze_one(job: tuple[str, str, int, int]) -> Efficiency:
+    """Worker: `job` = (kernel name, "hot" or "reference", launch index or -1, arch)."""
+    from padfree import compile_check
+    from padfree.kernels import registry
+
+    name, role, index, arch = job
+    entry = next(e for e in registry.all_kernels() if e.name == name)
+    launch = list(entry.launches())[index]
+    kernel = entry.kernel
+    if role == "reference":
+        kernel, launch = reference_for(name, launch)
+        name = kernel.fn.__name__
+    try:
+        return analyze(compile_check.build(kernel, launch, arch), arch, name, launch.label)
+    except Exception as err:  # report every failure, keep compiling the rest
+        lines = str(err).strip().splitlines()
+        return Efficiency(name, launch.label, arch, launch.num_warps, launch.num_stages,
+                          error=(lines[-1] if lines else type(err).__name__)[:300])
+
+
+def hot_launches(archs: list[int], kernel_filter: str | None = None) -> list[tuple[str, int, int]]:
+    """(kernel name, launch index, arch) of every hot launch registered for each of `archs`."""
+    from padfree.kernels import registry
+
+    return [(entry.name, index, arch) for entry in registry.all_kernels()
+            if not kernel_filter or kernel_filter in entry.name
+            for index, launch in enumerate(entry.launches()) if is_hot(entry.name, launch)
+            for arch in archs if arch in launch.archs]
+
+
+def evaluate(launches: list[tuple[str, int, int]], jobs: int | None = None) -> list[Efficiency]:
+    """Analyze each (kernel name, launch index, arch) and its reference; gate flags filled in."""
+    import multiprocessing
+
+    from padfree.kernels import registry, runtime
+
+    if runtime.interpreting():
+        raise RuntimeError("the efficiency report needs compiled kernels: unset TRITON_INTERPRET and run again")
+    entries = {entry.name: list(entry.launches()) for entry in registry.all_kernels()}
+    keys, references = [], {}
+    for name, index, arch in launches:
+        kernel, ref = reference_for(name, entries[name][index])
+        keys.append((kernel.fn.__name__, ref.label, arch))
+        references.setdefault(keys[-1], (name, "reference", index, arch))
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1, mp_context=context) as pool:
+        rows = list(pool.map(_analyze_one, [(name, "hot", index, arch) for name, index, arch in launches]))
+        measured = dict(zip(references, pool.map(_analyze_one, references.values())))
+    for row, key in zip(rows, keys):
+        row.reference = f"{key[0].removeprefix('textbook_').removesuffix('_kernel')} {key[1]}"
+        row.reference_instr_per_mflop = measured[key].instr_per_mflop
+        row.flags = gate(row)
+    return rows
+
+
+def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = None) -> list[Efficiency]:
+    """The report: every hot launch (and its reference) for every arch."""
+    launches = hot_launches(archs, kernel_filter)
+    if not launches:
+        raise RuntimeError(f"no hot launch matches {kernel_filter!r}")
+    return evaluate(launches, jobs)
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(rows: list[Efficiency]) -> str:
+    """A Markdown table of the rows."""
+    lines = ["| kernel | launch | arch | MMA | repl. | regs | spill | smem KiB | CTAs/SM | pipeline | "
+             "instr/MFLOP | reference | ratio | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.kernel.removeprefix('padfree.kernels.')} | {r.label} | sm_{r.arch} | {r.mma} | "
+            f"{r.replication:.2f} | {_cell(r.registers, 'd')} | {_cell(r.spill, 'd')} | {r.shared / 1024:.0f} | "
+            f"{_cell(r.ctas_per_sm, 'd')} | {r.pipelining} | {_cell(r.instr_per_mflop, '.0f')} | "
+            f"{_cell(r.reference_instr_per_mflop, '.0f')} | {_cell(r.ratio, '.2f')} | "
+            f"{'; '.join(r.flags) or 'ok'} |")
+    return "\n".join(lines)
+
+
+def to_json(rows: list[Efficiency]) -> str:
+    return json.dumps([{**asdict(r), "ratio": r.ratio} for r in rows], indent=1)

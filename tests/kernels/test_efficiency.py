@@ -1,0 +1,196 @@
+"""The static efficiency report (padfree.efficiency), its textbook yardstick and its CI gate.
+
+Compiling needs a process without TRITON_INTERPRET (tests/conftest.py sets it), so the compile
+tests run a script in a subprocess that prints one JSON line per result.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from padfree import efficiency
+from padfree.kernels import textbook
+from tests.numerics import assert_close
+
+
+def _compiled(script: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line.removeprefix("ROW ")) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+
+
+_KNOWN = '''
+import json
+from dataclasses import asdict
+from padfree import compile_check, efficiency
+from padfree.kernels import textbook as t
+
+for arch in (80, 90):
+    for name, kernel, launch in (
+            ("fwd w4", t.textbook_attention_fwd_kernel, t.attention_launch(t.textbook_attention_fwd_kernel, "bf16",
+                                                                            64, 64, 64, 4, 2)),
+            ("fwd w8", t.textbook_attention_fwd_kernel, t.attention_launch(t.textbook_attention_fwd_kernel, "bf16",
+                                                                            64, 64, 64, 8, 2)),
+            ("gemm w8", t.textbook_gemm_kernel, t.gemm_launch("bf16", 64, 128, 64, 8, 3))):
+        row = efficiency.analyze(compile_check.build(kernel, launch, arch), arch, name)
+        print("ROW " + json.dumps(asdict(row)))
+'''
+
+
+@pytest.mark.slow
+def test_replication_and_mma_kind_of_known_kernels():
+    """Chained dots are laid out warpsPerCTA = [num_warps, 1]: 8 warps x 16 rows cover 128 rows, so
+    on a 64-row attention tile every warp pair computes the same scores (both score GEMMs on
+    sm_80's mma.sync; the QK^T one on sm_90, whose PV GEMM splits its columns); 4 warps do not.
+    A plain GEMM splits 8 warps [4, 2] over 64 x 128 and replicates nothing. Hopper gets wgmma,
+    Ampere mma.sync; replicated work shows as more instructions per useful MFLOP."""
+    rows = {(r["kernel"], r["arch"]): r for r in _compiled(_KNOWN)}
+    assert len(rows) == 6, rows
+    for arch, kind in ((80, "mma.sync"), (90, "wgmma")):
+        w4, w8, gemm = rows[("fwd w4", arch)], rows[("fwd w8", arch)], rows[("gemm w8", arch)]
+        assert {w4["mma"], w8["mma"], gemm["mma"]} == {kind}
+        assert w4["replication"] == 1.0 and gemm["replication"] == 1.0
+        assert w8["replication"] == (2.0 if arch == 80 else 1.5)
+        assert w8["instr_per_mflop"] > 1.3 * w4["instr_per_mflop"]
+        for row in (w4, w8, gemm):
+            assert row["spill"] == 0 and row["pipelining"] == "cp.async" and row["ctas_per_sm"] >= 1
+            # 64 x 64 x 64 per key block (QK^T and PV: 2 x 2 x 64^3 FLOPs), 64 x 128 x 64 per GEMM step
+            assert row["loop_mflop"] == pytest.approx(1.048576)
+
+
+# Representative hot launches: the attention defaults at head dim 128 (sm_90's own forward tile),
+# the causal dq, dk/dv on both archs, the LoRA forward's large tile and MoE's gate_up.
+_GATE = '''
+import json
+from dataclasses import asdict
+from padfree import efficiency
+from padfree.kernels import registry
+
+wanted = [("attention_fwd_kernel", "bf16 d128 128x128 w8s3 plain", 90),
+          ("attention_bwd_dq_kernel", "bf16 d128 128x32 w8s2 has_right", 90),
+          ("attention_bwd_dkdv_kernel", "bf16 d128 16x128 w8s2 plain", 80),
+          ("attention_bwd_dkdv_kernel", "bf16 d128 16x128 w8s2 plain", 90),
+          ("lora_forward_kernel", "bf16 large 128x128x64 w8s3", 90),
+          ("moe_gate_up_kernel", "bf16 64x128x64 w4s3", 90)]
+launches = []
+for short, label, arch in wanted:
+    entry = next(e for e in registry.all_kernels() if e.name.endswith("." + short))
+    index = next(i for i, launch in enumerate(entry.launches()) if launch.label == label)
+    assert efficiency.is_hot(entry.name, list(entry.launches())[index]), label
+    launches.append((entry.name, index, arch))
+for row in efficiency.evaluate(launches, jobs=2):
+    print("ROW " + json.dumps({**asdict(row), "ratio": row.ratio}))
+'''
+
+
+@pytest.mark.slow
+def test_gate_passes_on_representative_hot_launches():
+    rows = _compiled(_GATE)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["flags"] == [], (row["kernel"], row["label"], row["arch"], row["flags"])
+        assert row["reference_instr_per_mflop"] and row["ratio"] <= efficiency.MAX_REFERENCE_RATIO
+
+
+def _row(**changes) -> efficiency.Efficiency:
+    good = dict(kernel="k", label="l", arch=90, num_warps=8, num_stages=3, mma="wgmma", replication=1.0,
+                registers=128, spill=0, shared=1024, ctas_per_sm=1, pipelining="cp.async", loop_instructions=100,
+                loop_mflop=1.0, instr_per_mflop=800.0, reference_instr_per_mflop=700.0)
+    return efficiency.Efficiency(**{**good, **changes})
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"replication": 1.5}, "replicated 1.50x"),
+    ({"mma": "mma.sync"}, "mma.sync instead of wgmma"),
+    ({"spill": 8}, "spills 8 B"),
+    ({"instr_per_mflop": 900.0}, "1.29x the reference"),
+    ({"instr_per_mflop": None}, "no MMA main loop"),
+    ({"error": "out of resources"}, "does not compile"),
+])
+def test_gate_flags_each_rule(changes, reason):
+    assert efficiency.gate(_row()) == []
+    flags = efficiency.gate(_row(**changes))
+    assert len(flags) == 1 and reason in flags[0], flags
+
+
+def test_gate_accepts_mma_sync_below_hopper():
+    assert efficiency.gate(_row(arch=80, mma="mma.sync")) == []
+
+
+def test_ctas_per_sm_takes_the_tightest_limit():
+    # registers: 255 -> 256 a thread, 8 warps x 32 x 256 = 65536, the whole file
+    assert efficiency.ctas_per_sm(90, 255, 8, 1024) == 1
+    # threads: 64 regs x 4 warps would allow 8 by registers; 2048 threads allow 16; shared 100 KiB -> 2
+    assert efficiency.ctas_per_sm(90, 64, 4, 100 * 1024) == 2
+    # sm_86 holds 1536 threads: 6 CTAs of 8 warps, though registers would allow 8
+    assert efficiency.ctas_per_sm(86, 32, 8, 0) == 6
+
+
+def test_hot_selection_and_references():
+    from padfree.kernels import registry
+
+    hot = {entry.name: [launch for launch in entry.launches() if efficiency.is_hot(entry.name, launch)]
+           for entry in registry.all_kernels()}
+    assert not hot["padfree.kernels.attention.attention_bwd_delta_kernel"]
+    assert not hot["padfree.kernels.textbook.textbook_gemm_kernel"]
+    fwd = hot["padfree.kernels.attention.attention_fwd_kernel"]
+    assert {launch.constexprs["HEAD_DIM_PAD"] for launch in fwd} == {64, 128, 256}
+    assert all(launch.signature["Q"] == "*bf16" and not launch.constexprs["DROPOUT"] for launch in fwd)
+    for name, launches in hot.items():
+        for launch in launches:
+            kernel, reference = efficiency.reference_for(name, launch)
+            assert (reference.num_warps, reference.num_stages) == (launch.num_warps, launch.num_stages)
+    da = next(launch for launch in hot["padfree.kernels.lora.lora_da_kernel"])
+    _, reference = efficiency.reference_for("padfree.kernels.lora.lora_da_kernel", da)
+    c = da.constexprs
+    assert (reference.constexprs["BLOCK_M"], reference.constexprs["BLOCK_N"], reference.constexprs["BLOCK_K"]) == \
+        (c["BLOCK_R"], c["BLOCK_K"], c["BLOCK_M"])
+
+
+# ---- the textbook kernels compute what they claim (interpreter, float64 oracle) ------------------
+
+def _attention(q, k, v, dout, scale, dtype):
+    """out, lse, dq, dk, dv by plain autograd in `dtype` (float64: the oracle; float16: the baseline)."""
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    scores = torch.einsum("thd,shd->hts", q, k) * scale
+    out = torch.einsum("hts,shd->thd", torch.softmax(scores.float(), -1).to(dtype), v)
+    out.backward(dout.to(dtype))
+    return out.detach(), torch.logsumexp(scores.detach().double(), -1), q.grad, k.grad, v.grad
+
+
+def test_textbook_attention_matches_float64(triton_cpu):
+    seqlen, heads, dim, block = 32, 2, 16, 16
+    q, k, v, dout = (torch.randn(seqlen, heads, dim, dtype=torch.float16) for _ in range(4))
+    scale = dim ** -0.5
+    out = torch.empty_like(q)
+    lse = torch.empty(heads, seqlen)
+    grid = (seqlen // block, heads)
+    stride_t, stride_h = q.stride(0), q.stride(1)
+    textbook.textbook_attention_fwd_kernel[grid](q, k, v, out, lse, stride_t, stride_h, seqlen, scale,
+                                                 BLOCK_M=block, BLOCK_N=block, HEAD_DIM=dim)
+    oracle = _attention(q, k, v, dout, scale, torch.float64)
+    baseline = _attention(q, k, v, dout, scale, torch.float16)
+    assert_close("out", out, oracle[0], baseline[0], factor=2)
+    assert_close("lse", lse, oracle[1], None, factor=2)
+    delta = (out.float() * dout.float()).sum(-1).t().contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    textbook.textbook_attention_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, stride_t, stride_h, seqlen,
+                                                  scale, BLOCK_M=block, BLOCK_N=block, HEAD_DIM=dim)
+    textbook.textbook_attention_dq_kernel[grid](q, k, v, dout, lse, delta, dq, stride_t, stride_h, seqlen, scale,
+                                                BLOCK_M=block, BLOCK_N=block, HEAD_DIM=dim)
+    for index, (name, got) in enumerate((("dq", dq), ("dk", dk), ("dv", dv)), start=2):
+        assert_close(name, got, oracle[index], baseline[index], factor=3)
+
+
+def test_textbook_gemm_matches_float64(triton_cpu):
+    a, b = torch.randn(32, 48, dtype=torch.float16), torch.randn(16, 48, dtype=torch.float16)
+    c = torch.empty(32, 16, dtype=torch.float16)
+    textbook.textbook_gemm_kernel[(2, 1)](a, b, c, 32, 16, 48, a.stride(0), b.stride(0), c.stride(0),
+                                          BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    assert_close("c", c, a.double() @ b.double().t(), (a @ b.t()), factor=2)
