@@ -56,6 +56,11 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HEAD_DIM_PADS = (16, 32, 64, 128, 256)
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Integer arguments that change from batch to batch (token and block counts, the dropout seed,
+# the sequence of the test-only mask kernel). Triton's JIT would otherwise compile a variant per
+# value-1 / multiple-of-16 pattern of each, turn a 1 into a constant, and recompile during training.
+# Model dimensions and strides keep their specialization: it proves rows contiguous and aligned.
+_PER_BATCH = ("num_blocks", "total_q", "total_k", "num_seqs", "seed", "seq", "seqlen_q", "seqlen_k")
 
 
 @triton.jit
@@ -208,7 +213,7 @@ def _fwd_keys(acc, m_i, l_i, q, K, V, k_start, start, stop, kv_head, stride_kt, 
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                          stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
@@ -270,7 +275,7 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
         tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dot, stride_doh, total_q, head_dim,
                                BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """D_i = sum_d dO_id O_id (fp32), laid out (Hq, total_q) like lse."""
@@ -347,7 +352,7 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -409,7 +414,7 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_dot, stride_doh, stride_dqt, stride_dqh,
@@ -468,7 +473,7 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_dropout_mask_kernel(Keep, seed, seq, head_offset, num_heads, seqlen_q, seqlen_k, dropout_p,
                                   BLOCK: tl.constexpr):
     """The keep-mask the attention kernels use for one sequence, as int8 (Hq, sq, sk) (tests)."""

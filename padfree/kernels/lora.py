@@ -43,6 +43,10 @@ from padfree.kernels import registry, runtime
 from padfree.reference import lora as reference
 
 MAX_STREAMS = 3
+# The row count and the dropout seed change every batch: Triton's JIT would compile a variant per
+# value-1 / multiple-of-16 pattern, and a seed of 1 would become a constant (`seed.to` then fails
+# to compile). Model dimensions and strides keep their specialization (aligned, contiguous rows).
+_PER_BATCH = ("M", "seed")
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -99,7 +103,7 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return tile_m, tile_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stride_xam, rank_end0, rank_end1,
                        seed, threshold, keep_scale, DROPOUT: tl.constexpr, NUM_STREAMS: tl.constexpr,
                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -131,7 +135,7 @@ def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stri
              mask=(rows[:, None] < M) & (cols[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R, stride_xm, stride_wn,
                         stride_xam, stride_bn, stride_ym, scaling, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -194,7 +198,7 @@ def _t_times_a(t_ptr, a_ptr, start, end, stride_tm, stride_ar, rows, ks, M, K, I
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_ptr, dx_ptr, M, K, R, N0, N1, N2,
                    stride_dy0, stride_dy1, stride_dy2, stride_w0, stride_w1, stride_w2, stride_tm, stride_ar,
                    stride_dxm, rank_end0, rank_end1, seed, threshold, keep_scale, DROPOUT: tl.constexpr,
@@ -222,7 +226,7 @@ def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_p
              mask=(rows[:, None] < M) & (ks[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_dar, rank_end0, rank_end1, seed,
                    threshold, keep_scale, NUM_STREAMS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
