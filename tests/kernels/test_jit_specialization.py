@@ -42,8 +42,8 @@ for module in (attention, lora):
     for name in [n for n in vars(module) if n.endswith("_kernel")]:
         setattr(module, name, Recorder(getattr(module, name)))
 
-# One row / one token, rank 1, seed 1: every batch-varying integer is 1.
-SEED = __SEED__
+# One row / one token, rank 1: every batch-varying integer is 1 (and the seed, read on the device).
+SEED = torch.tensor(1)
 x, weight, lora_a, lora_b = (torch.randn(*s, dtype=torch.float16) for s in ((1, 64), (32, 64), (1, 64), (32, 1)))
 lora.forward(x, [weight], [None], lora_a, [lora_b], [1], [2.0], 0.1, SEED)
 dy, t = torch.randn(1, 32, dtype=torch.float16), torch.randn(1, 1, dtype=torch.float16)
@@ -72,12 +72,11 @@ for kernel, args, kwargs in launches:
 
 @pytest.mark.slow
 def test_launches_with_every_batch_varying_integer_equal_to_one_compile_for_sm80():
-    """Before `do_not_specialize`, a dropout seed of 1 became a constant and `seed.to(...)` failed
-    to compile (about one call in 2^31). Every kernel the LoRA and attention launchers start is
-    compiled here exactly as the JIT would for one token, rank 1 and seed 1."""
+    """A dropout seed of 1 passed as an int became a constant and `seed.to(...)` failed to compile
+    (about one call in 2^31). Every kernel the LoRA and attention launchers start is compiled here
+    exactly as the JIT would for one token and rank 1, with the seed 1 (now read on the device)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = _COMPILE_SCRIPT.replace("__SEED__", "1")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith(("COMPILED", "FAILED"))]
@@ -124,6 +123,7 @@ def _record(monkeypatch, module):
 def _lora_launches(rows, seed):
     x = torch.randn(rows, 64)
     weight, lora_a, lora_b = torch.randn(32, 64), torch.randn(4, 64), torch.randn(32, 4)
+    seed = torch.tensor(seed)
     lora.forward(x, [weight], [None], lora_a, [lora_b], [4], [2.0], 0.1, seed)
     lora.backward_input_and_a([torch.randn(rows, 32)], x, [weight], torch.randn(rows, 4), lora_a, [4], 0.1, seed)
 
@@ -131,6 +131,7 @@ def _lora_launches(rows, seed):
 def _attention_launches(lengths, seed):
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), 2, 64)
+    seed = torch.tensor(seed)
     out, lse = attention.forward(q, q, q, cu, cu, max(lengths), max(lengths), 0.125, -1, 0, 0.0, None, 0.1, seed)
     attention.backward(q, q, q, q, q, lse, cu, cu, max(lengths), max(lengths), 0.125, -1, 0, 0.0, None, 0.1, seed)
 
