@@ -39,7 +39,9 @@ order, so the backward is bitwise reproducible run to run.
 
 Dropout draws `tl.rand(seed + ((b * Hq + h) << 32), i * sk + j)` (Philox, int64 offsets): the
 same function in forward, backward and `dropout_keep_mask`, so the backward regenerates the
-forward's mask and tests can hand the same mask to the reference.
+forward's mask and tests can hand the same mask to the reference. The seed is an int64 device
+tensor the kernels load (`Seed`), drawn by the device's generator: a captured CUDA graph draws a
+new one on every replay, and the backward reads the saved tensor.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HEAD_DIM_PADS = (16, 32, 64, 128, 256)
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Integer arguments that change from batch to batch (token and block counts, the sequence of the
+# test-only mask kernel). Triton's JIT would otherwise compile a variant per
+# value-1 / multiple-of-16 pattern of each, turn a 1 into a constant, and recompile during training.
+# Model dimensions and strides keep their specialization: it proves rows contiguous and aligned.
+_PER_BATCH = ("num_blocks", "total_q", "total_k", "num_seqs", "seq", "seqlen_q", "seqlen_k")
 
 
 @triton.jit
@@ -208,14 +215,18 @@ def _fwd_keys(acc, m_i, l_i, q, K, V, k_start, start, stop, kv_head, stride_kt, 
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                          stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
-                         softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                         softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                          ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     pid = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(Blocks + pid)
@@ -270,7 +281,7 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
         tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_bwd_delta_kernel(Out, DOut, Delta, stride_ot, stride_oh, stride_dot, stride_doh, total_q, head_dim,
                                BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """D_i = sum_d dO_id O_id (fp32), laid out (Hq, total_q) like lse."""
@@ -347,15 +358,19 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                               stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group, head_dim,
-                              softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                              softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                               ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(Blocks + pid)
@@ -409,15 +424,19 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_dot, stride_doh, stride_dqt, stride_dqh,
                             stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
-                            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                            softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                             ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     pid = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(Blocks + pid)
@@ -468,14 +487,15 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 
-@triton.jit
-def attention_dropout_mask_kernel(Keep, seed, seq, head_offset, num_heads, seqlen_q, seqlen_k, dropout_p,
+@triton.jit(do_not_specialize=_PER_BATCH)
+def attention_dropout_mask_kernel(Keep, Seed, seq, head_offset, num_heads, seqlen_q, seqlen_k, dropout_p,
                                   BLOCK: tl.constexpr):
     """The keep-mask the attention kernels use for one sequence, as int8 (Hq, sq, sk) (tests)."""
     head = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    keep = _dropout_keep(seed, seq, head + head_offset, num_heads, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+    keep = _dropout_keep(tl.load(Seed), seq, head + head_offset, num_heads, offs_m[:, None], offs_n[None, :],
+                         seqlen_k, dropout_p)
     index = (head.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     tl.store(Keep + index, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
@@ -567,7 +587,12 @@ def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "
 
     Every layer of a model gets the same `cu_seqlens` tensor, so the tables are kept on it and
     built once per batch; they are keyed by its version counter, so an in-place update (a reused
-    buffer) builds them again. Inference tensors have no version counter and are not cached."""
+    buffer) builds them again. Inference tensors have no version counter and are not cached.
+    While a CUDA graph is being captured the table is built inside the graph and not cached: a
+    replay after `static_cu_seqlens.copy_(new)` must rebuild it from the new offsets, and a table
+    from the graph's memory pool must never be served to eager code."""
+    if _capturing(cu_seqlens):
+        return _build_block_table(cu_seqlens, total, block, order)
     try:
         version = cu_seqlens._version
     except RuntimeError:
@@ -580,6 +605,11 @@ def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "
     if table is None:
         table = cached[1][(total, block, order)] = _build_block_table(cu_seqlens, total, block, order)
     return table
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of `tensor`'s GPU."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "length") -> torch.Tensor:
@@ -723,9 +753,10 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     return dq, dk, dv
 
 
-def dropout_keep_mask(seed: int, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, num_heads: int,
-                      dropout_p: float) -> list[torch.Tensor]:
+def dropout_keep_mask(seed: int | torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      num_heads: int, dropout_p: float) -> list[torch.Tensor]:
     """Per sequence, the bool keep-mask (Hq, sq, sk) the kernels draw for `seed` (for tests)."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=cu_seqlens_q.device)
     masks = []
     offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for seq in range(len(offsets_q) - 1):
@@ -763,7 +794,7 @@ def _attention_launches(kind: str, kernel):
                 signature = registry.signature(kernel, {
                     **data, "Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32",
                     "Blocks": "*i32", "softmax_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32",
-                    "seed": "i64"})
+                    "Seed": "*i64"})
                 constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
                                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
                 on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
@@ -785,7 +816,7 @@ def _delta_launches():
 
 
 def _mask_launches():
-    signature = registry.signature(attention_dropout_mask_kernel, {"Keep": "*i8", "seed": "i64", "dropout_p": "fp32"})
+    signature = registry.signature(attention_dropout_mask_kernel, {"Keep": "*i8", "Seed": "*i64", "dropout_p": "fp32"})
     yield registry.Launch(label=f"{MASK_BLOCK}x{MASK_BLOCK}", signature=signature, constexprs=dict(BLOCK=MASK_BLOCK))
 
 

@@ -26,7 +26,8 @@ Backward. With y_p = x W_p^T + s_p (D_p(x) A_p^T) B_p^T + b_p, where D_p(x) = ke
 lora_dx_kernel computes one (BLOCK_M, BLOCK_K) tile of dx from up to three (dy_p, W_p) pairs
 followed by the r-loop over t A, and applies keep_p in the epilogue of each stream's r-loop: the
 mask is regenerated from (seed, stream, row * K + col), never loaded. Only xa (M, R) and the seed
-are saved for backward.
+are saved for backward. The seed is an int64 device tensor the kernels load (`seed_ptr`), drawn by
+the device's generator, so a captured CUDA graph draws a new mask on every replay.
 
 Dropout mask: h = mix32(mix32(lo32(o) ^ key_p) + hi32(o)), o = row * K + col (int64),
 key_p = mix32(seed + p * 0x9E3779B9), keep when (h >> 8) >= round(q * 2^24). All uint32
@@ -43,6 +44,10 @@ from padfree.kernels import registry, runtime
 from padfree.reference import lora as reference
 
 MAX_STREAMS = 3
+# The row count changes every batch: Triton's JIT would compile a variant per value-1 /
+# multiple-of-16 pattern of it. Model dimensions and strides keep their specialization (aligned,
+# contiguous rows).
+_PER_BATCH = ("M",)
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -99,9 +104,9 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return tile_m, tile_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stride_xam, rank_end0, rank_end1,
-                       seed, threshold, keep_scale, DROPOUT: tl.constexpr, NUM_STREAMS: tl.constexpr,
+                       seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr, NUM_STREAMS: tl.constexpr,
                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """xa[m, r] = sum_k x[m, k] keep_p(m, k) A_cat[r, k] / (1 - q), p the stream owning column r.
 
@@ -110,6 +115,9 @@ def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stri
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
@@ -131,7 +139,7 @@ def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stri
              mask=(rows[:, None] < M) & (cols[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R, stride_xm, stride_wn,
                         stride_xam, stride_bn, stride_ym, scaling, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -194,10 +202,10 @@ def _t_times_a(t_ptr, a_ptr, start, end, stride_tm, stride_ar, rows, ks, M, K, I
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_ptr, dx_ptr, M, K, R, N0, N1, N2,
                    stride_dy0, stride_dy1, stride_dy2, stride_w0, stride_w1, stride_w2, stride_tm, stride_ar,
-                   stride_dxm, rank_end0, rank_end1, seed, threshold, keep_scale, DROPOUT: tl.constexpr,
+                   stride_dxm, rank_end0, rank_end1, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """dx = sum_p dy_p @ W_p + sum_p keep_p * (t_p @ A_p) / (1 - q); absent projections have N_p = 0."""
@@ -209,6 +217,7 @@ def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_p
     acc = _accumulate_dy_w(acc, dy1_ptr, w1_ptr, N1, stride_dy1, stride_w1, rows, ks, M, K, IEEE, BLOCK_N)
     acc = _accumulate_dy_w(acc, dy2_ptr, w2_ptr, N2, stride_dy2, stride_w2, rows, ks, M, K, IEEE, BLOCK_N)
     if DROPOUT:
+        seed = tl.load(seed_ptr)
         offsets = rows[:, None] * K + ks[None, :]
         for stream in tl.static_range(3):
             start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
@@ -222,8 +231,8 @@ def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_p
              mask=(rows[:, None] < M) & (ks[None, :] < K))
 
 
-@triton.jit
-def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_dar, rank_end0, rank_end1, seed,
+@triton.jit(do_not_specialize=_PER_BATCH)
+def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_dar, rank_end0, rank_end1, seed_ptr,
                    threshold, keep_scale, NUM_STREAMS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r
@@ -231,6 +240,7 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    seed = tl.load(seed_ptr)
     for m0 in range(0, M, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
@@ -311,8 +321,8 @@ def unsupported_reason(x: torch.Tensor, num_projections: int) -> str | None:
     return None
 
 
-def _dropout_args(dropout_p: float, seed: int) -> dict:
-    return {"seed": int(seed), "threshold": reference.keep_threshold(dropout_p),
+def _dropout_args(dropout_p: float, seed: torch.Tensor) -> dict:
+    return {"seed_ptr": seed, "threshold": reference.keep_threshold(dropout_p),
             "keep_scale": 1.0 / (1.0 - dropout_p)}
 
 
@@ -321,7 +331,8 @@ def _rank_end_args(rank_ends: list[int], rank: int) -> dict:
     return {"rank_end0": padded[0], "rank_end1": padded[1]}
 
 
-def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p: float, seed: int) -> torch.Tensor:
+def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p: float,
+           seed: torch.Tensor) -> torch.Tensor:
     """xa (M, R) in x's dtype; see lora_shrink_kernel."""
     m, k = x.shape
     rank = a_cat.shape[0]
@@ -420,10 +431,11 @@ def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
 
 # ----------------------------------------------------------------------------- registry
 def _signature(kernel, dtype: str) -> dict[str, str]:
-    """Every `*_ptr` argument points to `dtype` data, `scaling`/`keep_scale` are fp32, the rest i32."""
+    """Every `*_ptr` argument but the int64 seed points to `dtype` data, `scaling`/`keep_scale` are
+    fp32, the rest i32."""
     names = kernel.fn.__code__.co_varnames[: kernel.fn.__code__.co_argcount]
     types = {name: f"*{dtype}" for name in names if name.endswith("_ptr")}
-    return registry.signature(kernel, {**types, "scaling": "fp32", "keep_scale": "fp32"})
+    return registry.signature(kernel, {**types, "seed_ptr": "*i64", "scaling": "fp32", "keep_scale": "fp32"})
 
 
 def _shrink_launches():

@@ -42,10 +42,10 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
     if backend == "triton":
         out, lse = _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                                      dropout_p, int(seed))
+                                      dropout_p, seed)
         return _add_sinks(out, lse, s_aux)
     out, lse = reference.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
-                                   window_right, softcap, alibi_slopes, dropout_p, int(seed), s_aux=s_aux)
+                                   window_right, softcap, alibi_slopes, dropout_p, seed, s_aux=s_aux)
     return out, lse.float()
 
 
@@ -70,9 +70,9 @@ def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                                   alibi_slopes, dropout_p, int(seed))
+                                   alibi_slopes, dropout_p, seed)
     return reference.attention_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
-                                        window_right, softcap, alibi_slopes, dropout_p, int(seed), s_aux=s_aux)
+                                        window_right, softcap, alibi_slopes, dropout_p, seed, s_aux=s_aux)
 
 
 @_backward_op.register_fake
@@ -235,8 +235,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             Tokens past cu_seqlens_q[-1] are padding: output 0, gradient 0.
         max_seqlen_q, max_seqlen_k: ints >= the longest sequence. The kernels do not need them for
             their grid, so a changing value never recompiles anything.
-        dropout_p: attention dropout; a fresh seed is drawn from torch's default generator each
-            call and the backward regenerates the same mask.
+        dropout_p: attention dropout; a fresh seed is drawn on q's device from torch's default
+            generator each call (also on every replay of a captured CUDA graph) and the backward
+            regenerates the same mask.
         softmax_scale: defaults to D ** -0.5.
         causal: bottom-right aligned (query i sees key j <= i + sk - sq), as flash-attn >= 2.1.
         window_size: (left, right) sliding window, -1 = unlimited; causal sets right = 0.
@@ -272,7 +273,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     window_left, window_right = window_size
     if causal:
         window_right = 0
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    seed = _dropout_seed(dropout_p, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     backend = _backend.resolve(OP, q.device, triton_unsupported=lambda: _triton_unsupported(q, dropout_p))
     value_dim = v.shape[-1]
@@ -283,6 +284,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                            backend, s_aux)
     out = out[..., :value_dim] if out.shape[-1] != value_dim else out
     return (out, lse) if return_lse else out
+
+
+def _dropout_seed(dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The dropout seed, an int64 tensor on the inputs' device drawn by its generator: the kernels
+    read it there, so a captured CUDA graph draws a new seed (a new mask) on every replay, and the
+    backward reads the one the forward saved. Without dropout it is never read (nothing is drawn)."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
+    return torch.empty((), dtype=torch.int64, device=device)
 
 
 def _triton_unsupported(q: torch.Tensor, dropout_p: float) -> str | None:

@@ -19,7 +19,8 @@ the forward saves beyond its inputs. The backward math (kernels/lora.py derives 
 
 The backend ("triton" or "reference") is chosen in Python before the op is called and passed as
 an argument, so a compiled graph records the choice and the backward uses the same one.
-Dropout: a seed is drawn from torch's default generator per call when dropout_p > 0; the mask is
+Dropout: a seed is drawn on x's device from torch's default generator per call when dropout_p > 0
+(an int64 tensor the kernels read, so a CUDA graph replay draws a new one); the mask is
 a hash of (seed, projection index, element offset), identical in the kernels and the reference
 (`padfree.reference.lora.keep_mask`), and regenerated in backward.
 """
@@ -33,6 +34,7 @@ import torch
 
 from padfree import _backend, _checks
 from padfree.ops import _autocast
+from padfree.ops.attention import _dropout_seed
 from padfree.reference import lora as reference
 
 OP = "lora_linear"
@@ -63,7 +65,7 @@ def _forward_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch
                 lora_a: torch.Tensor, lora_bs: list[torch.Tensor], rank_ends: list[int], scalings: list[float],
                 dropout_p: float, seed: torch.Tensor, backend: str) -> list[torch.Tensor]:
     outputs, xa = _impl(backend).forward(x, list(weights), _expand_biases(biases, has_bias), lora_a, list(lora_bs),
-                                         list(rank_ends), list(scalings), dropout_p, int(seed))
+                                         list(rank_ends), list(scalings), dropout_p, seed)
     return [*outputs, xa]
 
 
@@ -78,7 +80,7 @@ def _backward_op(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.T
                  lora_a: torch.Tensor, rank_ends: list[int], dropout_p: float, seed: torch.Tensor,
                  input_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(backend).backward_input_and_a(list(dys), x, list(weights), t, lora_a, list(rank_ends), dropout_p,
-                                               int(seed), input_grad)
+                                               seed, input_grad)
 
 
 @_backward_op.register_fake
@@ -199,8 +201,7 @@ def lora_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor], biases:
     for a in lora_as:
         rank_ends.append((rank_ends[-1] if rank_ends else 0) + a.shape[0])
     dropout_p = float(dropout_p)
-    seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0
-            else torch.zeros((), dtype=torch.int64))
+    seed = _dropout_seed(dropout_p, x.device)
     backend = _backend.resolve(OP, x.device, triton_unsupported=lambda: _triton_unsupported(x2d, len(weights)))
     outputs = _forward_op(x2d, weights, present_biases, has_bias, lora_a, lora_bs, rank_ends,
                           [float(s) for s in scalings], dropout_p, seed, backend)
@@ -219,8 +220,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             requires grad); bias: (out_features,) or None.
         lora_a: (rank, in_features), lora_b: (out_features, rank), rank in 1..256.
         scaling: the LoRA scale (alpha / rank in PEFT).
-        dropout_p: dropout on the LoRA input, in [0, 1). A fresh seed is drawn from torch's
-            default generator per call; the backward regenerates the mask from it (nothing of the
+        dropout_p: dropout on the LoRA input, in [0, 1). A fresh seed is drawn on x's device from
+            torch's default generator per call (and per CUDA graph replay); the backward regenerates the mask from it (nothing of the
             mask's size is saved). Pass 0 in eval mode.
     All tensors share x's dtype and device. Only metadata is checked (no device -> host copy).
     Inside `torch.autocast` every tensor is first cast to the autocast dtype (as `F.linear` does
