@@ -24,6 +24,9 @@ transformers = pytest.importorskip("transformers")
 LENGTHS = [7, 3, 12, 5, 9, 2, 11, 6, 4, 8, 10, 3, 6, 9, 5, 7]
 VOCAB = 128  # the tiny configs' vocab_size
 MICRO_BATCHES = 4  # max_steps=2 x gradient_accumulation_steps=2 in `training_arguments`
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Fused LoRA calls per decoder layer and forward: q/k/v share one call, gate/up one, o and down one each.
+LORA_CALLS_PER_LAYER = 4
 
 
 class PadfreeOpCalls(TorchDispatchMode):

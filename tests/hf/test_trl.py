@@ -15,8 +15,8 @@ import torch
 
 import padfree
 from padfree import verify
-from tests.hf.test_trainer import (MICRO_BATCHES, VOCAB, assert_same_training, attention_calls, dataset, train,
-                                   training_arguments, twin_models, weights)
+from tests.hf.test_trainer import (LORA_CALLS_PER_LAYER, LORA_TARGETS, MICRO_BATCHES, VOCAB, assert_same_training,
+                                   attention_calls, dataset, train, training_arguments, twin_models, weights)
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -25,9 +25,6 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow  # two trainer runs each, 10-40 s on 2 busy cores
 
 FORWARDS = 2 * MICRO_BATCHES  # gradient checkpointing recomputes each forward during the backward
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Fused LoRA calls per decoder layer and forward: q/k/v share one call, gate/up one, o and down one each.
-LORA_CALLS_PER_LAYER = 4
 
 
 def tiny_tokenizer():
