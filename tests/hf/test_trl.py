@@ -131,3 +131,25 @@ def test_sft_moe_equals_padded(tmp_path):
                  for way, count in (("fwd", FORWARDS), ("bwd", MICRO_BATCHES))}
     assert packed[2].calls == {**attention_calls(layers, FORWARDS, MICRO_BATCHES), **moe_calls}
     assert_same_training(*packed[:2], *padded[:2], initial, rtol=1e-5, update_rtol=1e-5)
+
+
+def test_sft_attn_implementation_padfree_by_name(tmp_path):
+    """`padfree.register()`, then TRL loads the checkpoint itself with
+    `model_init_kwargs={"attn_implementation": "padfree"}`: no `patch` call, and padfree runs."""
+    padfree.register()
+    checkpoint = tmp_path / "checkpoint"
+    _, model, initial = twin_models("qwen3")
+    model.save_pretrained(checkpoint)
+
+    def by_name(attn_implementation, output_dir, **config):
+        trainer = sft_trainer(str(checkpoint), output_dir, sft_dataset(), max_length=None,
+                              model_init_kwargs={"attn_implementation": attn_implementation}, **config)
+        assert trainer.model.config._attn_implementation == attn_implementation
+        return train(trainer)
+
+    padded = by_name("sdpa", tmp_path / "padded")
+    packed = by_name("padfree", tmp_path / "packed", padding_free=True)
+
+    assert padded[2].calls == {}
+    assert packed[2].calls == attention_calls(model.config.num_hidden_layers, FORWARDS, MICRO_BATCHES)
+    assert_same_training(*packed[:2], *padded[:2], initial, rtol=1e-5, update_rtol=1e-5)
