@@ -27,7 +27,7 @@ from tests.hf.test_trainer import LORA_CALLS_PER_LAYER, LORA_TARGETS, PadfreeOpC
 peft = pytest.importorskip("peft")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
-pytestmark = pytest.mark.slow  # two processes that each import transformers: ~20 s
+pytestmark = pytest.mark.slow  # two processes that each import transformers and peft, then train
 
 LORA = dict(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
 LAYERS = ARCHITECTURES["llama"].build_config().num_hidden_layers

@@ -22,7 +22,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.slow  # two trainer runs each, 10-40 s on 2 busy cores
+pytestmark = pytest.mark.slow  # two trainer runs per test: tens of seconds on 2 cores
 
 FORWARDS = 2 * MICRO_BATCHES  # gradient checkpointing recomputes each forward during the backward
 
