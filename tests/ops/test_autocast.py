@@ -253,3 +253,27 @@ def test_llama_trains_under_bf16_autocast_like_sdpa(monkeypatch):
         err, base_err = relative_error(got, want), relative_error(baseline, want)
         assert err <= 2 * base_err + FLOOR[torch.bfloat16], (
             f"item {index} (0: loss, 1: logits, then gradients): error {err:.2e} vs sdpa's {base_err:.2e}")
+
+
+def test_backward_inside_the_autocast_region_gives_the_same_gradients():
+    """The ops' backwards run with autocast off, so calling backward() inside the region (which
+    some training loops do) changes nothing, bit for bit."""
+    cu = torch.tensor([0, 6, 15], dtype=torch.int32)
+    q, k, v = (torch.randn(15, heads, 16, requires_grad=True) for heads in (4, 2, 2))
+    x = torch.randn(15, 32)
+    weight, lora_a, lora_b = torch.randn(8, 32), torch.randn(4, 32, requires_grad=True), torch.randn(8, 4)
+    lora_b.requires_grad_()
+    leaves = (q, k, v, lora_a, lora_b)
+
+    def grads(backward_inside):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = padfree.varlen_attention(q, k, v, cu, cu, 9, 9, causal=True)
+            y = padfree.lora_linear(x, weight, None, lora_a, lora_b, 2.0)
+            loss = out.float().square().sum() + y.float().square().sum()
+            if backward_inside:
+                return torch.autograd.grad(loss, leaves)
+        return torch.autograd.grad(loss, leaves)
+
+    with padfree.use_backend("reference"):
+        for inside, outside in zip(grads(True), grads(False)):
+            assert torch.equal(inside, outside)
