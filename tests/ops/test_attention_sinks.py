@@ -140,6 +140,36 @@ def test_matches_gpt_oss_eager_attention():
     torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_sinks_rescale_the_output_and_lse(backend, dropout_p):
+    """out' = out exp(lse - lse'), lse' = logaddexp(lse, s_aux) on rows with a key, with dropout too
+    (the same generator state draws the same mask); rows with no key keep out = 0, lse = +inf."""
+    q, k, v, cu_q, cu_k = packed()
+    s_aux = torch.randn(4)
+
+    def run(sinks):
+        torch.manual_seed(5)
+        return padfree.varlen_attention(q, k, v, cu_q, cu_k, 17, 17, dropout_p=dropout_p, causal=True,
+                                        return_lse=True, s_aux=sinks)
+
+    (plain, lse), (out, lse_sink) = run(None), run(s_aux)
+    has_key = torch.isfinite(lse)
+    assert torch.equal(torch.isfinite(lse_sink), has_key)
+    torch.testing.assert_close(lse_sink[has_key], torch.logaddexp(lse, s_aux[:, None])[has_key])
+    factor = torch.where(has_key, torch.exp(lse - lse_sink), 0.0).t()[:, :, None]
+    torch.testing.assert_close(out, plain * factor, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_with_sinks(backend):
+    """The custom op's schema, fake impl and autograd registration with s_aux (torch.library)."""
+    q, k, v, cu_q, cu_k = packed(heads_q=2, heads_k=1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    s_aux = torch.randn(2, requires_grad=True)
+    seed = torch.tensor(3, dtype=torch.int64)
+    args = (q, k, v, cu_q, cu_k, 17, 17, 0.25, -1, 0, 0.0, None, 0.0, seed, backend, s_aux)
+    torch.library.opcheck(torch.ops.padfree.varlen_attention_fwd, args)
+
+
 def test_compiles_without_graph_break():
     q, k, v, cu_q, cu_k = packed()
     s_aux = torch.randn(4)
