@@ -277,3 +277,26 @@ def test_backward_inside_the_autocast_region_gives_the_same_gradients():
     with padfree.use_backend("reference"):
         for inside, outside in zip(grads(True), grads(False)):
             assert torch.equal(inside, outside)
+
+
+def test_compiles_under_autocast_without_graph_break():
+    """torch.compile(fullgraph=True) of the ops inside an autocast region: same gradients as eager."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, heads, 16, requires_grad=True) for heads in (4, 2, 2))
+    sinks = torch.randn(4, requires_grad=True)
+    lora_a, lora_b = torch.randn(4, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    weight = torch.randn(16, 16)
+    leaves = (q, k, v, sinks, lora_a, lora_b)
+
+    def step(q, k, v, sinks, lora_a, lora_b):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = padfree.varlen_attention(q, k, v, cu, cu, 7, 7, causal=True, s_aux=sinks)
+            y = padfree.lora_linear(out.reshape(12, -1)[:, :16], weight, None, lora_a, lora_b, 2.0)
+        return y.float().square().sum()
+
+    with padfree.use_backend("reference"):
+        compiled = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+        eager = torch.autograd.grad(step(*leaves), leaves)
+    for got, want in zip(compiled, eager):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
