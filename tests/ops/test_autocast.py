@@ -186,9 +186,9 @@ def test_mixed_dtypes_outside_autocast_are_a_type_error():
     v = torch.randn(5, 2, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="one dtype"):
         padfree.varlen_attention(q, k, v, cu, cu, 5, 5)
-    weight = torch.randn(4, 8)
     with pytest.raises(TypeError, match="one dtype"):
-        padfree.lora_linear(v.reshape(5, 16)[:, :8], weight, None, torch.randn(2, 8), torch.randn(4, 2), 1.0)
+        padfree.lora_linear(torch.randn(5, 8, dtype=torch.bfloat16), torch.randn(4, 8), None, torch.randn(2, 8),
+                            torch.randn(4, 2), 1.0)
     index = torch.zeros(5, 1, dtype=torch.int64)
     with pytest.raises(TypeError, match="one dtype"):
         padfree.moe_experts(torch.randn(5, 8, dtype=torch.bfloat16), index, torch.ones(5, 1),
