@@ -32,8 +32,9 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype of the autocast region active for `device`'s type, or None outside one."""
-    if torch.is_autocast_enabled(device.type):
+    """The dtype of the autocast region active for `device`'s type, or None outside one (and for
+    device types autocast does not know, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 

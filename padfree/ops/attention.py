@@ -153,7 +153,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, d
         _checks.expect_dtype(name, t, DTYPES)
     _checks.expect_same_dtype(q=q, k=k, v=v)
     _checks.expect_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                               alibi_slopes=alibi_slopes, s_aux=s_aux)
+                               alibi_slopes=alibi_slopes)
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same tokens and heads (total_k, Hkv, ...), got k {tuple(k.shape)} "
                          f"and v {tuple(v.shape)}")
@@ -166,6 +166,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, d
     if s_aux is not None:
         _checks.expect_tensor("s_aux", s_aux)
         _checks.expect_dtype("s_aux", s_aux, DTYPES)
+        _checks.expect_same_device(q=q, s_aux=s_aux)
         if tuple(s_aux.shape) != (q.shape[1],):
             raise ValueError(f"s_aux must have shape ({q.shape[1]},) (one sink logit per query head), "
                              f"got {tuple(s_aux.shape)}")

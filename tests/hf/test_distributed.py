@@ -1,6 +1,7 @@
 """Data parallel on CPU: 2 processes (gloo, DDP) train a padfree-patched tiny model on packs from
-`MultipackBatchSampler`. Every example is used once, the ranks get near-equal tokens each step, and
-the losses and final weights equal one process training on the same packs."""
+`MultipackBatchSampler`. Every example is used once, the ranks get near-equal tokens each step, the
+losses and final weights equal one process training on the same packs, and every rank ran padfree's
+attention in every layer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import padfree
 from padfree import verify
 from padfree.hf.models import ARCHITECTURES
 from padfree.packing import MultipackBatchSampler, PaddingFreeCollator
+from tests.hf.test_trainer import PadfreeOpCalls, attention_calls
 
 WORLD = 2
 LENGTHS = torch.randint(1, 17, (40,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -50,8 +52,8 @@ def _rank_main(rank, init_file, out_dir):
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     examples, collate = dataset(), PaddingFreeCollator()
     sampler = MultipackBatchSampler(LENGTHS, TOKENS_PER_RANK, num_replicas=WORLD, rank=rank, seed=0)
-    steps = []
-    with padfree.use_backend("reference"):
+    steps, counter = [], PadfreeOpCalls()
+    with padfree.use_backend("reference"), counter:
         for indices in sampler:
             loss_sum, count = summed_loss(model, collate([examples[i] for i in indices]))
             total = count.clone()
@@ -66,6 +68,8 @@ def _rank_main(rank, init_file, out_dir):
                           "loss": global_loss.item()})
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(steps, f)
+    with open(f"{out_dir}/calls{rank}.json", "w") as f:
+        json.dump(counter.calls, f)
     if rank == 0:
         torch.save(model.module.state_dict(), f"{out_dir}/weights.pt")
     dist.destroy_process_group()
@@ -108,6 +112,9 @@ def test_two_process_ddp_with_multipack_equals_one_process(tmp_path):
     assert sum(LENGTHS) / (WORLD * sum(max(pair) for pair in zip(*tokens))) >= 0.85
     for r0, r1 in zip(*ranks):
         assert r0["loss"] == pytest.approx(r1["loss"], rel=1e-6)  # both hold the all-reduced loss
+    layers = ARCHITECTURES["llama"].build_config().num_hidden_layers
+    for r in range(WORLD):  # one forward and one backward per step
+        assert json.loads((tmp_path / f"calls{r}.json").read_text()) == attention_calls(layers, len(ranks[0]))
 
     plan = [[r0["indices"], r1["indices"]] for r0, r1 in zip(*ranks)]
     losses, weights = single_process(plan)

@@ -24,6 +24,9 @@ transformers = pytest.importorskip("transformers")
 LENGTHS = [7, 3, 12, 5, 9, 2, 11, 6, 4, 8, 10, 3, 6, 9, 5, 7]
 VOCAB = 128  # the tiny configs' vocab_size
 MICRO_BATCHES = 4  # max_steps=2 x gradient_accumulation_steps=2 in `training_arguments`
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Fused LoRA calls per decoder layer and forward: q/k/v share one call, gate/up one, o and down one each.
+LORA_CALLS_PER_LAYER = 4
 
 
 class PadfreeOpCalls(TorchDispatchMode):
@@ -80,10 +83,13 @@ def train(trainer) -> tuple[list[float], dict[str, torch.Tensor], PadfreeOpCalls
     return losses, weights(trainer.model), counter
 
 
-def assert_same_training(losses, trained, reference_losses, reference_trained, initial, *, rtol, update_rtol):
-    """Same logged losses (relative `rtol`) and the same weight updates: each parameter's change
-    from `initial` within `update_rtol` of the reference's change, relative to its norm. Parameters
-    the reference did not change (frozen) must not change either."""
+def assert_same_training(losses, trained, reference_losses, reference_trained, initial, *, rtol, update_rtol,
+                         weight_rtol=1e-6):
+    """Same logged losses (relative `rtol`) and the same weight updates: per parameter,
+    ||update - reference update|| <= update_rtol ||reference update|| + weight_rtol ||reference weight||.
+    The second term is the float32 rounding of the weights themselves (each SGD step rounds the
+    weight, ~6e-8 relative, which is large next to a small update). Parameters the reference did
+    not change (frozen) must not change either."""
     assert len(losses) == len(reference_losses) >= 2 and losses[0] != losses[1]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=rtol, atol=0)
     assert trained.keys() == reference_trained.keys() == initial.keys()
@@ -95,8 +101,9 @@ def assert_same_training(losses, trained, reference_losses, reference_trained, i
             assert update.norm().item() == 0, f"{name} is frozen in the reference run but changed"
             continue
         moved += 1
-        error = (update - reference_update).norm().item() / scale
-        assert error <= update_rtol, f"{name}: update differs by {error:.2e} (relative) > {update_rtol:.0e}"
+        error = (update - reference_update).norm().item()
+        bound = update_rtol * scale + weight_rtol * reference_trained[name].norm().item()
+        assert error <= bound, f"{name}: update differs by {error:.2e} > {bound:.2e} (update norm {scale:.2e})"
     assert moved > 0, "nothing trained"
 
 

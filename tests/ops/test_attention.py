@@ -231,7 +231,7 @@ def bad(**changes):
     (dict(k=torch.randn(9, 3, 16), v=torch.randn(9, 3, 16)), ValueError, "multiple"),
     (dict(q=torch.randn(9, 4, 16, dtype=torch.float64)), TypeError, "q"),
     (dict(q=torch.randn(9, 4, 300), k=torch.randn(9, 2, 300), v=torch.randn(9, 2, 300)), ValueError, "head_dim"),
-    (dict(v=torch.randn(9, 2, 8)), ValueError, "same shape"),
+    (dict(v=torch.randn(8, 2, 16)), ValueError, "same tokens and heads"),
     (dict(q=torch.randn(9, 16)), ValueError, "q"),
     (dict(q=torch.randn(9, 4, 16, device="meta")), ValueError, "device"),
 ])

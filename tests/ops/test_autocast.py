@@ -186,9 +186,9 @@ def test_mixed_dtypes_outside_autocast_are_a_type_error():
     v = torch.randn(5, 2, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="one dtype"):
         padfree.varlen_attention(q, k, v, cu, cu, 5, 5)
-    weight = torch.randn(4, 8)
     with pytest.raises(TypeError, match="one dtype"):
-        padfree.lora_linear(v.reshape(5, 16)[:, :8], weight, None, torch.randn(2, 8), torch.randn(4, 2), 1.0)
+        padfree.lora_linear(torch.randn(5, 8, dtype=torch.bfloat16), torch.randn(4, 8), None, torch.randn(2, 8),
+                            torch.randn(4, 2), 1.0)
     index = torch.zeros(5, 1, dtype=torch.int64)
     with pytest.raises(TypeError, match="one dtype"):
         padfree.moe_experts(torch.randn(5, 8, dtype=torch.bfloat16), index, torch.ones(5, 1),
@@ -253,3 +253,50 @@ def test_llama_trains_under_bf16_autocast_like_sdpa(monkeypatch):
         err, base_err = relative_error(got, want), relative_error(baseline, want)
         assert err <= 2 * base_err + FLOOR[torch.bfloat16], (
             f"item {index} (0: loss, 1: logits, then gradients): error {err:.2e} vs sdpa's {base_err:.2e}")
+
+
+def test_backward_inside_the_autocast_region_gives_the_same_gradients():
+    """The ops' backwards run with autocast off, so calling backward() inside the region (which
+    some training loops do) changes nothing, bit for bit."""
+    cu = torch.tensor([0, 6, 15], dtype=torch.int32)
+    q, k, v = (torch.randn(15, heads, 16, requires_grad=True) for heads in (4, 2, 2))
+    x = torch.randn(15, 32)
+    weight, lora_a, lora_b = torch.randn(8, 32), torch.randn(4, 32, requires_grad=True), torch.randn(8, 4)
+    lora_b.requires_grad_()
+    leaves = (q, k, v, lora_a, lora_b)
+
+    def grads(backward_inside):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = padfree.varlen_attention(q, k, v, cu, cu, 9, 9, causal=True)
+            y = padfree.lora_linear(x, weight, None, lora_a, lora_b, 2.0)
+            loss = out.float().square().sum() + y.float().square().sum()
+            if backward_inside:
+                return torch.autograd.grad(loss, leaves)
+        return torch.autograd.grad(loss, leaves)
+
+    with padfree.use_backend("reference"):
+        for inside, outside in zip(grads(True), grads(False)):
+            assert torch.equal(inside, outside)
+
+
+def test_compiles_under_autocast_without_graph_break():
+    """torch.compile(fullgraph=True) of the ops inside an autocast region: same gradients as eager."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, heads, 16, requires_grad=True) for heads in (4, 2, 2))
+    sinks = torch.randn(4, requires_grad=True)
+    lora_a, lora_b = torch.randn(4, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    weight = torch.randn(16, 16)
+    leaves = (q, k, v, sinks, lora_a, lora_b)
+
+    def step(q, k, v, sinks, lora_a, lora_b):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = padfree.varlen_attention(q, k, v, cu, cu, 7, 7, causal=True, s_aux=sinks)
+            y = padfree.lora_linear(out.reshape(12, -1)[:, :16], weight, None, lora_a, lora_b, 2.0)
+        return y.float().square().sum()
+
+    with padfree.use_backend("reference"):
+        compiled = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+        eager = torch.autograd.grad(step(*leaves), leaves)
+    for got, want in zip(compiled, eager):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
