@@ -86,7 +86,10 @@ def _fusable_now(module, x, args, kwargs) -> str | None:
     adapters = _layer_adapters(module)
     if len(adapters) != 1 or adapters[0] in module.lora_variant:
         return None
-    if x.dtype != module.get_base_layer().weight.dtype or x.dtype != module.lora_A[adapters[0]].weight.dtype:
+    # Under autocast the op casts x and the weights to the autocast dtype, as PEFT's forward does
+    # through F.linear; outside it, a dtype mismatch is PEFT's own casting rule, left to PEFT.
+    if not torch.is_autocast_enabled(x.device.type) and (
+            x.dtype != module.get_base_layer().weight.dtype or x.dtype != module.lora_A[adapters[0]].weight.dtype):
         return None
     return adapters[0]
 

@@ -37,8 +37,8 @@ def _peft_model(arch, dropout, **lora_kwargs):
     return get_peft_model(_base(arch), config)
 
 
-def _patch(model):
-    return padfree.patch(model, attention=False, lora=True, moe=False)
+def _patch(model, strict=True):
+    return padfree.patch(model, attention=False, lora=True, moe=False, strict=strict)
 
 
 class _MaskDropout(torch.nn.Module):
@@ -185,6 +185,21 @@ def test_merge_unmerge_and_unpatch(monkeypatch):
     assert calls == []
 
 
+def test_every_layer_fuses_under_bf16_autocast_on_fp32_weights(monkeypatch):
+    """fp32 weights + bf16 autocast (Trainer's bf16=True): o_proj and down_proj get bf16 inputs while
+    their weights are fp32; they must still take the fused op, and match PEFT under the same autocast."""
+    model = _peft_model("llama", 0.0).eval()
+    input_ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=input_ids).logits.float()
+    _patch(model)
+    calls = _count_fused_calls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=input_ids).logits.float()
+    assert sorted(calls) == [1, 1, 1, 1, 2, 2, 3, 3]
+    assert (got - expected).norm() / expected.norm() < 2e-2
+
+
 def test_save_pretrained_after_patching(tmp_path):
     model = _peft_model("qwen3", 0.0).eval()
     _patch(model)
@@ -200,7 +215,9 @@ def test_save_pretrained_after_patching(tmp_path):
 
 def test_ineligible_layers_are_reported_with_the_reason():
     model = _peft_model("llama", 0.0, use_dora=True)
-    report = _patch(model)
+    with pytest.raises(ValueError, match="variant"):
+        _patch(model)
+    report = _patch(model, strict=False)
     assert not report.patched("lora")
     assert len(report.skipped("lora")) == 14
     assert all("variant" in r.detail for r in report.skipped("lora")), str(report)
@@ -216,7 +233,7 @@ def test_ineligible_layers_are_reported_with_the_reason():
 
     model = _peft_model("llama", 0.0)
     model.merge_adapter()
-    report = _patch(model)
+    report = _patch(model, strict=False)
     assert all("merged" in r.detail for r in report.skipped("lora")) and len(report.skipped("lora")) == 14
 
 
