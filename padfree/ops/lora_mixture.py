@@ -1,0 +1,273 @@
+"""`lora_mixture_linear`: a frozen linear layer plus a mixture of LoRA experts chosen per token by a
+router; `lora_per_sequence_linear`: one LoRA adapter per packed sequence (many fine-tunes trained
+in one padding-free pass).
+
+    y_m = x_m W^T + b + scaling * sum_j w_mj * dropout(x_m) A_{e_mj}^T B_{e_mj}^T
+
+Custom ops (opaque to `torch.compile`, with fake impls and autograd):
+  padfree::lora_mixture_fwd (x, weight, bias?, lora_a, lora_b, scaling, top_k_index, top_k_weights,
+                             dropout_p, seed, backend) -> (y, h)
+  padfree::lora_mixture_bwd (dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights,
+                             dropout_p, seed, input_grad, backend) -> (dx, d lora_a, d lora_b, d top_k_weights)
+
+h = [dropout(x) A_e^T]_e (M, E * r) and the dropout seed are all the forward saves beyond its
+inputs. The backward math is derived in padfree/reference/lora_mixture.py (the loop over experts)
+and padfree/kernels/lora_mixture.py (the same as one gated LoRA of rank E * r); the frozen
+weight's and the bias's gradients (dW = dy^T x, db = sum dy) are computed here, only when they
+require grad. The backend ("triton" or "reference") is chosen in Python before the op is called
+and passed as an argument, so a compiled graph records the choice and the backward uses the same
+one. Dropout draws its seed as `lora_linear` does (one mask on x, shared by the experts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from padfree import _backend, _checks
+from padfree.ops import _autocast
+from padfree.ops.attention import _dropout_seed
+from padfree.reference import lora_mixture as reference
+
+OP = "lora_mixture_linear"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _kernels():
+    from padfree.kernels import lora_mixture
+
+    return lora_mixture
+
+
+def _impl(backend: str):
+    return _kernels() if backend == "triton" else reference
+
+
+@torch.library.custom_op("padfree::lora_mixture_fwd", mutates_args=())
+@_autocast.disabled
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                dropout_p: float, seed: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend).forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p,
+                                  seed)
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0] * lora_a.shape[1])
+
+
+@torch.library.custom_op("padfree::lora_mixture_bwd", mutates_args=())
+@_autocast.disabled
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scaling: float, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 dropout_p: float, seed: torch.Tensor, input_grad: bool, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl(backend).backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p,
+                                   seed, input_grad)
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed, input_grad, backend):
+    dx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(top_k_weights)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed, backend = inputs
+    ctx.options = (scaling, dropout_p, backend)
+    ctx.weight_grad = weight.requires_grad
+    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.save_for_backward(x, weight, output[1], lora_a, lora_b, top_k_index, top_k_weights, seed)
+    ctx.mark_non_differentiable(output[1])
+
+
+@_autocast.disabled
+def _backward(ctx, dy, _):
+    x, weight, h, lora_a, lora_b, top_k_index, top_k_weights, seed = ctx.saved_tensors
+    scaling, dropout_p, backend = ctx.options
+    dy = dy.contiguous()
+    input_grad = ctx.needs_input_grad[0]
+    dx, d_lora_a, d_lora_b, d_weights = _backward_op(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index,
+                                                     top_k_weights, dropout_p, seed, input_grad, backend)
+    d_weight = dy.t() @ x if ctx.weight_grad else None
+    d_bias = dy.sum(0) if ctx.bias_grad else None
+    return ((dx if input_grad else None), d_weight, d_bias, d_lora_a, d_lora_b, None, None, d_weights, None, None,
+            None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, check) -> None:
+    for name, value in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b),
+                        ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        _checks.expect_tensor(name, value)
+    _checks.expect_dtype("x", x, DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., in_features), got {tuple(x.shape)}")
+    _checks.expect_dim("weight", weight, 2, "(out_features, in_features)")
+    _checks.expect_dim("lora_a", lora_a, 3, "(num_experts, rank, in_features)")
+    _checks.expect_dim("lora_b", lora_b, 3, "(num_experts, out_features, rank)")
+    _checks.expect_dim("top_k_index", top_k_index, 2, "(num_tokens, top_k)")
+    _checks.expect_dim("top_k_weights", top_k_weights, 2, "(num_tokens, top_k)")
+    _checks.expect_dtype("top_k_index", top_k_index, INDEX_DTYPES)
+    if not top_k_weights.dtype.is_floating_point:
+        raise TypeError(f"top_k_weights must be a float tensor, got {top_k_weights.dtype}")
+    tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if bias is not None:
+        _checks.expect_tensor("bias", bias)
+        tensors["bias"] = bias
+    _checks.expect_same_dtype(**tensors)
+    _checks.expect_same_device(**tensors, top_k_index=top_k_index, top_k_weights=top_k_weights)
+    in_features = x.shape[-1]
+    num_tokens = x.numel() // in_features if in_features else 0
+    out_features = weight.shape[0]
+    num_experts, rank, a_in = lora_a.shape
+    if weight.shape[1] != in_features:
+        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {in_features} "
+                         f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    if a_in != in_features or num_experts < 1 or rank < 1:
+        raise ValueError(f"lora_a must have shape (num_experts >= 1, rank >= 1, {in_features}), "
+                         f"got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (num_experts, out_features, rank):
+        raise ValueError(f"lora_b must have shape (num_experts, out_features, rank) = "
+                         f"({num_experts}, {out_features}, {rank}) to match lora_a {tuple(lora_a.shape)} and weight "
+                         f"{tuple(weight.shape)}, got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if top_k_index.shape[0] != num_tokens or top_k_index.shape[1] < 1:
+        raise ValueError(f"top_k_index must have shape (num_tokens, top_k) = ({num_tokens}, top_k >= 1) for x "
+                         f"{tuple(x.shape)}, got {tuple(top_k_index.shape)}")
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, "
+                         f"got {tuple(top_k_weights.shape)}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite float, got {scaling!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if _checks.value_checks_enabled(check) and top_k_index.numel():
+        low, high = int(top_k_index.min()), int(top_k_index.max())
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"top_k_index holds expert {low if low < 0 else high}, outside 0..{num_experts - 1}")
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def lora_mixture_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                        lora_b: torch.Tensor, scaling: float, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                        dropout_p: float = 0.0, *, check: bool | None = None) -> torch.Tensor:
+    """A frozen linear layer plus a mixture of LoRA experts, routed per token.
+
+        y_m = x_m @ weight.T + bias + scaling * sum_j w_mj * dropout(x_m) @ lora_a[e_mj].T @ lora_b[e_mj].T
+        with e_mj = top_k_index[m, j], w_mj = top_k_weights[m, j]
+
+    Args:
+        x: (..., in_features), any leading shape (M tokens in all); fp16, bf16 or fp32.
+        weight: (out_features, in_features), usually frozen (its gradient is computed only when it
+            requires grad); bias: (out_features,) or None.
+        lora_a: (num_experts, rank, in_features), lora_b: (num_experts, out_features, rank).
+        scaling: the LoRA scale shared by the experts (alpha / rank in PEFT).
+        top_k_index: (M, k) int32/int64 experts in 0..num_experts-1 (a repeated expert adds its weights).
+        top_k_weights: (M, k) any float dtype (e.g. `padfree.moe_route`'s); the gate math runs in
+            fp32, its gradient has its dtype (so a router trains).
+        dropout_p: dropout on the LoRA input in [0, 1), one mask on x shared by the experts, drawn as
+            in `lora_linear` (seed on x's device, mask regenerated in backward). Pass 0 in eval mode.
+        check: run the check that copies top_k_index's range to the host (None: on unless
+            PADFREE_CHECKS=0; skipped inside torch.compile). Shape/dtype/device checks always run.
+    weight, bias, lora_a and lora_b share x's dtype and device. Inside `torch.autocast` they and x are
+    cast to the autocast dtype first (as `F.linear` is); the routing weights keep their dtype.
+
+    Returns:
+        (..., out_features) in x's dtype (the autocast dtype under autocast). Gradients flow to x,
+        lora_a, lora_b and top_k_weights, and to weight / bias when they require grad. An expert no
+        token chose gets a zero gradient.
+
+    Backends: the Triton path runs the fused-LoRA kernels as one LoRA of rank num_experts * rank with
+    a per-token gate (padfree/kernels/lora_mixture.py), for num_experts * rank <= 256; beyond that the
+    reference (a loop over experts) runs, with a warning naming the reason.
+    """
+    x, weight, bias, lora_a, lora_b = _autocast.cast_inputs(x, weight, bias, lora_a, lora_b)
+    _validate(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, check)
+    leading = x.shape[:-1]
+    x2d = _row_major(x.reshape(-1, x.shape[-1]))
+    lora_a, lora_b, weight = lora_a.contiguous(), lora_b.contiguous(), _row_major(weight)
+    bias = None if bias is None else bias.contiguous()
+    dropout_p = float(dropout_p)
+    seed = _dropout_seed(dropout_p, x.device)
+    backend = _backend.resolve(OP, x.device, triton_unsupported=lambda: _triton_unsupported(x2d, lora_a))
+    y, _ = _forward_op(x2d, weight, bias, lora_a, lora_b, float(scaling), top_k_index.long(), top_k_weights.float(),
+                       dropout_p, seed, backend)
+    return y.view(*leading, y.shape[-1])
+
+
+def _triton_unsupported(x: torch.Tensor, lora_a: torch.Tensor) -> str | None:
+    from padfree.kernels import runtime
+
+    if not runtime.HAS_TRITON:
+        return "triton is not installed"
+    return _kernels().unsupported_reason(x, lora_a.shape[0], lora_a.shape[1])
+
+
+def sequence_routing(adapter_ids: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index (num_tokens, 1) int64, top_k_weights (num_tokens, 1) fp32) sending every token
+    of packed sequence i to adapter adapter_ids[i] with weight 1; tokens at or past cu_seqlens[-1]
+    get weight 0 (adapter 0, which then adds nothing). Computed on the device, no host sync."""
+    positions = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    sequence = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    inside = sequence < adapter_ids.shape[0]
+    adapter = adapter_ids.long()[sequence.clamp_max(adapter_ids.shape[0] - 1)]
+    index = torch.where(inside, adapter, torch.zeros_like(adapter))
+    return index[:, None], inside.to(torch.float32)[:, None]
+
+
+def lora_per_sequence_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                             lora_b: torch.Tensor, scaling: float, adapter_ids: torch.Tensor,
+                             cu_seqlens: torch.Tensor, dropout_p: float = 0.0, *,
+                             check: bool | None = None) -> torch.Tensor:
+    """A frozen linear layer with one LoRA adapter per packed sequence.
+
+        y_m = x_m @ weight.T + bias + scaling * dropout(x_m) @ lora_a[a].T @ lora_b[a].T,
+        a = adapter_ids[i] for token m of sequence i (cu_seqlens[i] <= m < cu_seqlens[i + 1])
+
+    Tokens at or past cu_seqlens[-1] (padding) get the base output x @ weight.T + bias only. Each
+    adapter's gradient comes only from its own sequences; an adapter no sequence uses gets zero.
+
+    Args:
+        x: (..., in_features), the packed tokens (any leading shape, e.g. (1, total, in_features)).
+        weight, bias, lora_a (num_adapters, rank, in_features), lora_b (num_adapters, out_features,
+            rank), scaling, dropout_p: as in `lora_mixture_linear`.
+        adapter_ids: (batch,) int32/int64 adapters in 0..num_adapters-1, one per packed sequence.
+        cu_seqlens: (batch + 1,) int32 sequence offsets (flash-attn convention).
+        check: run the checks that copy cu_seqlens and adapter_ids to the host (None: on unless
+            PADFREE_CHECKS=0; skipped inside torch.compile); the routing itself never syncs.
+
+    This is `lora_mixture_linear` with top-1 routing of weight 1 built from cu_seqlens on the device
+    (`sequence_routing`); the routing weights are constants and get no gradient.
+    """
+    _checks.expect_tensor("x", x)
+    _checks.expect_tensor("adapter_ids", adapter_ids)
+    _checks.expect_dtype("adapter_ids", adapter_ids, INDEX_DTYPES)
+    _checks.expect_dim("adapter_ids", adapter_ids, 1, "(batch,)")
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., in_features), got {tuple(x.shape)}")
+    num_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    values = _checks.value_checks_enabled(check)
+    _checks.check_cu_seqlens("cu_seqlens", cu_seqlens, num_tokens, num_tokens, "num_tokens", values=values)
+    if adapter_ids.shape[0] != cu_seqlens.shape[0] - 1:
+        raise ValueError(f"adapter_ids must have one entry per sequence ({cu_seqlens.shape[0] - 1} for cu_seqlens "
+                         f"{tuple(cu_seqlens.shape)}), got {tuple(adapter_ids.shape)}")
+    _checks.expect_same_device(x=x, adapter_ids=adapter_ids, cu_seqlens=cu_seqlens)
+    if values and isinstance(lora_a, torch.Tensor) and lora_a.dim() == 3:
+        low, high = int(adapter_ids.min()), int(adapter_ids.max())
+        if low < 0 or high >= lora_a.shape[0]:
+            raise ValueError(f"adapter_ids holds adapter {low if low < 0 else high}, "
+                             f"outside 0..{lora_a.shape[0] - 1}")
+    top_k_index, top_k_weights = sequence_routing(adapter_ids, cu_seqlens, num_tokens)
+    return lora_mixture_linear(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p,
+                               check=False)
