@@ -56,7 +56,7 @@ def _gated(values: torch.Tensor, gate: torch.Tensor, rank: int) -> torch.Tensor:
     """values (M, E * r) times each token's gate of the expert owning the column, in values' dtype
     (the product is taken in the gate's dtype, fp32)."""
     m, total = values.shape
-    product = values.to(gate.dtype).view(m, -1, rank) * gate[:, :, None]
+    product = values.to(gate.dtype).view(m, gate.shape[1], rank) * gate[:, :, None]
     return product.view(m, total).to(values.dtype)
 
 

@@ -28,7 +28,7 @@ def _inputs(m, k, n, experts, rank, top_k, dtype, bias=True):
     b = (torch.randn(n) * 0.1).to(dtype).requires_grad_() if bias else None
     lora_a = (torch.randn(experts, rank, k) / k**0.5).to(dtype).requires_grad_()
     lora_b = (torch.randn(experts, n, rank) / rank**0.5).to(dtype).requires_grad_()
-    index = torch.stack([torch.randperm(experts)[:top_k] for _ in range(m)])
+    index = torch.stack([torch.randperm(experts)[:top_k] for _ in range(m)]) if m else torch.zeros(0, top_k).long()
     weights = torch.rand(m, top_k).softmax(-1).requires_grad_()
     return dict(x=x, weight=weight, bias=b, lora_a=lora_a, lora_b=lora_b, scaling=1.5, top_k_index=index,
                 top_k_weights=weights)
@@ -203,6 +203,18 @@ def test_leading_shape_and_int32_index(triton_cpu, kernel_calls):
     torch.testing.assert_close(shaped.view(12, 8), flat, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_tokens(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_cpu")
+    args = _inputs(0, 16, 8, 3, 2, 2, torch.float32)
+    with padfree.use_backend(backend):
+        y, grads = _run(lambda a: lora_mixture_linear(**a, dropout_p=0.2), args, torch.randn(0, 8))
+    assert y.shape == (0, 8) and grads["x"].shape == (0, 16) and grads["top_k_weights"].shape == (0, 2)
+    assert torch.equal(grads["lora_a"], torch.zeros_like(grads["lora_a"]))
+    assert torch.equal(grads["lora_b"], torch.zeros_like(grads["lora_b"]))
+
+
 def test_many_experts_fall_back_to_the_reference_with_a_warning(triton_cpu, monkeypatch, kernel_calls):
     monkeypatch.setattr(_backend, "_warned", set())
     args = _inputs(10, 16, 8, 64, 8, 2, torch.float32)
@@ -291,8 +303,10 @@ def test_per_sequence_on_kernels_matches_float64(triton_cpu, kernel_calls):
     args = _inputs(x.shape[0], 16, 8, 4, 3, 1, torch.float16)
     args["top_k_index"], args["top_k_weights"] = sequence_routing(adapter_ids, cu_seqlens, x.shape[0])
     dy = torch.randn(x.shape[0], 8).half()
-    out, grads = _run(lambda a: lora_per_sequence_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"],
-                                                         a["scaling"], adapter_ids, cu_seqlens), args, dy)
+    # packed as HF hands it over: (1, total, hidden)
+    out, grads = _run(lambda a: lora_per_sequence_linear(a["x"][None], a["weight"], a["bias"], a["lora_a"],
+                                                         a["lora_b"], a["scaling"], adapter_ids, cu_seqlens)[0],
+                      args, dy)
     _assert_kernels_ran(kernel_calls)
     oracle_out, oracle_grads = _run(lambda a: _loop(a, 0.0, 0), _as(torch.float64, args, torch.float64), dy.double())
     base_out, base_grads = _run(lambda a: _loop(a, 0.0, 0), args, dy)
