@@ -223,17 +223,23 @@ def test_many_experts_fall_back_to_the_reference_with_a_warning(triton_cpu, monk
     assert all(c.count == 0 for c in kernel_calls.values())
 
 
-def test_bf16_autocast_with_fp32_parameters():
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16),
+                                            ("triton", torch.bfloat16)])
+def test_autocast_with_fp32_parameters(request, backend, dtype):
+    """Under autocast the op runs on the inputs cast to the autocast dtype (routing weights stay fp32),
+    and the gradients reach the fp32 leaves in fp32."""
+    if backend == "triton":
+        request.getfixturevalue("triton_cpu")
     args = _inputs(10, 16, 8, 3, 2, 2, torch.float32)
-    with padfree.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = lora_mixture_linear(**args)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
+    with padfree.use_backend(backend):
+        with torch.autocast("cpu", dtype=dtype):
+            y = lora_mixture_linear(**args)
+        assert y.dtype == dtype
+        y.float().sum().backward()
+        rounded = _as(dtype, args, torch.float32)
+        torch.testing.assert_close(y, lora_mixture_linear(**rounded), rtol=0, atol=0)
     for name in ("x", "bias", "lora_a", "lora_b", "top_k_weights"):
         assert args[name].grad.dtype == torch.float32, name
-    rounded = _as(torch.bfloat16, args, torch.float32)
-    with padfree.use_backend("reference"):
-        torch.testing.assert_close(y, lora_mixture_linear(**rounded), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- per-sequence adapters
