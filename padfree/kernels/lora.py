@@ -150,15 +150,18 @@ def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R
         w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K),
                     other=0.0)
         acc = _dot(x, w, acc, IEEE)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rs[None, :], mask=row_ok[:, None] & (rs[None, :] < R),
-                     other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_bn + rs[:, None], mask=col_ok[None, :] & (rs[:, None] < R),
-                    other=0.0)
-        lora = _dot(xa, b, lora, IEEE)
-    acc += scaling * lora
+    if scaling != 0.0:
+        # One fp32 accumulator for both sums (a second one costs registers, spills wide tiles):
+        # acc / s + xa B^T, times s. The two fp32 roundings are far below the 16-bit inputs' own.
+        acc = acc / scaling
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rs[None, :],
+                         mask=row_ok[:, None] & (rs[None, :] < R), other=0.0)
+            b = tl.load(b_ptr + cols[None, :] * stride_bn + rs[:, None], mask=col_ok[None, :] & (rs[:, None] < R),
+                        other=0.0)
+            acc = _dot(xa, b, acc, IEEE)
+        acc = acc * scaling
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
