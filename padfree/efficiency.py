@@ -239,7 +239,7 @@ def reference_for(name: str, launch):
     # (rows, columns, reduction) of the output tile of each GEMM-shaped kernel
     shapes = {"lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
               "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-              "lora_da_kernel": ("BLOCK_R", "BLOCK_K", "BLOCK_M"),
+              "lora_da_kernel": ("BLOCK_K", "BLOCK_R", "BLOCK_M"),
               "lora_shrink_kernel": ("BLOCK_M", "BLOCK_R", "BLOCK_K")}
     if short in shapes:
         m, n, k = (c[key] for key in shapes[short])

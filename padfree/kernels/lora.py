@@ -230,25 +230,27 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
                    threshold, keep_scale, NUM_STREAMS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r
-    (branch-free over the NUM_STREAMS masks, as in lora_shrink_kernel)."""
+    (branch-free over the NUM_STREAMS masks, as in lora_shrink_kernel). Computed transposed,
+    dA^T = D(x)^T t, so that the MMA rows are BLOCK_K columns of x, not the rank (16-64), which
+    is too few rows for Hopper's wgmma."""
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+        x_t = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None], mask=(rows[None, :] < M) & (ks[:, None] < K),
+                      other=0.0)
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R),
                     other=0.0)
-        t = tl.load(t_ptr + rows[None, :] * stride_tm + rs[:, None], mask=(rows[None, :] < M) & (rs[:, None] < R),
-                    other=0.0)
-        offsets = rows[:, None] * K + ks[None, :]
+        offsets = rows[None, :] * K + ks[:, None]
         for stream in tl.static_range(NUM_STREAMS):
             start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
-            kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
+            kept_t = tl.where(_keep(seed, stream, offsets, threshold), x_t, 0.0).to(x_t.dtype)
             in_stream = (rs >= start) & (rs < end)
-            acc = _dot(tl.where(in_stream[:, None], t, 0.0).to(t.dtype), kept, acc, IEEE)
+            acc = _dot(kept_t, tl.where(in_stream[None, :], t, 0.0).to(t.dtype), acc, IEEE)
     acc = acc * keep_scale
-    tl.store(da_ptr + rs[:, None] * stride_dar + ks[None, :], acc.to(da_ptr.dtype.element_ty),
-             mask=(rs[:, None] < R) & (ks[None, :] < K))
+    tl.store(da_ptr + rs[None, :] * stride_dar + ks[:, None], acc.to(da_ptr.dtype.element_ty),
+             mask=(rs[None, :] < R) & (ks[:, None] < K))
 
 
 # ----------------------------------------------------------------------------- launch configurations

@@ -152,7 +152,7 @@ def test_hot_selection_and_references():
     _, reference = efficiency.reference_for("padfree.kernels.lora.lora_da_kernel", da)
     c = da.constexprs
     assert (reference.constexprs["BLOCK_M"], reference.constexprs["BLOCK_N"], reference.constexprs["BLOCK_K"]) == \
-        (c["BLOCK_R"], c["BLOCK_K"], c["BLOCK_M"])
+        (c["BLOCK_K"], c["BLOCK_R"], c["BLOCK_M"])
 
 
 # ---- the textbook kernels compute what they claim (interpreter, float64 oracle) ------------------
