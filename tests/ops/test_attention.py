@@ -146,6 +146,19 @@ def test_every_tuning_candidate_at_head_dim_128(triton_cpu, kind, index):
         check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0))
 
 
+@pytest.mark.parametrize("index", range(2))
+def test_every_dq_tile_at_head_dim_256(triton_cpu, index):
+    """Head dim 256 runs dq on 64x32 w4 (sm_80) or 64x16 w4 (sm_90, wgmma): both must be right."""
+    from padfree.kernels import attention as kernels
+    from padfree.kernels import runtime
+
+    tiles = kernels.tile_candidates("dq", 256, torch.float16)
+    assert {(t.block_m, t.block_n) for t in tiles} == {(64, 32), (64, 16)}
+    q, k, v, cu_q, cu_k = packed([70, 1, 33], [70, 1, 33], heads_q=2, heads_k=1, dim=256, dtype=torch.float16)
+    with runtime.force_choice("attention_dq", index):
+        check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0))
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=5),
        causal=st.booleans(), tail=st.integers(0, 5))
