@@ -44,7 +44,8 @@ MAX_REFERENCE_RATIO = 1.2
 
 _LAYOUT = re.compile(r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
                      r".*?instrShape = \[(\d+), (\d+)", re.M)
-_DOT = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*? : (?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x\w+.*?"
+# a dot's first operand (rows x K) and its fp32 result (M x N, layout)
+_DOT = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*? : (?:tensor|!ttg\.memdesc)<\d+x(\d+)x\w+.*?"
                   r"-> tensor<(\d+)x(\d+)xf32, (#\w+)>")
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);")
 
@@ -67,7 +68,7 @@ def dots(ttgir: str) -> list[Dot]:
     layouts = {name: (int(major), int(wm), int(wn), int(im), int(inn))
                for name, major, wm, wn, im, inn in _LAYOUT.findall(ttgir)}
     found = []
-    for k_rows, k, m, n, layout in _DOT.findall(ttgir):
+    for k, m, n, layout in _DOT.findall(ttgir):
         m, n, k = int(m), int(n), int(k)
         if layout not in layouts:
             found.append(Dot(m, n, k, "fma", 1.0))
