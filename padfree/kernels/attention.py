@@ -561,9 +561,8 @@ def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype, arch: i
     key = (kind, head_dim_padded, 4 if dtype == torch.float32 else 2)
     default = _ARCH_DEFAULTS.get(arch, {}).get(key, _TILES[key])
     every = (_TILES[key], *(tiles[key] for tiles in _ARCH_DEFAULTS.values() if key in tiles), *_CANDIDATES.get(key, ()))
-    others = [tile for tile in every if tile != default]
-    allowed = [tile for tile in others if arch is None or arch in (tile_archs(kind, head_dim_padded, dtype, tile)
-                                                                  or (arch,))]
+    allowed = [tile for tile in every if tile != default
+               and (arch is None or arch in (tile_archs(kind, head_dim_padded, dtype, tile) or (arch,)))]
     return (default, *dict.fromkeys(allowed))
 
 
