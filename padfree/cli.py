@@ -97,6 +97,8 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
 def _compile_check(args: argparse.Namespace) -> int:
     from padfree import compile_check
 
+    if args.json and not args.efficiency:
+        raise ValueError("--json goes with --efficiency")
     if args.efficiency:
         from padfree import efficiency
 

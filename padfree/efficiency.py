@@ -44,7 +44,8 @@ MAX_REFERENCE_RATIO = 1.2
 
 _LAYOUT = re.compile(r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
                      r".*?instrShape = \[(\d+), (\d+)", re.M)
-_DOT = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*? : (?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x\w+.*?"
+# a dot's first operand (rows x K) and its fp32 result (M x N, layout)
+_DOT = re.compile(r"= (?:tt\.dot|ttng\.warp_group_dot) .*? : (?:tensor|!ttg\.memdesc)<\d+x(\d+)x\w+.*?"
                   r"-> tensor<(\d+)x(\d+)xf32, (#\w+)>")
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);")
 
@@ -67,7 +68,7 @@ def dots(ttgir: str) -> list[Dot]:
     layouts = {name: (int(major), int(wm), int(wn), int(im), int(inn))
                for name, major, wm, wn, im, inn in _LAYOUT.findall(ttgir)}
     found = []
-    for k_rows, k, m, n, layout in _DOT.findall(ttgir):
+    for k, m, n, layout in _DOT.findall(ttgir):
         m, n, k = int(m), int(n), int(k)
         if layout not in layouts:
             found.append(Dot(m, n, k, "fma", 1.0))
@@ -87,9 +88,9 @@ def _mma_flops(opcode: str, num_warps: int) -> int:
     return 2 * int(shape[:2]) * int(shape[2]) * int(shape[3:]) * num_warps
 
 
-def main_loop(sass: str, num_warps: int, replication: float) -> tuple[int, float] | None:
-    """(instructions, useful MFLOP) per iteration of the main loop of a SASS listing, or None when
-    no loop holds an MMA instruction."""
+def main_loop(sass: str, num_warps: int, replication: float) -> tuple[int, float, int] | None:
+    """(instructions, useful MFLOP, MUFU instructions) per iteration of the main loop of a SASS
+    listing, or None when no loop holds an MMA instruction."""
     code = [(int(addr, 16), opcode, operands) for addr, opcode, operands in _SASS.findall(sass) if opcode != "NOP"]
     loops = []
     for addr, opcode, operands in code:
@@ -98,13 +99,14 @@ def main_loop(sass: str, num_warps: int, replication: float) -> tuple[int, float
             body = [op for a, op, _ in code if int(target.group(1), 16) <= a <= addr]
             flops = sum(_mma_flops(op, num_warps) for op in body if op.startswith(("HGMMA.", "HMMA.")))
             if flops:
-                loops.append((int(target.group(1), 16), addr, len(body), flops))
+                mufu = sum(op.startswith("MUFU") for op in body)
+                loops.append((int(target.group(1), 16), addr, len(body), flops, mufu))
     innermost = [loop for loop in loops
                  if not any(o is not loop and loop[0] <= o[0] and o[1] <= loop[1] for o in loops)]
     if not innermost:
         return None
     best = min(innermost, key=lambda loop: loop[2] * replication / loop[3])
-    return best[2], best[3] / replication / 1e6
+    return best[2], best[3] / replication / 1e6, best[4]
 
 
 def ctas_per_sm(arch: int, registers: int | None, num_warps: int, shared: int) -> int | None:
@@ -135,6 +137,7 @@ class Efficiency:
     loop_instructions: int | None = None
     loop_mflop: float | None = None
     instr_per_mflop: float | None = None
+    mufu_per_mflop: float | None = None
     reference: str = ""
     reference_instr_per_mflop: float | None = None
     error: str = ""
@@ -166,8 +169,9 @@ def analyze(compiled, arch: int, kernel: str = "", label: str = "") -> Efficienc
                          "cp.async" if re.search(r"\bcp\.async\.", ptx) else "none")
     loop = main_loop(_sass(compiled.asm["cubin"]), num_warps, result.replication)
     if loop is not None:
-        result.loop_instructions, result.loop_mflop = loop
+        result.loop_instructions, result.loop_mflop, mufu = loop
         result.instr_per_mflop = loop[0] * num_warps / loop[1]
+        result.mufu_per_mflop = mufu * num_warps / loop[1]
     return result
 
 
@@ -236,7 +240,7 @@ def reference_for(name: str, launch):
     # (rows, columns, reduction) of the output tile of each GEMM-shaped kernel
     shapes = {"lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
               "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-              "lora_da_kernel": ("BLOCK_R", "BLOCK_K", "BLOCK_M"),
+              "lora_da_kernel": ("BLOCK_K", "BLOCK_R", "BLOCK_M"),
               "lora_shrink_kernel": ("BLOCK_M", "BLOCK_R", "BLOCK_K")}
     if short in shapes:
         m, n, k = (c[key] for key in shapes[short])
@@ -331,3 +335,84 @@ def table(rows: list[Efficiency]) -> str:
 
 def to_json(rows: list[Efficiency]) -> str:
     return json.dumps([{**asdict(r), "ratio": r.ratio} for r in rows], indent=1)
+
+
+# ---- static performance model (predictions, not measurements) -------------------------------------
+# H100 SXM5: dense bf16 tensor-core peak 989 TFLOP/s = 132 SMs x 1.83 GHz x 4096 FLOP/clock/SM;
+# four schedulers issue one warp-instruction a clock each; the SFU (MUFU.EX2) does 16 lanes a
+# clock per SM, so one warp-instruction holds it 2 SM clocks. mma.sync on Hopper is assumed to reach
+# 62% of wgmma's peak (no async issue, register operands).
+H100_PEAK_TFLOPS = 989.0
+H100_BANDWIDTH_TBS = 3.35
+FLOP_PER_CLOCK_SM = 4096
+MMA_SYNC_FRACTION = 0.62
+
+
+def clocks_per_mflop(row: Efficiency) -> float | None:
+    """SM clocks per useful MFLOP of the main loop: tensor-core time (replication included) plus
+    instruction issue plus SFU time, added as if nothing overlapped (no warp specialization)."""
+    if row.instr_per_mflop is None:
+        return None
+    kind = 1.0 if row.mma == "wgmma" else MMA_SYNC_FRACTION
+    tensor = 1e6 * row.replication / (FLOP_PER_CLOCK_SM * kind)
+    return tensor + row.instr_per_mflop / 4 + 2 * (row.mufu_per_mflop or 0.0)
+
+
+def predicted_tflops(row: Efficiency) -> float | None:
+    """Useful TFLOP/s of the main loop on an H100, by `clocks_per_mflop`."""
+    clocks = clocks_per_mflop(row)
+    return None if clocks is None else H100_PEAK_TFLOPS * (1e6 / FLOP_PER_CLOCK_SM) / clocks
+
+
+def pair_quantization(lengths, block_rows: int, block_cols: int, causal: bool, keys_side: bool = False) -> float:
+    """Score pairs a block-tiled attention kernel computes / the pairs it needs, for sequences of
+    `lengths`. A program owns `block_rows` rows (queries; keys when `keys_side`, the dk/dv kernel)
+    and steps over the other side `block_cols` at a time: non-causal every block of the sequence,
+    causal (bottom-right aligned, equal lengths) those up to its last query row / from its first
+    key row."""
+    executed = needed = 0
+    for length in lengths:
+        needed += length * (length + 1) // 2 if causal else length * length
+        for start in range(0, length, block_rows):
+            if not causal:
+                span = length
+            elif keys_side:
+                span = length - start // block_cols * block_cols
+            else:
+                span = min(start + block_rows, length)
+            executed += block_rows * -(-span // block_cols) * block_cols
+    return executed / needed
+
+
+def prediction_table(rows: list[Efficiency], max_length: int = 4096) -> str:
+    """Markdown: per sm_90 row, the model's main-loop TFLOP/s, and for attention the useful TFLOP/s
+    after block quantization at the FLAN-like and OrcaMath-like lengths (`padfree.benchmark`)."""
+    from padfree.benchmark.distributions import builtin_lengths
+
+    lengths = {name: builtin_lengths(name, 2000, 0, max_length) for name in ("flan", "orcamath")}
+    lines = ["| kernel | launch | clocks/MFLOP | main loop TFLOP/s | FLAN useful TFLOP/s | OrcaMath useful TFLOP/s |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.arch != 90 or predicted_tflops(row) is None:
+            continue
+        tflops = predicted_tflops(row)
+        cells = ["", ""]
+        short = row.kernel.rsplit(".", 1)[-1]
+        if short.startswith("attention_"):
+            size = re.search(r"(\d+)x(\d+) w", row.label)
+            block_m, block_n = int(size.group(1)), int(size.group(2))
+            keys_side = "dkdv" in short
+            rows_, cols = (block_n, block_m) if keys_side else (block_m, block_n)
+            causal = "has_right" in row.label
+            cells = [f"{tflops / pair_quantization(lengths[name], rows_, cols, causal, keys_side):.0f}"
+                     for name in ("flan", "orcamath")]
+        lines.append(f"| {short} | {row.label} | {clocks_per_mflop(row):.0f} | {tflops:.0f} | {cells[0]} | "
+                     f"{cells[1]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m padfree.efficiency REPORT.json: the model's predictions for a saved --json report
+    with open(sys.argv[1]) as handle:
+        saved = [Efficiency(**{k: v for k, v in row.items() if k != "ratio"}) for row in json.load(handle)]
+    print(prediction_table(saved))

@@ -516,20 +516,34 @@ def head_dim_pad(head_dim: int) -> int:
 # tiles fit: the forward holds a (BLOCK_M, D) query tile and its fp32 accumulator and streams
 # (BLOCK_N, D) key/value tiles; the dk/dv kernel holds (BLOCK_N, D) k, v and the fp32 dk, dv and
 # streams narrow query blocks; the dq kernel holds q, dO and the fp32 dq. fp32 inputs (ieee dots)
-# halve the tiles. Not tuned on a GPU yet: `padfree compile-check` reports registers and spills.
+# halve the tiles. Not tuned on a GPU yet: `padfree compile-check --efficiency` reports registers,
+# spills and MMA use (docs/efficiency.md). Triton lays chained dots out with warpsPerCTA =
+# [num_warps, 1] and a warp covers 16 rows, so the rows of every MMA (the forward and dq: BLOCK_M;
+# dk/dv: BLOCK_N, it computes the transposed scores) must be >= 16 * num_warps, or warps compute
+# the same rows twice; and >= 64 for Hopper's wgmma.
 _TILES = {
     ("fwd", 16, 2): Tiles(128, 64, 4, 3), ("fwd", 32, 2): Tiles(128, 64, 4, 3),
     ("fwd", 64, 2): Tiles(128, 64, 8, 3), ("fwd", 128, 2): Tiles(128, 64, 8, 3),
     ("fwd", 256, 2): Tiles(64, 32, 8, 2),
     ("dkdv", 16, 2): Tiles(32, 128, 4, 3), ("dkdv", 32, 2): Tiles(32, 128, 4, 3),
-    ("dkdv", 64, 2): Tiles(32, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 64, 8, 2),
+    ("dkdv", 64, 2): Tiles(32, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 128, 8, 2),
     ("dkdv", 256, 2): Tiles(16, 32, 8, 2),
     ("dq", 16, 2): Tiles(128, 32, 4, 3), ("dq", 32, 2): Tiles(128, 32, 4, 3),
-    ("dq", 64, 2): Tiles(128, 32, 8, 2), ("dq", 128, 2): Tiles(64, 32, 8, 2),
-    ("dq", 256, 2): Tiles(32, 32, 8, 2),
+    ("dq", 64, 2): Tiles(128, 32, 8, 2), ("dq", 128, 2): Tiles(128, 32, 8, 2),
+    ("dq", 256, 2): Tiles(64, 32, 4, 2),
 }
 for (_kind, _pad, _size), _t in list(_TILES.items()):
     _TILES[(_kind, _pad, 4)] = Tiles(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2)
+
+# A different default on one arch, where the compile check shows the base tile leaves speed on the
+# table: Hopper's 228 KiB of shared memory and wgmma fit the 128x128 forward without spills (sm_80
+# spills it); its wgmma needs 64 rows, which a head-dim-256 dq tile has in registers only 16 keys
+# wide (on sm_80 that tile replicates its MMAs, 64x32 does not). Head dim 256 spills or replicates
+# in every tile of the forward and dk/dv kernels (dk and dv alone take 256 fp32 registers a
+# thread when a warp owns 16 rows): see docs/efficiency.md.
+_ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("dq", 256, 2): Tiles(64, 16, 4, 2)}}
+# Tiles registered and picked only on some archs (they spill or replicate on the others).
+_ONLY_ON = {("fwd", 128, 2, Tiles(128, 128, 8, 3)): (90,), ("dq", 256, 2, Tiles(64, 16, 4, 2)): (90,)}
 
 
 def delta_rows(head_dim_padded: int) -> int:
@@ -544,22 +558,39 @@ _tile_override: Tiles | None = None
 
 
 # More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
-# with PADFREE_AUTOTUNE=1 (runtime.pick; the _TILES entry is the default, used otherwise). Each
-# compiles for sm_80 and sm_90 without spills in the plain and causal kernels; larger ones
-# (128x128 forward, 32x64 dk/dv) spill.
+# with PADFREE_AUTOTUNE=1 (runtime.pick; the default is used otherwise). Each compiles for its archs
+# without spills or replicated MMAs in the plain and causal kernels (`compile-check --efficiency`);
+# larger ones (32x128 dk/dv, 64x64 w4 dq; 128x64 dq causal) spill, and 64x32 w4 dq issues 1.2x
+# the instructions per MFLOP of the textbook dq at that tile.
 _CANDIDATES = {
-    ("fwd", 128, 2): (Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)),
-    ("dkdv", 128, 2): (Tiles(16, 128, 8, 2), Tiles(16, 64, 8, 3)),
-    ("dq", 128, 2): (Tiles(64, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 8, 3)),
+    ("fwd", 128, 2): (Tiles(128, 128, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)),
+    ("dkdv", 128, 2): (Tiles(16, 128, 8, 3),),
+    ("dq", 128, 2): (Tiles(128, 32, 8, 3),),
 }
 
 
-def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype) -> tuple[Tiles, ...]:
-    """Every tile the launcher may pick, the default first."""
+def tile_archs(kind: str, head_dim_padded: int, dtype: torch.dtype, tile: Tiles) -> tuple[int, ...] | None:
+    """The archs `tile` may run on (None: all)."""
+    return _ONLY_ON.get((kind, head_dim_padded, 4 if dtype == torch.float32 else 2, tile))
+
+
+def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype, arch: int | None = None) -> tuple[Tiles, ...]:
+    """Every tile the launcher may pick on sm_`arch` (None: on any arch), the default first."""
     if _tile_override is not None:
         return (_tile_override,)
     key = (kind, head_dim_padded, 4 if dtype == torch.float32 else 2)
-    return (_TILES[key], *_CANDIDATES.get(key, ()))
+    default = _ARCH_DEFAULTS.get(arch, {}).get(key, _TILES[key])
+    every = (_TILES[key], *(tiles[key] for tiles in _ARCH_DEFAULTS.values() if key in tiles), *_CANDIDATES.get(key, ()))
+    allowed = [tile for tile in every if tile != default
+               and (arch is None or arch in (tile_archs(kind, head_dim_padded, dtype, tile) or (arch,)))]
+    return (default, *dict.fromkeys(allowed))
+
+
+def _arch(tensor: torch.Tensor) -> int | None:
+    if tensor.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return major * 10 + minor
 
 
 class override_tiles:
@@ -686,7 +717,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, k.shape[1])
-    runtime.launch_tuned("attention_fwd", tile_candidates("fwd", pad, q.dtype), launch, q, shape)
+    runtime.launch_tuned("attention_fwd", tile_candidates("fwd", pad, q.dtype, _arch(q)), launch, q, shape)
     return out, lse
 
 
@@ -747,9 +778,9 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     if total_k > 0:
-        runtime.launch_tuned("attention_dkdv", tile_candidates("dkdv", pad, q.dtype), launch_dkdv, q, shape)
+        runtime.launch_tuned("attention_dkdv", tile_candidates("dkdv", pad, q.dtype, _arch(q)), launch_dkdv, q, shape)
     if total_q > 0:
-        runtime.launch_tuned("attention_dq", tile_candidates("dq", pad, q.dtype), launch_dq, q, shape)
+        runtime.launch_tuned("attention_dq", tile_candidates("dq", pad, q.dtype, _arch(q)), launch_dq, q, shape)
     return dq, dk, dv
 
 
@@ -800,9 +831,11 @@ def _attention_launches(kind: str, kernel):
                 on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
                 # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
                 shape = f"{tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
+                archs = tile_archs(kind, pad, dtype, tile)
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
                                       signature=signature, constexprs=constexprs,
                                       num_warps=tile.num_warps, num_stages=tile.num_stages,
+                                      **({"archs": archs} if archs else {}),
                                       aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
 
 

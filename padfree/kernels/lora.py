@@ -158,15 +158,18 @@ def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R
         w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K),
                     other=0.0)
         acc = _dot(x, w, acc, IEEE)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rs[None, :], mask=row_ok[:, None] & (rs[None, :] < R),
-                     other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_bn + rs[:, None], mask=col_ok[None, :] & (rs[:, None] < R),
-                    other=0.0)
-        lora = _dot(xa, b, lora, IEEE)
-    acc += scaling * lora
+    if scaling != 0.0:
+        # One fp32 accumulator for both sums (a second one costs registers, spills wide tiles):
+        # acc / s + xa B^T, times s. The two fp32 roundings are far below the 16-bit inputs' own.
+        acc = acc / scaling
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            xa = tl.load(xa_ptr + rows[:, None] * stride_xam + rs[None, :],
+                         mask=row_ok[:, None] & (rs[None, :] < R), other=0.0)
+            b = tl.load(b_ptr + cols[None, :] * stride_bn + rs[:, None], mask=col_ok[None, :] & (rs[:, None] < R),
+                        other=0.0)
+            acc = _dot(xa, b, acc, IEEE)
+        acc = acc * scaling
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -236,26 +239,28 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
                    threshold, keep_scale, NUM_STREAMS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r
-    (branch-free over the NUM_STREAMS masks, as in lora_shrink_kernel)."""
+    (branch-free over the NUM_STREAMS masks, as in lora_shrink_kernel). Computed transposed,
+    dA^T = D(x)^T t, so that the MMA rows are BLOCK_K columns of x, not the rank (16-64), which
+    is too few rows for Hopper's wgmma."""
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     seed = tl.load(seed_ptr)
     for m0 in range(0, M, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+        x_t = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None], mask=(rows[None, :] < M) & (ks[:, None] < K),
+                      other=0.0)
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R),
                     other=0.0)
-        t = tl.load(t_ptr + rows[None, :] * stride_tm + rs[:, None], mask=(rows[None, :] < M) & (rs[:, None] < R),
-                    other=0.0)
-        offsets = rows[:, None] * K + ks[None, :]
+        offsets = rows[None, :] * K + ks[:, None]
         for stream in tl.static_range(NUM_STREAMS):
             start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
-            kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
+            kept_t = tl.where(_keep(seed, stream, offsets, threshold), x_t, 0.0).to(x_t.dtype)
             in_stream = (rs >= start) & (rs < end)
-            acc = _dot(tl.where(in_stream[:, None], t, 0.0).to(t.dtype), kept, acc, IEEE)
+            acc = _dot(kept_t, tl.where(in_stream[None, :], t, 0.0).to(t.dtype), acc, IEEE)
     acc = acc * keep_scale
-    tl.store(da_ptr + rs[:, None] * stride_dar + ks[None, :], acc.to(da_ptr.dtype.element_ty),
-             mask=(rs[:, None] < R) & (ks[None, :] < K))
+    tl.store(da_ptr + rs[None, :] * stride_dar + ks[:, None], acc.to(da_ptr.dtype.element_ty),
+             mask=(rs[None, :] < R) & (ks[:, None] < K))
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -266,12 +271,12 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
 # that runtime.pick times on the GPU on first use per shape with PADFREE_AUTOTUNE=1 (the first is
 # the default, used otherwise: the 128x128x64, 8-warp, 3-stage tile). Candidates were kept when
 # they compile for sm_80 and sm_90 with at most 8 bytes of spills, bias and dropout variants
-# included (wider tiles such as 128x256 spill hundreds of bytes: the forward holds two fp32
-# accumulators).
+# included. With one fp32 accumulator the forward's 128x256x64 tile (the widest, fewest instructions
+# per MFLOP in `compile-check --efficiency`) fits without spills too.
 _GEMM_SMALL = {2: (64, 64, 32, 4, 3), 4: (32, 32, 32, 4, 2)}
 _FP32_LARGE = (64, 64, 32, 8, 3)
 _FORWARD_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4),
-                  (64, 128, 64, 4, 4))
+                  (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
 _DX_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 8, 3))
 _BLOCK_R = 16
 _GROUP_M = 8

@@ -136,13 +136,13 @@ def test_kernels_large_tiles_and_frozen_weight_grad(triton_cpu):
 
 
 @pytest.mark.parametrize("launcher, index",
-                         [("lora_forward", i) for i in range(5)] + [("lora_dx", i) for i in range(3)])
+                         [("lora_forward", i) for i in range(6)] + [("lora_dx", i) for i in range(3)])
 def test_every_tuning_candidate_matches_float64(triton_cpu, launcher, index):
     """On a GPU the large-problem configuration is picked by timing; each candidate must be right."""
     from padfree.kernels import lora as kernels
     from padfree.kernels import runtime
 
-    assert len(kernels._FORWARD_LARGE) == 5 and len(kernels._DX_LARGE) == 3
+    assert len(kernels._FORWARD_LARGE) == 6 and len(kernels._DX_LARGE) == 3
     with runtime.force_choice(launcher, index):
         # M >= 1024 and N, K >= 256 select the large candidates for both the forward and dx
         _check((1030,), 260, [257], [16], torch.float16, True, 0.2 if launcher == "lora_dx" else 0.0)
