@@ -215,18 +215,33 @@ def _representative_layer_types(layer_types) -> list[str] | None:
     return (distinct * 2)[: max(2, len(distinct))]
 
 
-def tiny_config(model_type: str):
+# Types whose default config leaves out a kind of layer their released checkpoints have.
+TINY_LAYER_TYPES = {"lfm2": ["conv", "full_attention"], "lfm2_moe": ["conv", "full_attention"]}
+
+
+def tiny_config(model_type: str, **overrides):
     """`model_type`'s default transformers config with its sizes made tiny, keeping every kind of
-    layer it has (config.layer_types), a sliding window shorter than the test sequences and a few
-    experts. Raises whatever transformers raises when the config cannot be built that small."""
+    layer it has (config.layer_types, or TINY_LAYER_TYPES), a sliding window shorter than the test
+    sequences and a few experts; `overrides` last. Raises whatever transformers raises when the
+    config cannot be built that small."""
     from transformers import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[model_type]
     default = config_class()
+    if model_type in TINY_LAYER_TYPES:
+        overrides = {"layer_types": TINY_LAYER_TYPES[model_type], **overrides}
     values = {key: value for key, value in TINY_GENERIC.items() if hasattr(default, key)}
     values.update({key: value for key, value in TINY_IF_SET.items() if getattr(default, key, None) is not None})
     values.update({key: value for key, value in TOKEN_IDS.items() if getattr(default, key, None) is not None})
-    layer_types = _representative_layer_types(getattr(default, "layer_types", None))
-    if layer_types is not None and not isinstance(getattr(config_class, "layer_types", None), property):
-        values.update(layer_types=layer_types, num_hidden_layers=len(layer_types))
-    return config_class(**values)
+    if "kv_lora_rank" in values:  # MLA: keys and values expand to every query head; rotary on head_dim channels
+        values.update(num_key_value_heads=values["num_attention_heads"])
+        if "head_dim" in values:
+            values["head_dim"] = values["qk_rope_head_dim"]
+    layer_types = _representative_layer_types(overrides.pop("layer_types", getattr(default, "layer_types", None)))
+    values.update(overrides)
+    if layer_types is None:
+        return config_class(**values)
+    try:
+        return config_class(**{**values, "layer_types": layer_types, "num_hidden_layers": len(layer_types)})
+    except (AttributeError, TypeError, ValueError):
+        return config_class(**values)  # layer_types derived by the config itself (a read-only property)
