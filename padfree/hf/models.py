@@ -150,13 +150,13 @@ def _sequence_mixer(model: torch.nn.Module) -> str | None:
 
 
 def _position_problem(model: torch.nn.Module) -> str | None:
+    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+        return (f"{type(model).__name__}.forward takes no position_ids: its positions (learned absolute, "
+                "BART-family) run over the whole row and cannot restart at each packed sequence")
     for name, module in model.named_modules():
         if hasattr(type(module), "create_position_ids_from_input_ids"):
             return (f"{type(module).__name__} ({name}) numbers positions from padding_idx + 1 over non-padding "
                     "tokens, which packed position_ids (0, 1, ... per sequence) do not reproduce")
-        if isinstance(module, torch.nn.Embedding) and hasattr(module, "offset") and "Positional" in type(module).__name__:
-            return (f"learned absolute positions ({type(module).__name__}, {name}) that the decoder computes from "
-                    "the row length, ignoring position_ids: a packed sequence would not restart at position 0")
     return None
 
 
@@ -203,8 +203,14 @@ TINY_GENERIC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
                     # encoder-decoder families' decoders and older naming
                     d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=2,
                     encoder_attention_heads=4, encoder_ffn_dim=128, ffn_dim=128, num_layers=2)
-TINY_IF_SET = dict(q_lora_rank=16, sliding_window=TINY_WINDOW, attention_chunk_size=TINY_WINDOW)
+TINY_IF_SET = dict(q_lora_rank=16, sliding_window=TINY_WINDOW, attention_chunk_size=TINY_WINDOW, rotary_dim=8)
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _settable(config_class: type, key: str) -> bool:
+    """False for a read-only property (e.g. a head_dim the config derives)."""
+    attribute = getattr(config_class, key, None)
+    return not isinstance(attribute, property) or attribute.fset is not None
 
 
 def _representative_layer_types(layer_types) -> list[str] | None:
@@ -230,7 +236,8 @@ def tiny_config(model_type: str, **overrides):
     default = config_class()
     if model_type in TINY_LAYER_TYPES:
         overrides = {"layer_types": TINY_LAYER_TYPES[model_type], **overrides}
-    values = {key: value for key, value in TINY_GENERIC.items() if hasattr(default, key)}
+    values = {key: value for key, value in TINY_GENERIC.items()
+              if hasattr(default, key) and _settable(config_class, key)}
     values.update({key: value for key, value in TINY_IF_SET.items() if getattr(default, key, None) is not None})
     values.update({key: value for key, value in TOKEN_IDS.items() if getattr(default, key, None) is not None})
     if "kv_lora_rank" in values:  # MLA: keys and values expand to every query head; rotary on head_dim channels
@@ -243,5 +250,24 @@ def tiny_config(model_type: str, **overrides):
         return config_class(**values)
     try:
         return config_class(**{**values, "layer_types": layer_types, "num_hidden_layers": len(layer_types)})
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - any refusal of the layer list: let the config derive its own
         return config_class(**values)  # layer_types derived by the config itself (a read-only property)
+
+
+_ALWAYS_SHRUNK = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size")
+
+
+def shrink(values: dict) -> dict:
+    """A config dict (config.json) with its sizes made tiny (TINY_GENERIC, for the keys it has);
+    attention options (window, softcap, scaling, one layer of every kind) are kept."""
+    small = {**values, **{key: TINY_GENERIC[key] for key in _ALWAYS_SHRUNK}, **TOKEN_IDS}
+    small.update({key: size for key, size in TINY_GENERIC.items() if key in values})
+    if "num_experts_per_tok" in values:
+        small["num_experts_per_tok"] = min(values["num_experts_per_tok"], TINY_GENERIC["num_experts_per_tok"])
+    if "kv_lora_rank" in values:
+        small.update(num_key_value_heads=small["num_attention_heads"], head_dim=small["qk_rope_head_dim"])
+    layer_types = _representative_layer_types(values.get("layer_types"))
+    if layer_types is not None:
+        small.update(layer_types=layer_types, num_hidden_layers=len(layer_types))
+    return small
