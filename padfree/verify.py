@@ -229,6 +229,18 @@ def _exercised(model) -> str:
     return ", ".join(found)
 
 
+def _refusal_without_a_model(model_class, model_type: str) -> str | None:
+    """What `models.refusal` would say from the class and the default config alone."""
+    from padfree.hf import models
+
+    if not getattr(model_class, "_supports_flash_attn", False):
+        return f"{model_class.__name__} does not declare flash-attention support (_supports_flash_attn)"
+    try:
+        return models.config_refusal(model_class.config_class())
+    except Exception:  # noqa: BLE001 - no default config either: nothing to tell
+        return None
+
+
 def sweep_one(model_type: str, class_name: str, backends=("reference",), lengths=SWEEP_LENGTHS,
               tol: float = RTOL[torch.float32]) -> SweepRow:
     """Build `model_type` tiny, ask padfree to serve it, and prove packed == one by one == padded
@@ -242,19 +254,21 @@ def sweep_one(model_type: str, class_name: str, backends=("reference",), lengths
     row = lambda status, detail: SweepRow(model_type, class_name, flash, status, detail)  # noqa: E731
     try:
         torch.manual_seed(0)
-        config = models.tiny_config(model_type)
+        config = models.tiny_config(model_type, model_class.config_class)
         config._attn_implementation = "eager"
         with torch.device("meta"):  # sized before anything is allocated
             parameters = sum(p.numel() for p in model_class(config).parameters())
         if parameters > MAX_SWEEP_PARAMETERS:
-            return row(NOT_BUILT, f"still {parameters / 1e6:.0f}M parameters with every size tiny")
+            raise ValueError(f"still {parameters / 1e6:.0f}M parameters with every size tiny")
         model = model_class(config).float().eval()
     except Exception as error:  # any failure to build is reported, the sweep goes on
-        return row(NOT_BUILT, _one_line(error))
+        reason = _refusal_without_a_model(model_class, model_type)
+        return row(REFUSED, reason) if reason is not None else row(NOT_BUILT, _one_line(error))
     reason = models.refusal(model)
     if reason is not None:
         return row(REFUSED, reason)
-    sequences = random_sequences(lengths, model.config.vocab_size, torch.Generator().manual_seed(0))
+    vocab_size = model.config.get_text_config().vocab_size
+    sequences = random_sequences(lengths, vocab_size, torch.Generator().manual_seed(0))
     for backend in backends:
         try:
             with padfree.use_backend(backend):
@@ -348,7 +362,11 @@ def parse_lengths(values: list[str]) -> list[int]:
     return lengths
 
 
-def _tiny_or_preset(model_type: str, dtype: torch.dtype, full_size: bool, values: dict | None = None):
+def build_tiny_model(model_type: str, dtype: torch.dtype = torch.float32, full_size: bool = False,
+                     values: dict | None = None):
+    """A random-weight eager causal LM of any causal-LM `model_type`: padfree's preset
+    (padfree.hf.models.ARCHITECTURES) or the tiny default config, or from config.json `values`
+    (shrunk unless `full_size`)."""
     import transformers
     from padfree.hf import models
 
@@ -359,7 +377,7 @@ def _tiny_or_preset(model_type: str, dtype: torch.dtype, full_size: bool, values
         raise ValueError(f"model type {model_type!r} is not a causal-LM type of transformers "
                          f"{transformers.__version__}; known: {', '.join(types)}")
     if values is None:
-        config = models.tiny_config(model_type)
+        config = models.tiny_config(model_type, getattr(transformers, types[model_type]).config_class)
     else:
         config = transformers.CONFIG_MAPPING[model_type](**(values if full_size else models.shrink(values)))
     config._attn_implementation = "eager"
@@ -370,11 +388,11 @@ def build_model(args: argparse.Namespace):
     """The eager random-weight model `args` asks for (tiny unless --full-size)."""
     dtype = DTYPES[args.dtype]
     if args.model_type is not None:
-        return _tiny_or_preset(args.model_type, dtype, args.full_size)
+        return build_tiny_model(args.model_type, dtype, args.full_size)
     with open(args.config) as f:
         values = json.load(f)
     values.pop("architectures", None)
-    return _tiny_or_preset(values.pop("model_type", None), dtype, args.full_size, values)
+    return build_tiny_model(values.pop("model_type", None), dtype, args.full_size, values)
 
 
 def _device(args: argparse.Namespace) -> torch.device:

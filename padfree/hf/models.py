@@ -94,6 +94,8 @@ ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
 EXCEPTIONS: dict[str, str] = {
     "gemma3": "multimodal Gemma3: image tokens attend bidirectionally through a custom mask; "
               "load the text model (Gemma3ForCausalLM, model_type gemma3_text) instead",
+    "gemma3n_text": "a padded batch gives NaN gradients: padding rows' attention output is exactly zero (as in "
+                    "flash-attention) and Gemma 3n's layers take a gradient through its norm",
 }
 
 # Layer types (config.layer_types) that act on each token alone or through attention; any other
@@ -151,8 +153,8 @@ def _sequence_mixer(model: torch.nn.Module) -> str | None:
 
 def _position_problem(model: torch.nn.Module) -> str | None:
     if "position_ids" not in inspect.signature(type(model).forward).parameters:
-        return (f"{type(model).__name__}.forward takes no position_ids: its positions (learned absolute, "
-                "BART-family) run over the whole row and cannot restart at each packed sequence")
+        return (f"{type(model).__name__}.forward takes no position_ids: its positions (learned absolute in the "
+                "BART family) run over the whole row and cannot restart at each packed sequence")
     for name, module in model.named_modules():
         if hasattr(type(module), "create_position_ids_from_input_ids"):
             return (f"{type(module).__name__} ({name}) numbers positions from padding_idx + 1 over non-padding "
@@ -169,12 +171,12 @@ def refusal(model: torch.nn.Module) -> str | None:
     positions that ignore position_ids), cross-attention, and the EXCEPTIONS table.
     """
     cls = type(model)
-    from_config = config_refusal(model.config)
-    if from_config is not None:
-        return from_config
     if not getattr(cls, "_supports_flash_attn", False):
         return (f"{cls.__name__} does not declare flash-attention support (_supports_flash_attn): its attention "
                 "may rely on a 4D mask that packed sequences cannot express")
+    from_config = config_refusal(model.config)
+    if from_config is not None:
+        return from_config
     if not cls._can_set_attn_implementation():
         return f"{cls.__name__}'s attention does not go through transformers' AttentionInterface"
     if getattr(model.config, "add_cross_attention", False) or getattr(model.config, "is_encoder_decoder", False) \
@@ -197,12 +199,15 @@ TINY_GENERIC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
                     # mixture of experts
                     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
                     num_experts_per_tok=2, moe_k=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                    n_shared_experts=1,
                     n_group=1, topk_group=1,
                     # multi-head latent attention: a value head dim unlike the query's
                     kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                     # encoder-decoder families' decoders and older naming
                     d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=2,
-                    encoder_attention_heads=4, encoder_ffn_dim=128, ffn_dim=128, num_layers=2)
+                    encoder_attention_heads=4, encoder_ffn_dim=128, ffn_dim=128, num_layers=2,
+                    # layers that reuse another layer's keys/values (Gemma 3n): none left with two layers
+                    num_kv_shared_layers=0, vocab_size_per_layer_input=128)
 TINY_IF_SET = dict(q_lora_rank=16, sliding_window=TINY_WINDOW, attention_chunk_size=TINY_WINDOW, rotary_dim=8)
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -223,19 +228,14 @@ def _representative_layer_types(layer_types) -> list[str] | None:
 
 # Types whose default config leaves out a kind of layer their released checkpoints have.
 TINY_LAYER_TYPES = {"lfm2": ["conv", "full_attention"], "lfm2_moe": ["conv", "full_attention"]}
+# Types whose config spells its layer pattern in its own way.
+TINY_OVERRIDES = {"gpt_neo": dict(attention_types=[[["global", "local"], 1]])}
 
 
-def tiny_config(model_type: str, **overrides):
-    """`model_type`'s default transformers config with its sizes made tiny, keeping every kind of
-    layer it has (config.layer_types, or TINY_LAYER_TYPES), a sliding window shorter than the test
-    sequences and a few experts; `overrides` last. Raises whatever transformers raises when the
-    config cannot be built that small."""
-    from transformers import CONFIG_MAPPING
-
-    config_class = CONFIG_MAPPING[model_type]
-    default = config_class()
-    if model_type in TINY_LAYER_TYPES:
-        overrides = {"layer_types": TINY_LAYER_TYPES[model_type], **overrides}
+def _tiny_values(default) -> dict:
+    """The size overrides for a config like `default` (its sub-configs, e.g. a multimodal model's
+    text and vision towers, made tiny the same way)."""
+    config_class = type(default)
     values = {key: value for key, value in TINY_GENERIC.items()
               if hasattr(default, key) and _settable(config_class, key)}
     values.update({key: value for key, value in TINY_IF_SET.items() if getattr(default, key, None) is not None})
@@ -244,14 +244,39 @@ def tiny_config(model_type: str, **overrides):
         values.update(num_key_value_heads=values["num_attention_heads"])
         if "head_dim" in values:
             values["head_dim"] = values["qk_rope_head_dim"]
+    for key in getattr(default, "sub_configs", {}):
+        sub = getattr(default, key, None)
+        if hasattr(sub, "to_dict"):
+            values[key] = {**sub.to_dict(), **_tiny_values(sub)}
+    return values
+
+
+def tiny_config(model_type: str, config_class: type | None = None, **overrides):
+    """`model_type`'s default transformers config with its sizes made tiny, keeping every kind of
+    layer it has (config.layer_types, or TINY_LAYER_TYPES), a sliding window shorter than the test
+    sequences and a few experts; `overrides` last. `config_class`: the one the model class takes
+    when it is not CONFIG_MAPPING's (a text-only causal LM of a multimodal type). Where the config
+    rejects some of that, fewer overrides are tried (down to the core sizes); raises what
+    transformers raised on the first try when none builds."""
+    from transformers import CONFIG_MAPPING
+
+    config_class = config_class or CONFIG_MAPPING[model_type]
+    default = config_class()
+    if model_type in TINY_LAYER_TYPES:
+        overrides = {"layer_types": TINY_LAYER_TYPES[model_type], **overrides}
+    overrides = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
     layer_types = _representative_layer_types(overrides.pop("layer_types", getattr(default, "layer_types", None)))
-    values.update(overrides)
-    if layer_types is None:
-        return config_class(**values)
-    try:
-        return config_class(**{**values, "layer_types": layer_types, "num_hidden_layers": len(layer_types)})
-    except Exception:  # noqa: BLE001 - any refusal of the layer list: let the config derive its own
-        return config_class(**values)  # layer_types derived by the config itself (a read-only property)
+    values = {**_tiny_values(default), **overrides}
+    attempts = [values, {key: values[key] for key in (*_ALWAYS_SHRUNK, *overrides) if key in values}]
+    if layer_types is not None:
+        attempts.insert(0, {**values, "layer_types": layer_types, "num_hidden_layers": len(layer_types)})
+    first_error = None
+    for attempt in attempts:
+        try:
+            return config_class(**attempt)
+        except Exception as error:  # noqa: BLE001 - a config's validators raise many kinds
+            first_error = first_error or error
+    raise first_error
 
 
 _ALWAYS_SHRUNK = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
