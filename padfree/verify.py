@@ -179,8 +179,8 @@ def verify_model(model, sequences, tol: float, device="cpu", per_parameter: bool
 
 
 # The sweep (`padfree verify --all`): every causal-LM model type of the installed transformers.
-PROVEN, REFUSED, NOT_BUILT, WRONG, CRASHED = "served, proven", "refused", "cannot be built tiny", "SERVED WRONG", \
-    "SERVED, CRASHED"
+PROVEN, REFUSED, NOT_BUILT, WRONG, CRASHED = "served, proven", "refused", "cannot be built or run tiny", \
+    "SERVED WRONG", "SERVED, CRASHED"
 SWEEP_LENGTHS = (5, 11, 3, 7)  # 11 and 7 > the tiny sliding window (4); 3 < it
 MAX_SWEEP_PARAMETERS = 20_000_000
 TRITON_SWEEP_TYPES = ("llama", "gemma2", "qwen3", "mistral", "gpt2", "deepseek_v3", "gpt_oss", "exaone4")
@@ -269,6 +269,10 @@ def sweep_one(model_type: str, class_name: str, backends=("reference",), lengths
         return row(REFUSED, reason)
     vocab_size = model.config.get_text_config().vocab_size
     sequences = random_sequences(lengths, vocab_size, torch.Generator().manual_seed(0))
+    try:  # the oracle itself: transformers' eager attention on each sequence alone
+        run_one_by_one(model, sequences)
+    except Exception as error:
+        return row(NOT_BUILT, f"transformers' own eager forward fails: {_one_line(error)}")
     for backend in backends:
         try:
             with padfree.use_backend(backend):
@@ -325,7 +329,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", help="a transformers config.json (any causal-LM model_type)")
     source.add_argument("--all", action="store_true",
                         help="the sweep: every causal-LM model type, tiny, on the reference backend; prints "
-                             "served and proven / refused and why / cannot be built tiny")
+                             "served and proven / refused and why / cannot be built or run tiny")
     parser.add_argument("--triton", action="store_true",
                         help=f"with --all: also run the Triton kernels (interpreted on CPU) on "
                              f"{', '.join(TRITON_SWEEP_TYPES)}")

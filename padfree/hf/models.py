@@ -229,7 +229,20 @@ def _representative_layer_types(layer_types) -> list[str] | None:
 # Types whose default config leaves out a kind of layer their released checkpoints have.
 TINY_LAYER_TYPES = {"lfm2": ["conv", "full_attention"], "lfm2_moe": ["conv", "full_attention"]}
 # Types whose config spells its layer pattern in its own way.
-TINY_OVERRIDES = {"gpt_neo": dict(attention_types=[[["global", "local"], 1]])}
+TINY_OVERRIDES = {"gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+                  "gemma4_text": dict(global_head_dim=32), "gemma4_unified_text": dict(global_head_dim=32)}
+
+
+_MISSING = object()
+
+
+def _default(config, key: str):
+    """config.key, or _MISSING; a config with per-layer values refuses the global read (not an
+    AttributeError), so its to_dict() is asked then."""
+    try:
+        return getattr(config, key, _MISSING)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
+        return config.to_dict().get(key, _MISSING)
 
 
 def _tiny_values(default) -> dict:
@@ -237,15 +250,15 @@ def _tiny_values(default) -> dict:
     text and vision towers, made tiny the same way)."""
     config_class = type(default)
     values = {key: value for key, value in TINY_GENERIC.items()
-              if hasattr(default, key) and _settable(config_class, key)}
-    values.update({key: value for key, value in TINY_IF_SET.items() if getattr(default, key, None) is not None})
-    values.update({key: value for key, value in TOKEN_IDS.items() if getattr(default, key, None) is not None})
+              if _default(default, key) is not _MISSING and _settable(config_class, key)}
+    values.update({key: value for key, value in TINY_IF_SET.items() if _default(default, key) not in (None, _MISSING)})
+    values.update({key: value for key, value in TOKEN_IDS.items() if _default(default, key) not in (None, _MISSING)})
     if "kv_lora_rank" in values:  # MLA: keys and values expand to every query head; rotary on head_dim channels
         values.update(num_key_value_heads=values["num_attention_heads"])
         if "head_dim" in values:
             values["head_dim"] = values["qk_rope_head_dim"]
     for key in getattr(default, "sub_configs", {}):
-        sub = getattr(default, key, None)
+        sub = _default(default, key)
         if hasattr(sub, "to_dict"):
             values[key] = {**sub.to_dict(), **_tiny_values(sub)}
     return values
@@ -265,7 +278,9 @@ def tiny_config(model_type: str, config_class: type | None = None, **overrides):
     if model_type in TINY_LAYER_TYPES:
         overrides = {"layer_types": TINY_LAYER_TYPES[model_type], **overrides}
     overrides = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
-    layer_types = _representative_layer_types(overrides.pop("layer_types", getattr(default, "layer_types", None)))
+    layer_types = _default(default, "layer_types")
+    layer_types = _representative_layer_types(overrides.pop("layer_types", None if layer_types is _MISSING
+                                                            else layer_types))
     values = {**_tiny_values(default), **overrides}
     attempts = [values, {key: values[key] for key in (*_ALWAYS_SHRUNK, *overrides) if key in values}]
     if layer_types is not None:

@@ -128,7 +128,7 @@ def test_a_renamed_model_type_is_still_served():
 @pytest.mark.parametrize("model_type, reason", [
     ("qwen3_next", "layer types 'linear_attention' (config.layer_types) mix tokens outside attention"),
     ("lfm2", "layer types 'conv'"),
-    ("bart", "learned absolute positions (BartLearnedPositionalEmbedding"),
+    ("bart", "BartForCausalLM.forward takes no position_ids"),
     ("roberta", "numbers positions from padding_idx + 1"),
     ("bloom", "does not declare flash-attention support"),
 ])
@@ -164,8 +164,9 @@ def test_not_strict_reports_and_refuses_packed_batches():
             "position_ids"]})
     padded = logits(model, verify.padded_batch(sequences))  # padded batches pass
     assert padded.shape[:2] == (len(LENGTHS), max(LENGTHS))
+    assert len(model._forward_pre_hooks) == 1
     padfree.unpatch(model)
-    logits(model, verify.packed_batch(sequences))  # the guard goes with unpatch
+    assert not model._forward_pre_hooks  # the guard goes with unpatch
 
 
 def test_is_packed_batch():
