@@ -2,6 +2,10 @@
 
     padfree verify --model-type llama [--backend reference|triton|auto] [--dtype float32]
     padfree verify --config path/to/config.json [--full-size]
+    padfree verify --all [--triton] [--markdown FILE]
+
+`--model-type` takes any causal-LM model type of the installed transformers (padfree's preset
+when it has one, else the type's default config made tiny).
 
 Builds the model from padfree's architecture table (or a config.json), tiny unless `--full-size`,
 with random weights (nothing is downloaded), and runs the same random sequences three ways:
@@ -13,6 +17,12 @@ with random weights (nothing is downloaded), and runs the same random sequences 
 
 It prints one row per check (per-token logits, loss, the worst parameter gradient), with max abs
 error, relative error ||x - ref|| / ||ref|| and the tolerance, and exits 1 if any check fails.
+
+`--all` is the architecture sweep: every causal-LM type, built tiny from its default config, is
+given to `padfree.patch` and, when served, proven as above on the reference backend (with
+`--triton`, also on the Triton kernels, interpreted on CPU, for TRITON_SWEEP_TYPES). One row per
+type: served and proven, refused with padfree's reason, or cannot be built or run tiny. A type
+served but wrong or crashing fails the run (exit 1).
 
 The batch builders and `run_*` functions are also what tests/hf uses for its model proofs.
 """
@@ -408,8 +418,14 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    import os
+
     # Tiny models gain nothing from intra-op threads; on a busy machine they cost 10-100x.
     torch.set_num_threads(1)
+    if args.triton and not torch.cuda.is_available():
+        # The kernels run interpreted on CPU tensors; Triton reads this when they are first defined,
+        # which is later than here (padfree.kernels is imported on first use).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     rows = sweep(causal_lm_types(), TRITON_SWEEP_TYPES if args.triton else (),
                  progress=lambda line: print(line, flush=True))
     table = sweep_table(rows)

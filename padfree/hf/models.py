@@ -1,9 +1,14 @@
-"""The architectures padfree's attention adapter serves, and the ones it does not, in one table.
+"""Which transformers models padfree's attention serves, decided by capability, and tiny configs.
 
-Every per-model difference the adapter, `padfree verify` and the model tests need lives here: the
-transformers classes, which attention options the architecture exercises, and the config
-overrides that make a tiny random model which still exercises them (a sliding window shorter than
-the test sequences, an attention softcap small enough to bend the scores, a few experts). No
+`refusal(model)` says why a model cannot be served exactly (None when it can): a model is served
+when its attention layers dispatch through transformers' AttentionInterface with flash-attention
+semantics; refused are layers that mix tokens outside attention (from config.layer_types and the
+modules themselves), positions that ignore packed position_ids, cross-attention, and the few
+genuine exceptions in EXCEPTIONS. `attention_modules(model)` lists the layers that call padfree.
+
+`tiny_config(model_type)` shrinks any causal-LM type's default config for the sweep and tests;
+`ARCHITECTURES` holds hand-made presets that exercise given attention options (a sliding window
+shorter than the test sequences, a softcap small enough to bend the scores, a few experts). No
 model's forward is copied: transformers' own attention modules call padfree through
 `AttentionInterface`.
 """
@@ -52,7 +57,7 @@ TINY_WINDOW = 4  # shorter than the test sequences, so the window changes the re
 TINY_MOE = dict(num_experts_per_tok=2)
 
 ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
-    Architecture("llama", "LlamaConfig", "LlamaForCausalLM",),
+    Architecture("llama", "LlamaConfig", "LlamaForCausalLM"),
     Architecture("mistral", "MistralConfig", "MistralForCausalLM", ("sliding_window",),
                  dict(sliding_window=TINY_WINDOW)),
     Architecture("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ("sliding_window",),
