@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,16 +66,25 @@ def _build_just_in_time() -> str:
                   "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
                   "-gencode=arch=compute_90,code=compute_90"]  # PTX for GPUs newer than Hopper
     verbose = os.environ.get("PADFREE_EXT_VERBOSE", "0") == "1"
+    build_directory = _build_dir(with_cuda, sources)
+    first_build = not any(build_directory.glob("padfree_C*.so"))
+    if first_build:
+        print(f"padfree: building padfree._C ({'C++ and CUDA' if with_cuda else 'C++'}, {len(sources)} sources) "
+              f"into {build_directory}; this first build takes a few minutes, later runs reuse it "
+              "(PADFREE_BUILD_EXT=0 skips it)", file=sys.stderr, flush=True)
+        started = time.monotonic()
     cpp_extension.load(
         name="padfree_C",
         sources=[str(s) for s in sources],
         extra_cflags=flags,
         extra_cuda_cflags=cuda_flags if with_cuda else None,
-        build_directory=str(_build_dir(with_cuda, sources)),
+        build_directory=str(build_directory),
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=verbose,
     )
+    if first_build:
+        print(f"padfree: built padfree._C in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return "just-in-time build" + (" (CPU + CUDA)" if with_cuda else " (CPU only)")
 
 

@@ -72,7 +72,7 @@ def _env(args: argparse.Namespace) -> int:
     usable = ["reference"]
     if runtime.HAS_TRITON and (torch.cuda.is_available() or runtime.interpreting()):
         usable.append("triton")
-    if status["loaded"]:
+    if status["loaded"] and status["cuda_kernels"] and torch.cuda.is_available():
         usable.append("cuda")
     rows.append(("usable backends", ", ".join(usable)))
     width = max(len(name) for name, _ in rows)

@@ -2,6 +2,10 @@
 
     padfree verify --model-type llama [--backend reference|triton|auto] [--dtype float32]
     padfree verify --config path/to/config.json [--full-size]
+    padfree verify --all [--triton] [--markdown FILE]
+
+`--model-type` takes any causal-LM model type of the installed transformers (padfree's preset
+when it has one, else the type's default config made tiny).
 
 Builds the model from padfree's architecture table (or a config.json), tiny unless `--full-size`,
 with random weights (nothing is downloaded), and runs the same random sequences three ways:
@@ -13,6 +17,12 @@ with random weights (nothing is downloaded), and runs the same random sequences 
 
 It prints one row per check (per-token logits, loss, the worst parameter gradient), with max abs
 error, relative error ||x - ref|| / ||ref|| and the tolerance, and exits 1 if any check fails.
+
+`--all` is the architecture sweep: every causal-LM type, built tiny from its default config, is
+given to `padfree.patch` and, when served, proven as above on the reference backend (with
+`--triton`, also on the Triton kernels, interpreted on CPU, for TRITON_SWEEP_TYPES). One row per
+type: served and proven, refused with padfree's reason, or cannot be built or run tiny. A type
+served but wrong or crashing fails the run (exit 1).
 
 The batch builders and `run_*` functions are also what tests/hf uses for its model proofs.
 """
@@ -120,12 +130,18 @@ class Check:
         return self.rel <= self.tol  # NaN compares False: a NaN fails
 
 
-def _errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+# A gradient's relative error is taken against at least this fraction of the largest gradient's
+# norm: some gradients are zero in exact arithmetic (a key bias: softmax ignores a shift shared by
+# all keys) and hold only rounding noise, which no relative error can bound.
+GRAD_NORM_FLOOR = 1e-3
+
+
+def _errors(x: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> tuple[float, float]:
     if x.shape != ref.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
     diff = x.double() - ref.double()
     max_abs = diff.abs().max().item() if diff.numel() else 0.0
-    return max_abs, (diff.norm() / ref.double().norm().clamp_min(1e-30)).item()
+    return max_abs, (diff.norm() / ref.double().norm().clamp_min(floor)).item()
 
 
 def compare(label: str, result: Result, reference: Result, tol: float, per_parameter: bool = False) -> list[Check]:
@@ -135,8 +151,9 @@ def compare(label: str, result: Result, reference: Result, tol: float, per_param
     if result.grads.keys() != reference.grads.keys():
         missing = sorted(set(result.grads) ^ set(reference.grads))
         return checks + [Check(f"{label}: gradients of {missing}", float("nan"), float("nan"), tol)]
-    grads = [Check(f"{label}: grad {name}", *_errors(result.grads[name], reference.grads[name]), tol)
-             for name in result.grads]
+    floor = GRAD_NORM_FLOOR * max((g.double().norm().item() for g in reference.grads.values()), default=0.0)
+    grads = [Check(f"{label}: grad {name}", *_errors(result.grads[name], reference.grads[name], max(floor, 1e-30)),
+                   tol) for name in result.grads]
     if per_parameter:
         return checks + grads
     worst = max(grads, key=lambda c: (c.rel != c.rel, c.rel))  # NaN first
@@ -172,9 +189,10 @@ def verify_model(model, sequences, tol: float, device="cpu", per_parameter: bool
 
 
 # The sweep (`padfree verify --all`): every causal-LM model type of the installed transformers.
-PROVEN, REFUSED, NOT_BUILT, WRONG, CRASHED = "served, proven", "refused", "cannot be built tiny", "SERVED WRONG", \
-    "SERVED, CRASHED"
+PROVEN, REFUSED, NOT_BUILT, WRONG, CRASHED = "served, proven", "refused", "cannot be built or run tiny", \
+    "SERVED WRONG", "SERVED, CRASHED"
 SWEEP_LENGTHS = (5, 11, 3, 7)  # 11 and 7 > the tiny sliding window (4); 3 < it
+MAX_SWEEP_PARAMETERS = 20_000_000
 TRITON_SWEEP_TYPES = ("llama", "gemma2", "qwen3", "mistral", "gpt2", "deepseek_v3", "gpt_oss", "exaone4")
 
 
@@ -221,6 +239,18 @@ def _exercised(model) -> str:
     return ", ".join(found)
 
 
+def _refusal_without_a_model(model_class, model_type: str) -> str | None:
+    """What `models.refusal` would say from the class and the default config alone."""
+    from padfree.hf import models
+
+    if not getattr(model_class, "_supports_flash_attn", False):
+        return f"{model_class.__name__} does not declare flash-attention support (_supports_flash_attn)"
+    try:
+        return models.config_refusal(model_class.config_class())
+    except Exception:  # noqa: BLE001 - no default config either: nothing to tell
+        return None
+
+
 def sweep_one(model_type: str, class_name: str, backends=("reference",), lengths=SWEEP_LENGTHS,
               tol: float = RTOL[torch.float32]) -> SweepRow:
     """Build `model_type` tiny, ask padfree to serve it, and prove packed == one by one == padded
@@ -234,15 +264,25 @@ def sweep_one(model_type: str, class_name: str, backends=("reference",), lengths
     row = lambda status, detail: SweepRow(model_type, class_name, flash, status, detail)  # noqa: E731
     try:
         torch.manual_seed(0)
-        config = models.tiny_config(model_type)
+        config = models.tiny_config(model_type, model_class.config_class)
         config._attn_implementation = "eager"
+        with torch.device("meta"):  # sized before anything is allocated
+            parameters = sum(p.numel() for p in model_class(config).parameters())
+        if parameters > MAX_SWEEP_PARAMETERS:
+            raise ValueError(f"still {parameters / 1e6:.0f}M parameters with every size tiny")
         model = model_class(config).float().eval()
     except Exception as error:  # any failure to build is reported, the sweep goes on
-        return row(NOT_BUILT, _one_line(error))
+        reason = _refusal_without_a_model(model_class, model_type)
+        return row(REFUSED, reason) if reason is not None else row(NOT_BUILT, _one_line(error))
     reason = models.refusal(model)
     if reason is not None:
         return row(REFUSED, reason)
-    sequences = random_sequences(lengths, model.config.vocab_size, torch.Generator().manual_seed(0))
+    vocab_size = model.config.get_text_config().vocab_size
+    sequences = random_sequences(lengths, vocab_size, torch.Generator().manual_seed(0))
+    try:  # the oracle itself: transformers' eager attention on each sequence alone
+        run_one_by_one(model, sequences)
+    except Exception as error:
+        return row(NOT_BUILT, f"transformers' own eager forward fails: {_one_line(error)}")
     for backend in backends:
         try:
             with padfree.use_backend(backend):
@@ -293,59 +333,130 @@ def format_table(checks: list[Check]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from padfree.hf.models import ARCHITECTURES
-
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-type", choices=sorted(ARCHITECTURES), help="an architecture from padfree's table")
-    source.add_argument("--config", help="a transformers config.json (its model_type must be in padfree's table)")
+    source.add_argument("--model-type", help="any causal-LM model type of the installed transformers (padfree's "
+                                             "presets in padfree.hf.models.ARCHITECTURES, else its default config)")
+    source.add_argument("--config", help="a transformers config.json (any causal-LM model_type)")
+    source.add_argument("--all", action="store_true",
+                        help="the sweep: every causal-LM model type, tiny, on the reference backend; prints "
+                             "served and proven / refused and why / cannot be built or run tiny")
+    parser.add_argument("--triton", action="store_true",
+                        help=f"with --all: also run the Triton kernels (interpreted on CPU) on "
+                             f"{', '.join(TRITON_SWEEP_TYPES)}")
+    parser.add_argument("--markdown", default=None, help="with --all: write the table to this file")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "reference"),
                         help="padfree backend for the packed runs (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default: float32)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--full-size", action="store_true",
                         help="keep the config's sizes (default: shrink to a tiny model)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
-                        help=f"sequence lengths to pack (default: {' '.join(map(str, DEFAULT_LENGTHS))})")
+    parser.add_argument("--lengths", nargs="+", default=[str(n) for n in DEFAULT_LENGTHS],
+                        help="sequence lengths to pack: numbers, or a file with one length per line (the form "
+                             f"padfree bench --lengths takes) (default: {' '.join(map(str, DEFAULT_LENGTHS))})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens (default: 0)")
     parser.add_argument("--rtol", type=float, default=None,
                         help="relative tolerance (default: 1e-5 float32, 1e-2 float16, 5e-2 bfloat16)")
     parser.add_argument("--per-parameter", action="store_true", help="one row per parameter gradient")
 
 
-def build_model(args: argparse.Namespace):
-    """The eager random-weight model `args` asks for (tiny unless --full-size)."""
+def parse_lengths(values: list[str]) -> list[int]:
+    """`--lengths`: numbers (each >= 1), or one file with a length per line."""
+    if len(values) == 1 and not values[0].lstrip("-").isdigit():
+        from padfree.benchmark.distributions import lengths_from_file
+
+        return lengths_from_file(values[0], max_length=2**31 - 1)
+    lengths = []
+    for value in values:
+        try:
+            lengths.append(int(value))
+        except ValueError:
+            raise ValueError(f"--lengths takes numbers or one file name, got {values}") from None
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"--lengths must all be >= 1, got {lengths}")
+    return lengths
+
+
+def build_tiny_model(model_type: str, dtype: torch.dtype = torch.float32, full_size: bool = False,
+                     values: dict | None = None):
+    """A random-weight eager causal LM of any causal-LM `model_type`: padfree's preset
+    (padfree.hf.models.ARCHITECTURES) or the tiny default config, or from config.json `values`
+    (shrunk unless `full_size`)."""
+    import transformers
     from padfree.hf import models
 
+    if values is None and model_type in models.ARCHITECTURES:
+        return models.ARCHITECTURES[model_type].build_model(full_size, dtype=dtype)
+    types = causal_lm_types()
+    if model_type not in types:
+        raise ValueError(f"model type {model_type!r} is not a causal-LM type of transformers "
+                         f"{transformers.__version__}; known: {', '.join(types)}")
+    if values is None:
+        config = models.tiny_config(model_type, getattr(transformers, types[model_type]).config_class)
+    else:
+        config = transformers.CONFIG_MAPPING[model_type](**(values if full_size else models.shrink(values)))
+    config._attn_implementation = "eager"
+    return getattr(transformers, types[model_type])(config).to(dtype).eval()
+
+
+def build_model(args: argparse.Namespace):
+    """The eager random-weight model `args` asks for (tiny unless --full-size)."""
     dtype = DTYPES[args.dtype]
     if args.model_type is not None:
-        return models.ARCHITECTURES[args.model_type].build_model(args.full_size, dtype=dtype)
+        return build_tiny_model(args.model_type, dtype, args.full_size)
     with open(args.config) as f:
         values = json.load(f)
-    model_type = values.get("model_type")
-    if model_type not in models.ARCHITECTURES:
-        raise ValueError(f"--config: model_type {model_type!r} is not in padfree's architecture table; "
-                         f"served: {', '.join(sorted(models.ARCHITECTURES))}")
-    architecture = models.ARCHITECTURES[model_type]
-    values = values if args.full_size else models.shrink(values)
-    return architecture.build_model(True, dtype=dtype, **values)
+    values.pop("architectures", None)
+    return build_tiny_model(values.pop("model_type", None), dtype, args.full_size, values)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {args.device}: {why} (torch {torch.__version__}); use --device cpu")
+    return device
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    import os
+
+    # Tiny models gain nothing from intra-op threads; on a busy machine they cost 10-100x.
+    torch.set_num_threads(1)
+    if args.triton and not torch.cuda.is_available():
+        # The kernels run interpreted on CPU tensors; Triton reads this when they are first defined,
+        # which is later than here (padfree.kernels is imported on first use).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    rows = sweep(causal_lm_types(), TRITON_SWEEP_TYPES if args.triton else (),
+                 progress=lambda line: print(line, flush=True))
+    table = sweep_table(rows)
+    print(table)
+    print(sweep_summary(rows))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    failed = [r for r in rows if r.failed]
+    for r in failed:
+        print(f"FAILED {r.model_type}: {r.status}: {r.detail}")
+    return 1 if failed else 0
 
 
 def run(args: argparse.Namespace) -> int:
     import padfree
 
-    if any(n < 1 for n in args.lengths):
-        raise ValueError(f"--lengths must all be >= 1, got {args.lengths}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.all:
+        return run_sweep(args)
+    lengths = parse_lengths(args.lengths)
+    device = _device(args)
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)
     generator = torch.Generator().manual_seed(args.seed)
-    sequences = random_sequences(args.lengths, model.config.vocab_size, generator)
+    sequences = random_sequences(lengths, model.config.vocab_size, generator)
     tol = args.rtol if args.rtol is not None else RTOL[DTYPES[args.dtype]]
     with padfree.use_backend(args.backend):
         checks = verify_model(model, sequences, tol, device, args.per_parameter)
     print(f"padfree verify: {model.config.model_type} ({type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters())} parameters), {args.dtype}, backend {args.backend}, "
-          f"device {device}, lengths {args.lengths}")
+          f"device {device}, lengths {lengths}")
     print(format_table(checks))
     failed = [c for c in checks if not c.ok]
     print(f"{len(failed)} of {len(checks)} checks failed" if failed else f"all {len(checks)} checks passed")

@@ -1,9 +1,14 @@
-"""The architectures padfree's attention adapter serves, and the ones it does not, in one table.
+"""Which transformers models padfree's attention serves, decided by capability, and tiny configs.
 
-Every per-model difference the adapter, `padfree verify` and the model tests need lives here: the
-transformers classes, which attention options the architecture exercises, and the config
-overrides that make a tiny random model which still exercises them (a sliding window shorter than
-the test sequences, an attention softcap small enough to bend the scores, a few experts). No
+`refusal(model)` says why a model cannot be served exactly (None when it can): a model is served
+when its attention layers dispatch through transformers' AttentionInterface with flash-attention
+semantics; refused are layers that mix tokens outside attention (from config.layer_types and the
+modules themselves), positions that ignore packed position_ids, cross-attention, and the few
+genuine exceptions in EXCEPTIONS. `attention_modules(model)` lists the layers that call padfree.
+
+`tiny_config(model_type)` shrinks any causal-LM type's default config for the sweep and tests;
+`ARCHITECTURES` holds hand-made presets that exercise given attention options (a sliding window
+shorter than the test sequences, a softcap small enough to bend the scores, a few experts). No
 model's forward is copied: transformers' own attention modules call padfree through
 `AttentionInterface`.
 """
@@ -52,7 +57,7 @@ TINY_WINDOW = 4  # shorter than the test sequences, so the window changes the re
 TINY_MOE = dict(num_experts_per_tok=2)
 
 ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
-    Architecture("llama", "LlamaConfig", "LlamaForCausalLM",),
+    Architecture("llama", "LlamaConfig", "LlamaForCausalLM"),
     Architecture("mistral", "MistralConfig", "MistralForCausalLM", ("sliding_window",),
                  dict(sliding_window=TINY_WINDOW)),
     Architecture("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ("sliding_window",),
@@ -94,6 +99,8 @@ ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
 EXCEPTIONS: dict[str, str] = {
     "gemma3": "multimodal Gemma3: image tokens attend bidirectionally through a custom mask; "
               "load the text model (Gemma3ForCausalLM, model_type gemma3_text) instead",
+    "gemma3n_text": "a padded batch gives NaN gradients: padding rows' attention output is exactly zero (as in "
+                    "flash-attention) and Gemma 3n's layers take a gradient through its norm",
 }
 
 # Layer types (config.layer_types) that act on each token alone or through attention; any other
@@ -150,13 +157,13 @@ def _sequence_mixer(model: torch.nn.Module) -> str | None:
 
 
 def _position_problem(model: torch.nn.Module) -> str | None:
+    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+        return (f"{type(model).__name__}.forward takes no position_ids: its positions (learned absolute in the "
+                "BART family) run over the whole row and cannot restart at each packed sequence")
     for name, module in model.named_modules():
         if hasattr(type(module), "create_position_ids_from_input_ids"):
             return (f"{type(module).__name__} ({name}) numbers positions from padding_idx + 1 over non-padding "
                     "tokens, which packed position_ids (0, 1, ... per sequence) do not reproduce")
-        if isinstance(module, torch.nn.Embedding) and hasattr(module, "offset") and "Positional" in type(module).__name__:
-            return (f"learned absolute positions ({type(module).__name__}, {name}) that the decoder computes from "
-                    "the row length, ignoring position_ids: a packed sequence would not restart at position 0")
     return None
 
 
@@ -169,12 +176,12 @@ def refusal(model: torch.nn.Module) -> str | None:
     positions that ignore position_ids), cross-attention, and the EXCEPTIONS table.
     """
     cls = type(model)
-    from_config = config_refusal(model.config)
-    if from_config is not None:
-        return from_config
     if not getattr(cls, "_supports_flash_attn", False):
         return (f"{cls.__name__} does not declare flash-attention support (_supports_flash_attn): its attention "
                 "may rely on a 4D mask that packed sequences cannot express")
+    from_config = config_refusal(model.config)
+    if from_config is not None:
+        return from_config
     if not cls._can_set_attn_implementation():
         return f"{cls.__name__}'s attention does not go through transformers' AttentionInterface"
     if getattr(model.config, "add_cross_attention", False) or getattr(model.config, "is_encoder_decoder", False) \
@@ -197,14 +204,23 @@ TINY_GENERIC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
                     # mixture of experts
                     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
                     num_experts_per_tok=2, moe_k=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                    n_shared_experts=1,
                     n_group=1, topk_group=1,
                     # multi-head latent attention: a value head dim unlike the query's
                     kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                     # encoder-decoder families' decoders and older naming
                     d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=2,
-                    encoder_attention_heads=4, encoder_ffn_dim=128, ffn_dim=128, num_layers=2)
-TINY_IF_SET = dict(q_lora_rank=16, sliding_window=TINY_WINDOW, attention_chunk_size=TINY_WINDOW)
+                    encoder_attention_heads=4, encoder_ffn_dim=128, ffn_dim=128, num_layers=2,
+                    # layers that reuse another layer's keys/values (Gemma 3n): none left with two layers
+                    num_kv_shared_layers=0, vocab_size_per_layer_input=128)
+TINY_IF_SET = dict(q_lora_rank=16, sliding_window=TINY_WINDOW, attention_chunk_size=TINY_WINDOW, rotary_dim=8)
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _settable(config_class: type, key: str) -> bool:
+    """False for a read-only property (e.g. a head_dim the config derives)."""
+    attribute = getattr(config_class, key, None)
+    return not isinstance(attribute, property) or attribute.fset is not None
 
 
 def _representative_layer_types(layer_types) -> list[str] | None:
@@ -215,18 +231,88 @@ def _representative_layer_types(layer_types) -> list[str] | None:
     return (distinct * 2)[: max(2, len(distinct))]
 
 
-def tiny_config(model_type: str):
+# Types whose default config leaves out a kind of layer their released checkpoints have.
+TINY_LAYER_TYPES = {"lfm2": ["conv", "full_attention"], "lfm2_moe": ["conv", "full_attention"]}
+# Types whose config spells its layer pattern in its own way.
+TINY_OVERRIDES = {"gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+                  "gemma4_text": dict(global_head_dim=32), "gemma4_unified_text": dict(global_head_dim=32)}
+
+
+_MISSING = object()
+
+
+def _default(config, key: str):
+    """config.key, or _MISSING; a config with per-layer values refuses the global read (not an
+    AttributeError), so its to_dict() is asked then."""
+    try:
+        return getattr(config, key, _MISSING)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
+        return config.to_dict().get(key, _MISSING)
+
+
+def _tiny_values(default) -> dict:
+    """The size overrides for a config like `default` (its sub-configs, e.g. a multimodal model's
+    text and vision towers, made tiny the same way)."""
+    config_class = type(default)
+    values = {key: value for key, value in TINY_GENERIC.items()
+              if _default(default, key) is not _MISSING and _settable(config_class, key)}
+    values.update({key: value for key, value in TINY_IF_SET.items() if _default(default, key) not in (None, _MISSING)})
+    values.update({key: value for key, value in TOKEN_IDS.items() if _default(default, key) not in (None, _MISSING)})
+    if "kv_lora_rank" in values:  # MLA: keys and values expand to every query head; rotary on head_dim channels
+        values.update(num_key_value_heads=values["num_attention_heads"])
+        if "head_dim" in values:
+            values["head_dim"] = values["qk_rope_head_dim"]
+    for key in getattr(default, "sub_configs", {}):
+        sub = _default(default, key)
+        if hasattr(sub, "to_dict"):
+            values[key] = {**sub.to_dict(), **_tiny_values(sub)}
+    return values
+
+
+def tiny_config(model_type: str, config_class: type | None = None, **overrides):
     """`model_type`'s default transformers config with its sizes made tiny, keeping every kind of
-    layer it has (config.layer_types), a sliding window shorter than the test sequences and a few
-    experts. Raises whatever transformers raises when the config cannot be built that small."""
+    layer it has (config.layer_types, or TINY_LAYER_TYPES), a sliding window shorter than the test
+    sequences and a few experts; `overrides` last. `config_class`: the one the model class takes
+    when it is not CONFIG_MAPPING's (a text-only causal LM of a multimodal type). Where the config
+    rejects some of that, fewer overrides are tried (down to the core sizes); raises what
+    transformers raised on the first try when none builds."""
     from transformers import CONFIG_MAPPING
 
-    config_class = CONFIG_MAPPING[model_type]
+    config_class = config_class or CONFIG_MAPPING[model_type]
     default = config_class()
-    values = {key: value for key, value in TINY_GENERIC.items() if hasattr(default, key)}
-    values.update({key: value for key, value in TINY_IF_SET.items() if getattr(default, key, None) is not None})
-    values.update({key: value for key, value in TOKEN_IDS.items() if getattr(default, key, None) is not None})
-    layer_types = _representative_layer_types(getattr(default, "layer_types", None))
-    if layer_types is not None and not isinstance(getattr(config_class, "layer_types", None), property):
-        values.update(layer_types=layer_types, num_hidden_layers=len(layer_types))
-    return config_class(**values)
+    if model_type in TINY_LAYER_TYPES:
+        overrides = {"layer_types": TINY_LAYER_TYPES[model_type], **overrides}
+    overrides = {**TINY_OVERRIDES.get(model_type, {}), **overrides}
+    layer_types = _default(default, "layer_types")
+    layer_types = _representative_layer_types(overrides.pop("layer_types", None if layer_types is _MISSING
+                                                            else layer_types))
+    values = {**_tiny_values(default), **overrides}
+    attempts = [values, {key: values[key] for key in (*_ALWAYS_SHRUNK, *overrides) if key in values}]
+    if layer_types is not None:
+        attempts.insert(0, {**values, "layer_types": layer_types, "num_hidden_layers": len(layer_types)})
+    first_error = None
+    for attempt in attempts:
+        try:
+            return config_class(**attempt)
+        except Exception as error:  # noqa: BLE001 - a config's validators raise many kinds
+            first_error = first_error or error
+    raise first_error
+
+
+_ALWAYS_SHRUNK = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size")
+
+
+def shrink(values: dict) -> dict:
+    """A config dict (config.json) with its sizes made tiny (TINY_GENERIC, for the keys it has);
+    attention options (window, softcap, scaling, one layer of every kind) are kept."""
+    small = {**values, **{key: TINY_GENERIC[key] for key in _ALWAYS_SHRUNK}, **TOKEN_IDS}
+    small.update({key: size for key, size in TINY_GENERIC.items() if key in values})
+    if "num_experts_per_tok" in values:
+        small["num_experts_per_tok"] = min(values["num_experts_per_tok"], TINY_GENERIC["num_experts_per_tok"])
+    if "kv_lora_rank" in values:
+        small.update(num_key_value_heads=small["num_attention_heads"], head_dim=small["qk_rope_head_dim"])
+    layer_types = _representative_layer_types(values.get("layer_types"))
+    if layer_types is not None:
+        small.update(layer_types=layer_types, num_hidden_layers=len(layer_types))
+    return small

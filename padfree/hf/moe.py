@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from padfree.hf.attention import find_transformers_model
 from padfree.hf.patch import PatchReport
 
 NAME = "padfree"
@@ -85,7 +86,7 @@ def patch_moe(model: torch.nn.Module, report: PatchReport, undo: list) -> None:
     if not modules:
         report.add("moe", "", False, "no experts module dispatching through transformers' ExpertsInterface")
         return
-    target = _pretrained_model(model)
+    target = find_transformers_model(model)
     if target is None or not hasattr(target, "set_experts_implementation"):
         report.add("moe", "", False, "the model has no set_experts_implementation (not a transformers "
                                      "PreTrainedModel of a version with ExpertsInterface)")
@@ -166,13 +167,3 @@ def _restore_forward(module: torch.nn.Module, own) -> None:
         del module.forward
     else:
         module.forward = own
-
-
-def _pretrained_model(model: torch.nn.Module):
-    """The transformers model inside `model` (itself, or the base model of a PEFT wrapper)."""
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    return None

@@ -122,7 +122,8 @@ def _guard_packed_batches(model: torch.nn.Module, reason: str) -> Callable[[], N
     def refuse_packed(module, args, kwargs):
         if is_packed_batch(kwargs):
             raise ValueError(f"a packed batch reached {type(module).__name__}, whose attention padfree did not "
-                             f"patch ({reason}): it would mix the packed sequences. Feed it padded batches.")
+                             f"patch ({reason}): packed sequences would not be computed exactly. "
+                             "Feed it padded batches.")
 
     return model.register_forward_pre_hook(refuse_packed, with_kwargs=True).remove
 

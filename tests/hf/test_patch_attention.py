@@ -12,6 +12,7 @@ import torch
 import padfree
 from padfree import verify
 from padfree.hf import models
+from padfree.hf import patch as padfree_patch
 from padfree.hf.patch import is_patched
 
 LENGTHS = (5, 17, 3, 9)
@@ -98,46 +99,99 @@ def test_peft_wrapped_model():
     assert base.config._attn_implementation == "eager"
 
 
-def test_unsupported_architecture_is_reported_and_untouched():
+def tiny(model_type):
+    """The sweep's tiny random model of any causal-LM type, eager."""
     import transformers
 
-    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       vocab_size=128, num_local_experts=4, num_experts_per_tok=2)
+    config = models.tiny_config(model_type)
     config._attn_implementation = "eager"
-    model = transformers.GptOssForCausalLM(config)
+    return getattr(transformers, verify.causal_lm_types()[model_type])(config).eval()
+
+
+def test_a_type_with_no_preset_is_served_by_capability():
+    """SmolLM3 (no entry anywhere in padfree) is served because its attention dispatches through
+    AttentionInterface, and a packed batch then equals its sequences one by one."""
+    model = tiny("smollm3")
+    assert "smollm3" not in models.ARCHITECTURES
+    checks = verify.verify_model(model, verify.random_sequences(LENGTHS, model.config.vocab_size), tol=1e-5)
+    assert all(c.ok for c in checks), verify.format_table(checks)
     report = attention_only(model)
-    assert report.patched("attention") == []
-    (record,) = report.skipped("attention")
-    assert "attention sinks" in record.detail
-    assert model.config._attn_implementation == "eager"
+    assert [r.module for r in report.patched("attention")] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
 
-def test_unknown_architecture_and_non_transformers_module_are_reported():
+def test_a_renamed_model_type_is_still_served():
     model = models.ARCHITECTURES["llama"].build_model()
     model.config.model_type = "my_llama"
-    (record,) = attention_only(model).skipped("attention")
-    assert "'my_llama' is not in padfree's architecture table" in record.detail
-    assert model.config._attn_implementation == "eager"
-    (record,) = attention_only(torch.nn.Linear(2, 2)).skipped("attention")
-    assert "holds no transformers PreTrainedModel" in record.detail
+    assert len(attention_only(model).patched("attention")) == 2
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("qwen3_next", "layer types 'linear_attention' (config.layer_types) mix tokens outside attention"),
+    ("lfm2", "layer types 'conv'"),
+    ("bart", "BartForCausalLM.forward takes no position_ids"),
+    ("roberta", "numbers positions from padding_idx + 1"),
+    ("bloom", "does not declare flash-attention support"),
+])
+def test_what_cannot_be_exact_is_refused_with_the_reason(model_type, reason):
+    model = tiny(model_type)
+    assert reason in models.refusal(model)
+    with pytest.raises(padfree_patch.NotServedError, match="strict=False") as raised:
+        attention_only(model)
+    assert reason in str(raised.value)
+    assert model.config._attn_implementation == "eager" and not is_patched(model)
+
+
+def test_sequence_mixers_are_found_by_structure_too(monkeypatch):
+    """Without config.layer_types, LFM2's short convolution is found as a module: by its class
+    name, and by type (a Conv1d over the sequence) where the name says nothing."""
+    model = tiny("lfm2")
+    model.config.layer_types = None
+    assert "Lfm2ShortConv (model.layers.0.conv) mixes tokens outside attention" in models.refusal(model)
+    monkeypatch.setattr(models, "MIXER_CLASS_FRAGMENTS", ())
+    assert "a convolution over the sequence (model.layers.0.conv.conv, kernel 3)" in models.refusal(model)
+
+
+def test_not_strict_reports_and_refuses_packed_batches():
+    model = tiny("qwen3_next")
+    report = padfree.patch(model, lora=False, moe=False, strict=False)
+    (record,) = report.skipped("attention")
+    assert "linear_attention" in record.detail and report.patched() == []
+    sequences = verify.random_sequences(LENGTHS, model.config.vocab_size)
+    with pytest.raises(ValueError, match="a packed batch reached Qwen3NextForCausalLM"):
+        logits(model, verify.packed_batch(sequences))
+    with pytest.raises(ValueError, match="a packed batch reached"):  # restarting position_ids alone
+        logits(model, {"input_ids": torch.cat(sequences)[None], "position_ids": verify.packed_batch(sequences)[
+            "position_ids"]})
+    padded = logits(model, verify.padded_batch(sequences))  # padded batches pass
+    assert padded.shape[:2] == (len(LENGTHS), max(LENGTHS))
+    assert len(model._forward_pre_hooks) == 1
+    padfree.unpatch(model)
+    assert not model._forward_pre_hooks  # the guard goes with unpatch
+
+
+def test_is_packed_batch():
+    assert padfree_patch.is_packed_batch({"cu_seq_lens_q": torch.tensor([0, 3])})
+    assert padfree_patch.is_packed_batch({"position_ids": torch.tensor([[0, 1, 0, 1, 2]])})
+    assert not padfree_patch.is_packed_batch({"position_ids": torch.tensor([[0, 1, 2], [4, 5, 6]])})
+    assert not padfree_patch.is_packed_batch({"input_ids": torch.tensor([[5, 6]])})
 
 
 def test_architecture_without_attention_interface_is_reported(monkeypatch):
     model = models.ARCHITECTURES["llama"].build_model()
     monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
-    (record,) = attention_only(model).skipped("attention")
+    (record,) = padfree.patch(model, lora=False, moe=False, strict=False).skipped("attention")
     assert "does not go through transformers' AttentionInterface" in record.detail
     assert model.config._attn_implementation == "eager"
+    (record,) = padfree.patch(torch.nn.Linear(2, 2), lora=False, moe=False, strict=False).skipped("attention")
+    assert "holds no transformers PreTrainedModel" in record.detail
 
 
-def test_every_table_entry_builds_and_names_its_attention_class():
+def test_every_preset_builds_and_is_served():
     for model_type, architecture in models.ARCHITECTURES.items():
         model = architecture.build_model()
         assert model.config.model_type == model_type
-        found = {type(m).__name__ for m in model.modules()}
-        assert set(architecture.attention_classes) <= found, model_type
-        assert models.lookup(model) == (architecture, None)
+        assert models.refusal(model) is None, model_type
+        assert len(models.attention_modules(model)) == model.config.num_hidden_layers, model_type
 
 
 def test_shrink_keeps_attention_options():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from padfree import cli
+from padfree import cli, verify
 
 
 def test_verify_passes_on_a_tiny_model(capsys):
@@ -44,9 +45,75 @@ def test_verify_from_a_config_file_shrinks_it(tmp_path, capsys):
 
 def test_verify_rejects_a_config_it_cannot_serve(tmp_path, capsys):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(dict(model_type="gpt_oss")))
-    assert cli.main(["verify", "--config", str(path)]) == 2
-    assert "model_type 'gpt_oss' is not in padfree's architecture table" in capsys.readouterr().err
+    path.write_text(json.dumps(dict(model_type="bloom")))
+    assert cli.main(["verify", "--config", str(path), "--backend", "reference"]) == 2
+    assert "does not declare flash-attention support" in capsys.readouterr().err
+
+
+def test_verify_any_causal_lm_type_from_its_default_config(capsys):
+    assert cli.main(["verify", "--model-type", "smollm3", "--backend", "reference", "--lengths", "4", "7"]) == 0
+    assert "padfree verify: smollm3 (SmolLM3ForCausalLM" in capsys.readouterr().out
+    assert cli.main(["verify", "--model-type", "no_such_type"]) == 2
+    assert "'no_such_type' is not a causal-LM type" in capsys.readouterr().err
+
+
+def test_verify_takes_lengths_from_a_file_like_bench(tmp_path, capsys):
+    path = tmp_path / "lengths.txt"
+    path.write_text("4\n\n9\n3\n")
+    assert cli.main(["verify", "--model-type", "llama", "--backend", "reference", "--lengths", str(path)]) == 0
+    assert "lengths [4, 9, 3]" in capsys.readouterr().out
+    assert cli.main(["verify", "--model-type", "llama", "--lengths", "4", "x"]) == 2
+    assert "--lengths takes numbers or one file name" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_verify_on_cuda_without_cuda_is_a_clear_error(capsys):
+    assert cli.main(["verify", "--model-type", "llama", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda:" in err and "use --device cpu" in err and "Traceback" not in err
+
+
+# The CI subset of the sweep: a plain and a feature-rich served type, a state-space hybrid, a
+# BART-family decoder, a RoBERTa-family type and a type without flash-attention support.
+SWEEP_SUBSET = {"llama": "served, proven", "gemma2": "served, proven", "bamba": "refused", "bart": "refused",
+                "roberta": "refused", "bloom": "refused"}
+
+
+def test_sweep_subset():
+    types = {t: c for t, c in verify.causal_lm_types().items() if t in SWEEP_SUBSET}
+    lines = []
+    rows = verify.sweep(types, progress=lines.append)
+    assert {r.model_type: r.status for r in rows} == SWEEP_SUBSET
+    assert len(lines) == len(SWEEP_SUBSET) and lines[0].startswith("[1/6] bamba: refused (")
+    by_type = {r.model_type: r for r in rows}
+    assert "sliding window" in by_type["gemma2"].detail and "softcap" in by_type["gemma2"].detail
+    assert "linear_attention" in by_type["bamba"].detail
+    assert "takes no position_ids" in by_type["bart"].detail
+    assert not any(r.failed for r in rows)
+    table = verify.sweep_table(rows)
+    assert "| gemma2 | Gemma2ForCausalLM | yes | served, proven |" in table
+    assert "| bloom | BloomForCausalLM | no | refused |" in table
+
+
+def test_sweep_fails_a_type_served_wrong(monkeypatch):
+    """Were BART's decoder served, its positions would not restart per sequence: the sweep must
+    say SERVED WRONG and count it as a failure, not pass it."""
+    from padfree.hf import models
+
+    monkeypatch.setattr(models, "refusal", lambda model: None)
+    (row,) = verify.sweep({"bart": "BartForCausalLM"}, progress=lambda line: None)
+    assert row.status == verify.WRONG and row.failed
+    assert "packed vs one by one" in row.detail
+
+
+@pytest.mark.slow
+def test_sweep_more_types():
+    expected = {"qwen3": "served, proven", "gpt2": "served, proven", "exaone4": "served, proven",
+                "mixtral": "served, proven", "gpt_neox": "served, proven", "qwen3_next": "refused",
+                "jamba": "refused", "lfm2": "refused", "xlm-roberta": "refused", "mbart": "refused"}
+    types = {t: c for t, c in verify.causal_lm_types().items() if t in expected}
+    rows = verify.sweep(types, progress=lambda line: None)
+    assert {r.model_type: r.status for r in rows} == expected
 
 
 def test_verify_needs_a_model(capsys):
