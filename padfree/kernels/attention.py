@@ -534,6 +534,11 @@ _CANDIDATES = {
 }
 
 
+# needs 128 KB of shared memory: a candidate for sm_80/sm_90 only (runtime.launch_tuned skips it on
+# the 99 KB of sm_86/sm_89)
+_BIG_SHARED_MEMORY = {("fwd", 128, 2, Tiles(128, 64, 8, 4))}
+
+
 def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype) -> tuple[Tiles, ...]:
     """Every tile the launcher may pick, the default first."""
     if _tile_override is not None:
@@ -772,7 +777,10 @@ def _attention_launches(kind: str, kernel):
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
                                       signature=signature, constexprs=constexprs,
                                       num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                      aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
+                                      aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16,
+                                      archs=registry.BIG_SHARED_MEMORY_ARCHS
+                                      if (kind, pad, 2 if dtype != torch.float32 else 4, tile) in _BIG_SHARED_MEMORY
+                                      else registry.ARCHS)
 
 
 def _delta_launches():
