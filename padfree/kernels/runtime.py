@@ -68,8 +68,8 @@ def interpreter_bf16_reason(tensor) -> str | None:
     global _BF16_DOT_EXACT
     import torch
 
-    if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16:
-        return None
+    if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16 or not interpreting():
+        return None  # compiled kernels and CPU tensors: require_interpreter gives the error
     if _BF16_DOT_EXACT is None:
         _BF16_DOT_EXACT = _interpreted_bf16_dot_is_exact()
     return None if _BF16_DOT_EXACT else "the Triton interpreter computes bf16 wrongly (triton#11584)"
