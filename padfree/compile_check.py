@@ -3,9 +3,12 @@
 Needs no GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole
 Triton → PTX → ptxas pipeline on the host. Reports shared memory (Triton's dynamic allocation) and,
 from `cuobjdump -res-usage` on the cubin, registers and local memory (spills / stack).
-Pointer arguments are compiled with the 16-byte alignment hint a real launch gets from torch's
-allocator, strides and the launch's `aligned` dimensions with the multiple-of-16 hint Triton's JIT
-gives such integers, so the code (vector widths, registers, pipelining) matches what runs. The
+Every argument is specialized the way Triton's JIT specializes a real launch (the same
+`native_specialize_impl` call, honouring the kernel's `do_not_specialize` and
+`do_not_specialize_on_alignment`): pointers as 16-byte aligned (torch's allocator), strides and
+the launch's `aligned` dimensions as multiples of 16, the launch's `values` as given (an int equal
+to 1 becomes a constexpr), other ints as values with no hint; so the code (vector widths,
+registers, pipelining) matches what runs. The
 `async` column says whether the PTX has asynchronous global->shared copies, i.e. whether Triton
 software-pipelined a main loop (`num_stages`); a launch registered as `pipelined` fails without.
 """
@@ -22,7 +25,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-# Ampere and Hopper allow at most this much shared memory per block (opt-in), in bytes.
+# The most shared memory a block may use (opt-in), in bytes: A100 (sm_80), A10G/A40/RTX 3090 (sm_86),
+# L4/L40S/RTX 4090 (sm_89), H100/H200 (sm_90).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
@@ -68,18 +72,47 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(registers.group(1)) if registers else None), spill
 
 
+# Run-time values standing for "an int with no divisibility" and "a multiple of 16".
+_PLAIN_INT, _ALIGNED_INT = 7, 16
+
+
+def jit_specialization(kernel, launch, arch: int) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of `launch` as Triton's JIT builds them at launch time."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    signature, constexprs, attrs = dict(launch.signature), dict(launch.constexprs), {}
+    for index, (param, (name, kind)) in enumerate(zip(kernel.params, launch.signature.items())):
+        if kind == "i1" or kind.startswith(("fp", "bf")):
+            continue  # the JIT does not specialize floats and bools
+        if kind == "constexpr":
+            hint = ""  # the JIT gives every constant an empty attribute list
+        elif kind.startswith("*"):
+            hint = "" if param.do_not_specialize_on_alignment else "D"
+        else:
+            value = launch.values.get(name)
+            if value is None:
+                value = _ALIGNED_INT if name.startswith("stride") or name in launch.aligned else _PLAIN_INT
+            specialized, hint = native_specialize_impl(type(backend), value, False, not param.do_not_specialize,
+                                                       not param.do_not_specialize_on_alignment)
+            if specialized == "constexpr":
+                signature[name], constexprs[name], hint = "constexpr", hint, ""
+        if hint is not None:
+            attrs[(index,)] = backend.parse_attr(hint)
+    return signature, constexprs, attrs
+
+
 def build(kernel, launch, arch: int):
-    """`triton.compile` of one `registry.Launch` of `kernel` for sm_`arch` (Triton's cache reuses it)."""
+    """`triton.compile` of one `registry.Launch` of `kernel` for sm_`arch`, specialized as the JIT
+    would (Triton's cache reuses it)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    arg_names = list(launch.signature)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(arg_names)
-             if launch.signature[arg].startswith("*")
-             or ((arg.startswith("stride") or arg in launch.aligned)
-                 and launch.signature[arg] in ("i32", "i64"))}
-    source = ASTSource(fn=kernel, signature=launch.signature, constexprs=launch.constexprs, attrs=attrs)
+    signature, constexprs, attrs = jit_specialization(kernel, launch, arch)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 

@@ -9,6 +9,7 @@ GPU and the `gpu` tests run (`pytest -m gpu`); the interpreter tests then need
 `TRITON_INTERPRET=1 pytest` in a separate run.
 """
 
+import contextlib
 import os
 import sys
 import zlib
@@ -51,6 +52,24 @@ def triton_cpu():
 
     with padfree.use_backend("triton"):
         yield
+
+
+@contextlib.contextmanager
+def cuda_syncs_raise():
+    """GPU tests: inside, any host sync on CUDA raises (torch.cuda.set_sync_debug_mode("error")), with
+    the value checks off as in training (PADFREE_CHECKS=0). Wrap only the op calls: the tests' own
+    comparisons read results on the host. tests/test_no_sync.py checks the same on CPU."""
+    previous_mode, previous_checks = torch.cuda.get_sync_debug_mode(), os.environ.get("PADFREE_CHECKS")
+    os.environ["PADFREE_CHECKS"] = "0"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous_mode)
+        if previous_checks is None:
+            del os.environ["PADFREE_CHECKS"]
+        else:
+            os.environ["PADFREE_CHECKS"] = previous_checks
 
 
 @pytest.fixture(autouse=True)

@@ -543,7 +543,10 @@ for (_kind, _pad, _size), _t in list(_TILES.items()):
 # thread when a warp owns 16 rows): see docs/efficiency.md.
 _ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("dq", 256, 2): Tiles(64, 16, 4, 2)}}
 # Tiles registered and picked only on some archs (they spill or replicate on the others).
-_ONLY_ON = {("fwd", 128, 2, Tiles(128, 128, 8, 3)): (90,), ("dq", 256, 2, Tiles(64, 16, 4, 2)): (90,)}
+# The 128x64 4-stage forward needs 128 KB of shared memory, over the 99 KB of sm_86/sm_89
+# (runtime.launch_tuned also skips a candidate the GPU refuses).
+_ONLY_ON = {("fwd", 128, 2, Tiles(128, 128, 8, 3)): (90,), ("dq", 256, 2, Tiles(64, 16, 4, 2)): (90,),
+            ("fwd", 128, 2, Tiles(128, 64, 8, 4)): registry.BIG_SHARED_MEMORY_ARCHS}
 
 
 def delta_rows(head_dim_padded: int) -> int:
@@ -835,7 +838,7 @@ def _attention_launches(kind: str, kernel):
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
                                       signature=signature, constexprs=constexprs,
                                       num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                      **({"archs": archs} if archs else {}),
+                                      archs=archs or registry.ARCHS,
                                       aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
 
 

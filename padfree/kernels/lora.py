@@ -278,6 +278,9 @@ _FP32_LARGE = (64, 64, 32, 8, 3)
 _FORWARD_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4),
                   (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
 _DX_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 8, 3))
+# needs 144 KB of shared memory: a candidate for sm_80/sm_90 only (runtime.launch_tuned skips it on
+# the 99 KB of sm_86/sm_89)
+_BIG_SHARED_MEMORY = {(128, 128, 64, 8, 4)}
 _BLOCK_R = 16
 _GROUP_M = 8
 _SHRINK_BLOCK_R = (16, 32, 64, 128)
@@ -474,7 +477,9 @@ def _gemm_launches(kernel, large: tuple, flag: str, aligned: tuple[str, ...]):
                         f"{dtype} {size}{' ' + flag.lower() if on else ''}", _signature(kernel, dtype),
                         {flag: on, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
                          "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
-                        num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True)
+                        num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True,
+                        archs=registry.BIG_SHARED_MEMORY_ARCHS if kernel is lora_dx_kernel
+                        and (block_m, block_n, block_k, warps, stages) in _BIG_SHARED_MEMORY else registry.ARCHS)
 
     return launches
 

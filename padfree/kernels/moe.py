@@ -27,6 +27,9 @@ Backward, dout (N, H) given; h is recomputed from the saved [g | u], never store
     moe_gate_up_weight_grad_kernel      dW1_e = sum_{p in e} [dg | du]_p^T x[t]   (2I, H)
 Padding rows load x / dout as 0, so their g, u, h, dg, du are 0 and they add nothing to dW.
 All products accumulate in fp32 (fp32 inputs: IEEE dot, no TF32).
+The pair counts (num_pairs, capacity) change every batch and only bound masks, so they are
+`do_not_specialize` (one compiled variant, not one per divisibility); the model dimensions and
+strides keep the JIT's specialization, which vectorises the loads (stride_wk = 1 is a constant).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def moe_gate_up_kernel(x_ptr, w1_ptr, sorted_pairs_ptr, block_expert_ptr, gate_up_ptr, h_ptr,
                        num_pairs, hidden, inter, top_k, stride_xn, stride_we, stride_wn, stride_wk,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -88,7 +91,7 @@ def moe_gate_up_kernel(x_ptr, w1_ptr, sorted_pairs_ptr, block_expert_ptr, gate_u
     tl.store(h_ptr + rows[:, None] * inter + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def moe_down_kernel(h_ptr, w2_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr, out_ptr,
                     num_pairs, hidden, inter, stride_we, stride_wn, stride_wk,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
@@ -118,7 +121,7 @@ def moe_down_kernel(h_ptr, w2_ptr, sorted_pairs_ptr, block_expert_ptr, weights_p
              mask=valid[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "capacity"])
 def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr,
                              grad_gate_up_ptr, grad_weight_partial_ptr, num_pairs, hidden, inter, top_k,
                              capacity, stride_we, stride_wn, stride_wk,
@@ -161,7 +164,7 @@ def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr
     tl.store(grad_rows + inter, grad_up.to(grad_gate_up_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def moe_down_weight_grad_kernel(grad_out_ptr, gate_up_ptr, sorted_pairs_ptr, padded_offsets_ptr, weights_ptr,
                                 grad_w2_ptr, num_pairs, hidden, inter, top_k,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -192,7 +195,7 @@ def moe_down_weight_grad_kernel(grad_out_ptr, gate_up_ptr, sorted_pairs_ptr, pad
     tl.store(out, acc.to(grad_w2_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def moe_gate_up_backward_input_kernel(grad_gate_up_ptr, w1_ptr, sorted_pairs_ptr, block_expert_ptr,
                                       grad_x_pairs_ptr, num_pairs, hidden, inter, stride_we, stride_wn,
                                       stride_wk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -221,7 +224,7 @@ def moe_gate_up_backward_input_kernel(grad_gate_up_ptr, w1_ptr, sorted_pairs_ptr
              acc.to(grad_x_pairs_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_ptr, grad_w1_ptr,
                                    num_pairs, hidden, inter, top_k, stride_xn,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -283,6 +286,12 @@ def _candidates(tile: str, fp32: bool) -> tuple[tuple[int, int, int, int, int], 
     return (TILES[tile], *CANDIDATES.get(tile, ()))
 
 
+def _run_time_values(signature: dict[str, str]) -> dict[str, int]:
+    """The expert weights are contiguous along their last dim (transformers' layout): stride 1, a
+    constexpr at run time."""
+    return {"stride_wk": 1} if "stride_wk" in signature else {}
+
+
 def _launches(kernel, tile: str, pointer_args: dict[str, str]):
     """One Launch per data dtype; pointer_args maps name -> "data" | "i32" | "fp32" | "i64"; the other
     runtime arguments are i32."""
@@ -295,7 +304,7 @@ def _launches(kernel, tile: str, pointer_args: dict[str, str]):
                           "IEEE": dtype_name == "fp32"}
             yield registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}", signature,
                                   constexprs, num_warps=warps, num_stages=stages,
-                                  aligned=("hidden", "inter"), pipelined=True)
+                                  aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature))
 
     registry.register(kernel, launches)
 

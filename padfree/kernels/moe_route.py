@@ -16,7 +16,8 @@ Backward (the choice is constant almost everywhere, so only w carries gradient):
     softmax: dlogits = p (dp - sum_e dp_e p_e)      [d p_e / d x_f = p_e (delta_ef - p_f)]
     sigmoid: dlogits = dp p (1 - p)
 top_k, n_group, topk_group, scoring and normalize are runtime arguments (k and groups loop at run
-time), so only BLOCK_E specialises the code.
+time), so only BLOCK_E specialises the code; num_tokens, which changes every batch, is
+`do_not_specialize`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _scores(logits_ptr, rows, cols, row_ok, col_ok, stride_row, sigmoid):
     return tl.where(col_ok[None, :], p, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, index_ptr, num_tokens, num_experts, stride_row, top_k,
                      sigmoid, normalize, n_group, topk_group, scale,
                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, MAX_K: tl.constexpr, MAX_G: tl.constexpr):
@@ -98,7 +99,7 @@ def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, index_ptr, num_tokens, n
     tl.store(index_ptr + out, index.to(tl.int64), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def moe_route_backward_kernel(grad_weights_ptr, logits_ptr, weights_ptr, index_ptr, grad_logits_ptr, num_tokens,
                               num_experts, stride_row, top_k, sigmoid, normalize, scale,
                               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):

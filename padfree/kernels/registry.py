@@ -15,6 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 
+# GPU archs the compile check covers: A100 (sm_80), A10G/A40/RTX 3090 (sm_86), L4/L40S/RTX 4090 (sm_89),
+# H100/H200 (sm_90); and those with the shared memory (163 KB and more) some tuning candidates need.
+ARCHS = (80, 86, 89, 90)
+BIG_SHARED_MEMORY_ARCHS = (80, 90)
+
+
 @dataclass(frozen=True)
 class Launch:
     """One compile configuration of a kernel.
@@ -26,8 +32,15 @@ class Launch:
     dimensions such as hidden or head_dim): Triton's JIT specializes those with a divisibility
     hint, and that hint is what lets it prove a tile row contiguous, load it with 16-byte vectors
     and turn the main loop into a multi-stage `cp.async` pipeline, so the compile check gives the
-    hint too (strides always get it). `pipelined` says that the kernel's main loop must come out
+    hint too (strides always get it). `values` gives integer arguments whose run-time value makes
+    the JIT compile other code, above all 1 (the JIT turns an int equal to 1 into a constant: a
+    contiguous dimension's stride of 1 becomes a constexpr and its loads vectorise). The compile
+    check specializes every argument as the JIT would for these values, honouring the kernel's
+    `do_not_specialize`. `pipelined` says that the kernel's main loop must come out
     software-pipelined: the compile check fails the launch when the PTX has no asynchronous copy.
+    `archs` are the GPUs the configuration is launched on; one whose shared memory exceeds an
+    arch's limit fails the check there (a tuning candidate for the big-memory GPUs only lists 80
+    and 90; the runtime skips it elsewhere, see runtime.launch_tuned).
     """
 
     label: str
@@ -35,9 +48,10 @@ class Launch:
     constexprs: dict[str, object]
     num_warps: int = 4
     num_stages: int = 2
-    archs: tuple[int, ...] = (80, 90)
+    archs: tuple[int, ...] = ARCHS
     aligned: tuple[str, ...] = ()
     pipelined: bool = False
+    values: dict[str, int] = field(default_factory=dict)
 
 
 def signature(kernel, types: dict[str, str], default: str = "i32") -> dict[str, str]:

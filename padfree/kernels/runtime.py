@@ -68,8 +68,8 @@ def interpreter_bf16_reason(tensor) -> str | None:
     global _BF16_DOT_EXACT
     import torch
 
-    if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16:
-        return None
+    if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16 or not interpreting():
+        return None  # compiled kernels and CPU tensors: require_interpreter gives the error
     if _BF16_DOT_EXACT is None:
         _BF16_DOT_EXACT = _interpreted_bf16_dot_is_exact()
     return None if _BF16_DOT_EXACT else "the Triton interpreter computes bf16 wrongly (triton#11584)"
@@ -138,10 +138,17 @@ def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing()
 
 
+def _out_of_resources() -> type[Exception]:
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
+
+
 def pick(key: tuple, candidates: list, launch, device) -> int:
     """Index into `candidates` of the configuration to launch for shape `key` (its first element
     names the launcher) on `device`; `launch(candidate)` runs the kernel once (it overwrites its
-    outputs, so timing it is harmless)."""
+    outputs, so timing it is harmless). A candidate that does not fit the device (Triton's
+    OutOfResources: more shared memory than an sm_86/sm_89 has) is not timed."""
     if key[0] in _FORCED:
         return _FORCED[key[0]]
     if len(candidates) == 1 or device.type != "cuda" or not AUTOTUNE:
@@ -150,7 +157,16 @@ def pick(key: tuple, candidates: list, launch, device) -> int:
         return _CHOICES[key]
     if _capturing():
         return 0
-    times = [_bench(lambda candidate=candidate: launch(candidate)) for candidate in candidates]
+    unfit = _unfit(key, device)
+    times = []
+    for index, candidate in enumerate(candidates):
+        try:
+            times.append(float("inf") if index in unfit else _bench(lambda candidate=candidate: launch(candidate)))
+        except _out_of_resources():
+            unfit.add(index)
+            times.append(float("inf"))
+    if len(unfit) == len(candidates):
+        raise _none_fits(key[0], candidates, device)
     best = min(range(len(candidates)), key=times.__getitem__)
     _CHOICES[key] = best
     logging.getLogger("padfree").info("tuned %s: %s (%.3f ms; candidates %s ms)", key, candidates[best], times[best],
@@ -158,10 +174,41 @@ def pick(key: tuple, candidates: list, launch, device) -> int:
     return best
 
 
+# (shape key, device) -> indices of the candidates that ran out of resources there: the first
+# candidate that fits becomes that device's default (the big tiles of an H100 do not fit the 99 KB
+# of shared memory of an A10G, L4, L40S or RTX 4090). Keyed like the tuning choice, since the
+# candidate lists differ per shape (head dim, dtype).
+_UNFIT: dict[tuple, set[int]] = {}
+
+
+def _unfit(key: tuple, device) -> set[int]:
+    return _UNFIT.setdefault((*key, str(device)), set())
+
+
+def _none_fits(launcher: str, candidates: list, device) -> RuntimeError:
+    return RuntimeError(f"padfree: no launch configuration of {launcher} fits {device}: all {len(candidates)} "
+                        f"candidates ({', '.join(map(str, candidates))}) need more resources than it has")
+
+
 def launch_tuned(name: str, candidates, launch, tensor, shape: tuple = ()):
     """Run `launch(candidate)` with the candidate `pick` chooses for the key (name, tensor's
-    dtype, *shape) on the tensor's device; returns what `launch` returns."""
-    return launch(candidates[pick((name, tensor.dtype, *shape), candidates, launch, tensor.device)])
+    dtype, *shape) on the tensor's device; returns what `launch` returns. A candidate that does not
+    fit the device is remembered and the next one runs (a forced candidate never falls back)."""
+    key = (name, tensor.dtype, *shape)
+    first = pick(key, candidates, launch, tensor.device)
+    if name in _FORCED:
+        return launch(candidates[first])
+    unfit = _unfit(key, tensor.device)
+    for index in [first, *(i for i in range(len(candidates)) if i != first)]:
+        if index in unfit:
+            continue
+        try:
+            return launch(candidates[index])
+        except _out_of_resources() as err:
+            unfit.add(index)
+            logging.getLogger("padfree").info("%s: %s does not fit %s (%s); trying the next configuration",
+                                              name, candidates[index], tensor.device, err)
+    raise _none_fits(name, candidates, tensor.device)
 
 
 @contextlib.contextmanager

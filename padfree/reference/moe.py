@@ -105,7 +105,9 @@ def align(top_k_index: torch.Tensor, num_experts: int, block_size: int
     num_pairs = experts.numel()
     num_blocks = (num_pairs + num_experts * (block_size - 1) + block_size - 1) // block_size
     capacity = num_blocks * block_size
-    counts = torch.bincount(experts, minlength=num_experts)
+    # scatter-add, not bincount: bincount reads the largest index on the host to size its result
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts))
     padded_counts = (counts + block_size - 1) // block_size * block_size
     offsets = torch.cumsum(counts, 0) - counts
     padded_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)

@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -99,3 +100,94 @@ def test_compile_check_fails_a_launch_that_should_be_pipelined_but_is_not(tmp_pa
         shared = {name: int(line.split("shared=")[1].split()[0]) for name, line in
                   (("aligned", aligned), ("unaligned", unaligned))}
         assert shared["aligned"] >= 2 * shared["unaligned"], shared
+
+
+_SPECIALIZATION_SCRIPT = '''
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from padfree import compile_check
+from padfree.kernels import registry
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "i32": torch.int32,
+          "i64": torch.int64, "i8": torch.int8, "i1": torch.bool, "u8": torch.uint8}
+backend = make_backend(GPUTarget("cuda", 90, 32))
+checked = 0
+for entry in registry.all_kernels():
+    kernel = entry.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    for launch in entry.launches():
+        args = []
+        for name, kind in launch.signature.items():
+            if kind == "constexpr":
+                args.append(launch.constexprs[name])
+            elif kind.startswith("*"):
+                args.append(torch.empty(64, dtype=DTYPES[kind[1:]]))  # 64-byte aligned, like CUDA allocations
+            elif kind.startswith(("fp", "bf")):
+                args.append(0.5)
+            elif kind == "i1":
+                args.append(True)
+            else:
+                aligned = name.startswith("stride") or name in launch.aligned
+                args.append(launch.values.get(name, 16 * 37 if aligned else 37))
+        bound, specialization, options = binder(*args)
+        _, jit_signature, jit_constexprs, jit_attrs = kernel._pack_args(backend, {}, bound, specialization, options)
+        signature, constexprs, attrs = compile_check.jit_specialization(kernel, launch, 90)
+        names = list(launch.signature)
+        constexprs = {(names.index(k),) if isinstance(k, str) else k: v for k, v in constexprs.items()}
+        assert constexprs == jit_constexprs, (entry.name, launch.label, constexprs, jit_constexprs)
+        assert attrs == jit_attrs, (entry.name, launch.label, attrs, jit_attrs)
+        assert {k for k, v in signature.items() if v == "constexpr"} == \\
+            {k for k, v in jit_signature.items() if v == "constexpr"}, (entry.name, launch.label)
+        checked += 1
+down = next(e for e in registry.all_kernels() if e.name.endswith("moe_down_kernel"))
+launch = next(iter(down.launches()))
+signature, constexprs, attrs = compile_check.jit_specialization(down.kernel, launch, 90)
+print("CHECKED", checked, "stride_wk", signature["stride_wk"], constexprs.get("stride_wk"),
+      "num_pairs_attrs", attrs.get((list(signature).index("num_pairs"),)))
+'''
+
+
+@pytest.mark.slow
+def test_compile_check_specializes_every_launch_like_the_jit(tmp_path):
+    """For every registered launch, the signature, constants and hints the compile check builds are
+    the ones Triton's own JIT binder builds from launch arguments of those values: an int equal to
+    1 (the MoE weights' stride_wk) is a constexpr, do_not_specialize arguments (num_pairs) get no
+    hint, aligned pointers and strides get the divisibility hint."""
+    script = tmp_path / "specialization_check.py"
+    script.write_text(_SPECIALIZATION_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[2])  # this checkout's padfree
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("CHECKED"))
+    assert int(line.split()[1]) > 100, line
+    assert "stride_wk constexpr 1 num_pairs_attrs None" in line, line
+
+
+_SHARED_MEMORY_SCRIPT = _GEMM_SCRIPT.split("signature = registry")[0] + '''
+signature = registry.signature(gemm_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16"})
+launch = registry.Launch("128x128x64 s5", signature, {"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=5,
+                         aligned=("K",))
+for arch in (80, 86, 89):
+    result = compile_check.compile_launch(gemm_kernel, launch, arch)
+    print(f"RESULT sm_{arch} ok={result.ok} shared={result.shared} error={result.error}")
+'''
+
+
+@pytest.mark.slow
+def test_compile_check_fails_a_config_over_the_shared_memory_of_its_arch(tmp_path):
+    """A 5-stage 128x128x64 fp16 GEMM needs 128 KB of shared memory (four 32 KB buffers): it fits an A100 (163 KB),
+    not an A10G/L4 (99 KB), and the check must say so per arch."""
+    script = tmp_path / "shared_check.py"
+    script.write_text(_SHARED_MEMORY_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("RESULT")}
+    assert "ok=True" in lines["sm_80"], lines
+    for arch in ("sm_86", "sm_89"):
+        assert "ok=False" in lines[arch] and f"{arch} allows 101376 B" in lines[arch], lines

@@ -92,3 +92,63 @@ def test_launchers_run_on_their_input_device(monkeypatch):
     entered.clear()
     assert launcher([], torch.empty(2)) == 1.0
     assert entered == ["launch"]
+
+
+class _TooBig:
+    """Stands in for launches: the named candidates raise Triton's OutOfResources, the others run."""
+
+    def __init__(self, too_big):
+        from triton.runtime.errors import OutOfResources
+
+        self.error, self.too_big, self.launched = OutOfResources, set(too_big), []
+
+    def __call__(self, candidate):
+        self.launched.append(candidate)
+        if candidate in self.too_big:
+            raise self.error(128 * 1024, 99 * 1024, "shared memory")
+        return f"ran {candidate}"
+
+
+@pytest.fixture
+def fresh_unfit(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(runtime, "_UNFIT", {})
+
+
+def test_a_candidate_out_of_resources_is_skipped_and_remembered(fresh_unfit):
+    launch = _TooBig({"big"})
+    tensor = torch.zeros(2)
+    assert runtime.launch_tuned("k", ["big", "small", "tiny"], launch, tensor, (8,)) == "ran small"
+    assert launch.launched == ["big", "small"]
+    assert runtime.launch_tuned("k", ["big", "small", "tiny"], launch, tensor, (8,)) == "ran small"
+    assert launch.launched == ["big", "small", "small"]  # the device's default is now "small"
+
+
+def test_no_candidate_fits_is_a_clear_error(fresh_unfit):
+    launch = _TooBig({"big", "small"})
+    with pytest.raises(RuntimeError, match="no launch configuration of k fits cpu: all 2 candidates"):
+        runtime.launch_tuned("k", ["big", "small"], launch, torch.zeros(2))
+    assert launch.launched == ["big", "small"]
+
+
+def test_a_forced_candidate_does_not_fall_back(fresh_unfit):
+    launch = _TooBig({"big"})
+    with runtime.force_choice("k", 0), pytest.raises(launch.error):
+        runtime.launch_tuned("k", ["big", "small"], launch, torch.zeros(2))
+
+
+def test_the_tuner_skips_candidates_out_of_resources(timings, fresh_unfit, monkeypatch):
+    table, calls = timings
+    table.update({"small": 2.0, "tiny": 3.0})
+    too_big = _TooBig({"big"})
+
+    def bench(fn):
+        result = fn()
+        calls.append("timed")
+        return table[result.removeprefix("ran ")]
+
+    monkeypatch.setattr(runtime, "_bench", bench)
+    assert runtime.pick(("k", 1), ["big", "small", "tiny"], too_big, CUDA) == 1
+    assert too_big.launched == ["big", "small", "tiny"] and calls == ["timed", "timed"]
+    with pytest.raises(RuntimeError, match="no launch configuration of k fits cuda"):
+        runtime.pick(("k", 2), ["big", "small"], _TooBig({"big", "small"}), CUDA)

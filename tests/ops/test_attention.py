@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import padfree
 import padfree.ops.attention  # noqa: F401  (registers torch.ops.padfree.varlen_attention_*)
 from padfree.reference import attention as reference
+from tests.conftest import cuda_syncs_raise
 from tests.numerics import assert_close
 
 kernels = pytest.importorskip("padfree.kernels.attention")
@@ -315,9 +316,10 @@ def test_gpu_bf16_real_sizes(causal):
     q = torch.randn(total, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(total, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(total, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out = padfree.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
+    dout = torch.randn(total, 16, 128, device="cuda", dtype=torch.bfloat16)
+    with cuda_syncs_raise():
+        out = padfree.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
     window = (-1, 0) if causal else (-1, -1)
     wide = [t.detach().double() for t in (q, k, v)]
     oracle, _ = reference.attention(*wide, cu, cu, 128 ** -0.5, *window)

@@ -13,6 +13,7 @@ import padfree
 from padfree import _ext
 from padfree.ops import moe as moe_ops
 from padfree.reference import moe as reference
+from tests.conftest import cuda_syncs_raise
 from tests.numerics import assert_close
 
 BLOCK = 64  # padfree.kernels.moe.ALIGN_BLOCK
@@ -339,8 +340,10 @@ def test_gpu_experts_bf16_and_cuda_align(num_experts, top_k):
     num_tokens, hidden, inter = 2048 + 37, 512, 384
     index = random_index(num_tokens, num_experts, top_k, list(range(num_experts - 1))).to(device)
     assert _ext.load() and _ext.has_kernel("moe_align", device), _ext.status()
-    native = torch.ops.padfree.moe_align(index, num_experts, BLOCK)
-    for got, want in zip(native, reference.align(index, num_experts, BLOCK)):
+    with cuda_syncs_raise():
+        native = torch.ops.padfree.moe_align(index, num_experts, BLOCK)
+        pytorch_version = reference.align(index, num_experts, BLOCK)
+    for got, want in zip(native, pytorch_version):
         assert torch.equal(got, want)
     gate_up, down = (t.to(device) for t in expert_weights(num_experts, hidden, inter, torch.float64))
     x = torch.randn(num_tokens, hidden, dtype=torch.float64, device=device)
@@ -348,7 +351,7 @@ def test_gpu_experts_bf16_and_cuda_align(num_experts, top_k):
     grad = torch.randn(num_tokens, hidden, dtype=torch.float64, device=device)
     oracle, oracle_grads = reference_experts((x, weights, gate_up, down), index, grad)
     low = (x.bfloat16(), weights.float(), gate_up.bfloat16(), down.bfloat16())
-    with padfree.use_backend("triton"):
+    with padfree.use_backend("triton"), cuda_syncs_raise():
         out, grads = run_experts(low, index, grad.bfloat16())
     with padfree.use_backend("reference"):
         base, base_grads = reference_experts(low, index, grad.bfloat16())
