@@ -252,14 +252,7 @@ def _backward(outputs, leaves):
     return torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
 
 
-# The attention and LoRA custom ops take the dropout seed as a host tensor and read it with
-# int(seed) (even at dropout 0); issue 11's device-generator seeds remove that read.
-HOST_SEED = pytest.mark.xfail(strict=True, raises=HostSyncError,
-                              reason="int(seed) in the attention/LoRA custom ops: seeds move to the device (issue 11)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=HOST_SEED) if name.startswith(("attention", "lora"))
-                                  else name for name in OPS])
+@pytest.mark.parametrize("name", list(OPS))
 def test_forward_and_backward_of_every_op_never_sync(triton_cpu, monkeypatch, name):
     monkeypatch.setenv("PADFREE_CHECKS", "0")
     pytorch_align = []
