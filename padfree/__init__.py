@@ -2,6 +2,7 @@
 
 Public API (see README.md):
     varlen_attention, lora_linear, moe_route, moe_experts   ops (torch custom ops, autograd)
+    lora_mixture_linear, lora_per_sequence_linear           several LoRA adapters on one base layer
     patch, unpatch                                          switch a transformers/PEFT model over
     register                                                make "padfree" an attn_implementation
     use_backend                                             "auto" | "triton" | "cuda" | "reference"
@@ -22,6 +23,8 @@ _LAZY = {
     "lora_linear": "padfree.ops.lora",
     "moe_route": "padfree.ops.moe",
     "moe_experts": "padfree.ops.moe",
+    "lora_mixture_linear": "padfree.ops.lora_mixture",
+    "lora_per_sequence_linear": "padfree.ops.lora_mixture",
     "patch": "padfree.hf.patch",
     "unpatch": "padfree.hf.patch",
     "register": "padfree.hf.attention",
