@@ -1,14 +1,16 @@
 """Varlen flash attention (FlashAttention-2 algorithm) in Triton: forward and backward.
 
 Work is split into (sequence, block) pairs read from `cu_seqlens` on the device: a block table
-(`block_table`) lists, for every program, the sequence it serves and its block inside that
-sequence. The table's length is an upper bound known from shapes alone (ceil(total/BLOCK) + B + 1),
-so there is no host sync, and nothing is recompiled when `max_seqlen` changes; programs past the
-real work return at once. The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose
-programs write zeros (out, dq, dk, dv) and lse = +inf. Row offsets are int64. The table lists the
-blocks heaviest first (longest-processing-time order), so the GPU does not end a launch on a few
-long blocks while the other SMs idle: by sequence length, or under a causal mask by the keys a
-query block sees (its last blocks are heaviest) or the queries a key block serves (its first).
+(`block_table`) lists the sequence of each entry and its block inside that sequence, then how
+many entries have work. The table's length is an upper bound known from shapes alone
+(ceil(total/BLOCK) + B + 1), so there is no host sync, and nothing is recompiled when `max_seqlen`
+changes. Programs stride over the entries with work (`_grid_size` sizes the grid: one entry per
+program for ordinary batches, a few rounds for the one-slot-per-token tables of position_ids).
+The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose programs write zeros (out, dq,
+dk, dv) and lse = +inf. Row offsets are int64. The table lists the blocks heaviest first
+(longest-processing-time order), so the GPU does not end a launch on a few long blocks while the
+other SMs idle: by sequence length, or under a causal mask by the keys a query block sees (its
+last blocks are heaviest) or the queries a key block serves (its first).
 
 Scores, for query i and key j of a sequence with lengths (sq, sk), diagonal offset sk - sq:
 
@@ -227,58 +229,63 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.load(Blocks + pid)
-    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
-    offs_m = block_start + tile_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
-    if seq == num_seqs:
-        first = tl.load(CuQ + num_seqs) + block_start
-        row_ok = first + tile_m < total_q
-        tl.store(_tile(Out, first, stride_ot, head, stride_oh, tile_m, offs_d),
-                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + head.to(tl.int64) * total_q + first + tile_m, tl.full([BLOCK_M], float("inf"), tl.float32),
-                 mask=row_ok)
-    elif seq < num_seqs:
-        q_start, sq = _sequence(CuQ, seq)
-        k_start, sk = _sequence(CuK, seq)
-        diagonal = sk - sq
-        kv_head = head // group
-        row_ok = offs_m < sq
-        q_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
-        slope = 0.0
-        if ALIBI:
-            slope = tl.load(Alibi + seq * stride_alibi + head)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-        lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
-                            HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
-                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh,
-                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
-                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh,
-                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-        has_key = l_i > 0.0
-        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-        tl.store(_tile(Out, q_start + block_start, stride_ot, head, stride_oh, tile_m, offs_d),
-                 out.to(Out.dtype.element_ty), mask=q_ok)
-        tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
+    # The grid may be smaller than the table (position_ids give a table sized for one sequence per
+    # token): programs stride over the entries with work, whose count the table ends with.
+    for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+        seq = tl.load(Blocks + entry)
+        block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
+        offs_m = block_start + tile_m
+        if seq == num_seqs:
+            first = tl.load(CuQ + num_seqs) + block_start
+            row_ok = first + tile_m < total_q
+            tl.store(_tile(Out, first, stride_ot, head, stride_oh, tile_m, offs_d),
+                     tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(Lse + head.to(tl.int64) * total_q + first + tile_m, tl.full([BLOCK_M], float("inf"), tl.float32),
+                     mask=row_ok)
+        else:
+            q_start, sq = _sequence(CuQ, seq)
+            k_start, sk = _sequence(CuK, seq)
+            diagonal = sk - sq
+            kv_head = head // group
+            row_ok = offs_m < sq
+            q_ok = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
+                        other=0.0)
+            slope = 0.0
+            if ALIBI:
+                slope = tl.load(Alibi + seq * stride_alibi + head)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+            lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
+                                HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
+                                              HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                      softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                      softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
+            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                      softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+            has_key = l_i > 0.0
+            out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+            lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+                           float("inf"))
+            tl.store(_tile(Out, q_start + block_start, stride_ot, head, stride_oh, tile_m, offs_d),
+                     out.to(Out.dtype.element_ty), mask=q_ok)
+            tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -336,7 +343,8 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
         row_ok = offs_m < sq
         q_ok = row_ok[:, None] & d_ok[None, :]
         q = tl.load(_tile(Q, q_start + start_m, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
-        dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d), mask=q_ok, other=0.0)
+        dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d), mask=q_ok,
+                       other=0.0)
         lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
@@ -371,57 +379,63 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    pid = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.load(Blocks + pid)
-    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_N
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
-    offs_n = block_start + tile_n
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
-    if seq == num_seqs:
-        first = tl.load(CuK + num_seqs) + block_start
-        ok = (first + tile_n < total_k)[:, None] & d_ok[None, :]
-        tl.store(_tile(DK, first, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
-                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
-        tl.store(_tile(DV, first, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
-                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
-    elif seq < num_seqs:
-        q_start, sq = _sequence(CuQ, seq)
-        k_start, sk = _sequence(CuK, seq)
-        diagonal = sk - sq
-        kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-        k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
-        v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-        lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
-                              HAS_LEFT, HAS_RIGHT, BLOCK_M)
-        full_lo, full_hi = _unmasked_queries(lo, hi, block_start, BLOCK_N, sk, diagonal, window_left, window_right,
-                                             HAS_LEFT, HAS_RIGHT, BLOCK_M)
-        for member in range(0, group):
-            head = kv_head * group + member
-            slope = 0.0
-            if ALIBI:
-                slope = tl.load(Alibi + seq * stride_alibi + head)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt, stride_qh,
-                                   stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal,
-                                   softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed, seq,
-                                   num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
-                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed,
-                                   seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION,
-                                   False)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt, stride_qh,
-                                   stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal,
-                                   softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed, seq,
-                                   num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-        tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
-                 (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
-                 dv.to(DV.dtype.element_ty), mask=kv_ok)
+    # The grid may be smaller than the table (position_ids give a table sized for one sequence per
+    # token): programs stride over the entries with work, whose count the table ends with.
+    for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+        seq = tl.load(Blocks + entry)
+        block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_N
+        offs_n = block_start + tile_n
+        if seq == num_seqs:
+            first = tl.load(CuK + num_seqs) + block_start
+            ok = (first + tile_n < total_k)[:, None] & d_ok[None, :]
+            tl.store(_tile(DK, first, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
+                     tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
+            tl.store(_tile(DV, first, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
+                     tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
+        else:
+            q_start, sq = _sequence(CuQ, seq)
+            k_start, sk = _sequence(CuK, seq)
+            diagonal = sk - sq
+            kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
+            k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok,
+                        other=0.0)
+            v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok,
+                        other=0.0)
+            dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+            dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+            lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
+                                  HAS_LEFT, HAS_RIGHT, BLOCK_M)
+            full_lo, full_hi = _unmasked_queries(lo, hi, block_start, BLOCK_N, sk, diagonal, window_left, window_right,
+                                                 HAS_LEFT, HAS_RIGHT, BLOCK_M)
+            for member in range(0, group):
+                head = kv_head * group + member
+                slope = 0.0
+                if ALIBI:
+                    slope = tl.load(Alibi + seq * stride_alibi + head)
+                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt,
+                                       stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                       diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                       seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                       PRECISION, True)
+                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
+                                       stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                       diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                       seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                       PRECISION, False)
+                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt,
+                                       stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                       diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                       seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                       PRECISION, True)
+            tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
+                     (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
+            tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
+                     dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -437,54 +451,57 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    pid = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.load(Blocks + pid)
-    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
-    offs_m = block_start + tile_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
-    if seq == num_seqs:
-        first = tl.load(CuQ + num_seqs) + block_start
-        tl.store(_tile(DQ, first, stride_dqt, head, stride_dqh, tile_m, offs_d),
-                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
-                 mask=(first + tile_m < total_q)[:, None] & d_ok[None, :])
-    elif seq < num_seqs:
-        q_start, sq = _sequence(CuQ, seq)
-        k_start, sk = _sequence(CuK, seq)
-        diagonal = sk - sq
-        kv_head = head // group
-        row_ok = offs_m < sq
-        q_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
-        dout = tl.load(_tile(DOut, q_start + block_start, stride_dot, head, stride_doh, tile_m, offs_d),
-                       mask=q_ok, other=0.0)
-        lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
-        slope = 0.0
-        if ALIBI:
-            slope = tl.load(Alibi + seq * stride_alibi + head)
-        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-        lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
-                            HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
-                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh, stride_vt,
-                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
-                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
-        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh, stride_vt,
-                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-        tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
-                 (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
+    # The grid may be smaller than the table (position_ids give a table sized for one sequence per
+    # token): programs stride over the entries with work, whose count the table ends with.
+    for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+        seq = tl.load(Blocks + entry)
+        block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
+        offs_m = block_start + tile_m
+        if seq == num_seqs:
+            first = tl.load(CuQ + num_seqs) + block_start
+            tl.store(_tile(DQ, first, stride_dqt, head, stride_dqh, tile_m, offs_d),
+                     tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
+                     mask=(first + tile_m < total_q)[:, None] & d_ok[None, :])
+        else:
+            q_start, sq = _sequence(CuQ, seq)
+            k_start, sk = _sequence(CuK, seq)
+            diagonal = sk - sq
+            kv_head = head // group
+            row_ok = offs_m < sq
+            q_ok = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
+                        other=0.0)
+            dout = tl.load(_tile(DOut, q_start + block_start, stride_dot, head, stride_doh, tile_m, offs_d),
+                           mask=q_ok, other=0.0)
+            lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
+            slope = 0.0
+            if ALIBI:
+                slope = tl.load(Alibi + seq * stride_alibi + head)
+            dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+            lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
+                                HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
+                                              HAS_LEFT, HAS_RIGHT, BLOCK_N)
+            dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh, stride_vt,
+                          stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
+                          window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                          BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+            dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
+                          stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap,
+                          slope, window_left, window_right, dropout_p, seed, seq, head, num_heads, BLOCK_N, HAS_LEFT,
+                          HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
+            dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh, stride_vt,
+                          stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
+                          window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                          BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+            tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
+                     (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -581,9 +598,10 @@ TABLE_ORDERS = ("length", "causal_queries", "causal_keys")
 
 
 def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "length") -> torch.Tensor:
-    """int32 (2, G): row 0 the sequence of each program (B = the tail of padding tokens, B + 1 =
-    nothing to do), row 1 its block index inside that sequence. G depends on shapes only.
-    Programs come heaviest first by the estimate `order` names (see _build_block_table).
+    """int32 (2 G + 1,): G entries of (sequence, block index inside it), as two rows of G (sequence
+    B = the tail of padding tokens, B + 1 = nothing to do), then the number of entries with work
+    (real blocks and the tail's), which come first. G depends on shapes only; the count lives on
+    the device. Entries come heaviest first by the estimate `order` names (see _build_block_table).
 
     Every layer of a model gets the same `cu_seqlens` tensor, so the tables are kept on it and
     built once per batch; they are keyed by its version counter, so an in-place update (a reused
@@ -638,7 +656,18 @@ def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: 
         work = length
     work = torch.where(seq < num_seqs, work, num_seqs - 1 - seq)
     permutation = torch.argsort(work, descending=True, stable=True)
-    return torch.stack([seq, index])[:, permutation].to(torch.int32)
+    return torch.cat([torch.stack([seq, index])[:, permutation].flatten(), ends[-1:]]).to(torch.int32)
+
+
+def _grid_size(table: torch.Tensor, total: int, block: int) -> tuple[int, int]:
+    """(G entries of `table`, programs striding over them). At most ceil(total / block) + S + 1
+    entries have work, S the sequences that are not empty; S is only known on the device, and a
+    table from `cu_seqlens_from_position_ids` has a slot per token. With 2 ceil(total / block) + 1
+    programs, every program runs one entry when the sequences average a block or more (as with one
+    program per entry), and a batch of shorter ones needs a few rounds instead of one program per
+    token."""
+    entries = (table.numel() - 1) // 2
+    return entries, min(entries, 2 * triton.cdiv(total, block) + 1)
 
 
 def _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, dtype):
@@ -677,10 +706,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
     def launch(tile):
         blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
-        attention_fwd_kernel[(blocks.shape[1], num_heads)](
+        entries, programs = _grid_size(blocks, total_q, tile.block_m)
+        attention_fwd_kernel[(programs, num_heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), stride_alibi, blocks.shape[1], total_q, cu_seqlens_q.numel() - 1, num_heads,
+            out.stride(1), stride_alibi, entries, total_q, cu_seqlens_q.numel() - 1, num_heads,
             num_heads // k.shape[1], head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -726,22 +756,24 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
     def launch_dkdv(tile):
         blocks = block_table(cu_seqlens_k, total_k, tile.block_n, _table_order(flags, "keys"))
-        attention_bwd_dkdv_kernel[(blocks.shape[1], num_kv_heads)](
+        entries, programs = _grid_size(blocks, total_k, tile.block_n)
+        attention_bwd_dkdv_kernel[(programs, num_kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            stride_alibi, blocks.shape[1], total_q, total_k, num_seqs, num_heads, group, head_dim,
+            stride_alibi, entries, total_q, total_k, num_seqs, num_heads, group, head_dim,
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     def launch_dq(tile):
         blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
-        attention_bwd_dq_kernel[(blocks.shape[1], num_heads)](
+        entries, programs = _grid_size(blocks, total_q, tile.block_m)
+        attention_bwd_dq_kernel[(programs, num_heads)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-            stride_alibi, blocks.shape[1], total_q, num_seqs, num_heads, group, head_dim,
+            stride_alibi, entries, total_q, num_seqs, num_heads, group, head_dim,
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
             num_warps=tile.num_warps, num_stages=tile.num_stages)

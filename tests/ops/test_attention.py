@@ -155,6 +155,32 @@ def test_random_cu_seqlens(small_tiles, lengths, causal, tail):
     check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0) if causal else (-1, -1))
 
 
+def test_position_ids_offsets_launch_programs_for_the_work_not_one_per_token(small_tiles, monkeypatch):
+    """`cu_seqlens_from_position_ids` returns numel + 1 offsets (the sequence count stays on the
+    device), so the block table has a slot per token. The grids must follow the work: at most
+    2 ceil(total / block) + 1 programs, here fewer than the entries with work, so programs take
+    several rounds, and the result still matches the reference."""
+    from padfree.reference.seqlens import cu_seqlens_from_position_ids
+
+    lengths = [1, 3, 20, 2, 9, 1, 5, 2, 1, 4, 1, 3]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu, _ = cu_seqlens_from_position_ids(position_ids)
+    total = sum(lengths)
+    assert cu.numel() == total + 1
+    grids = []
+    for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, type("Spy", (), {
+            "__getitem__": lambda self, grid, kernel=kernel, name=name: grids.append((name, grid)) or kernel[grid]})())
+    q, k, v = (torch.randn(total, heads, 16) for heads in (2, 1, 1))
+    check_against_reference(q, k, v, cu, cu, window=(-1, 0))
+    assert sorted(name for name, _ in grids) == ["attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
+                                                 "attention_fwd_kernel"]
+    with_work = sum(-(-n // 16) for n in lengths)
+    for name, grid in grids:
+        assert grid[0] == 2 * -(-total // 16) + 1 < with_work, (name, grid)
+
+
 def test_backward_is_bitwise_reproducible(small_tiles):
     q, k, v, cu_q, cu_k = packed([40, 23], [40, 23], heads_q=4, heads_k=1, dtype=torch.float16)
     first = run_op(q, k, v, cu_q, cu_k, "triton", 0.25, dropout_p=0.1)
@@ -257,6 +283,11 @@ def test_bad_options_raise():
         padfree.varlen_attention(**bad(), alibi_slopes=torch.rand(3))
 
 
+def entries(table):
+    """The (2, G) (sequence, block) rows of a block table, without its trailing count."""
+    return table[:-1].view(2, -1)
+
+
 @pytest.mark.parametrize("order, expected", [
     ("length", [(2, 0), (2, 1), (1, 0), (3, 0)]),          # L = 32, 32, 5, 1
     ("causal_queries", [(2, 1), (2, 0), (1, 0), (3, 0)]),  # keys seen: 32, 16, 5, 1
@@ -266,10 +297,11 @@ def test_block_table_covers_every_block_once_heaviest_first(order, expected):
     # sequences of 0, 5, 32 and 1 tokens, then a tail of 7 padding tokens (45 in all)
     cu = torch.tensor([0, 0, 5, 37, 38], dtype=torch.int32)
     table = kernels.block_table(cu, 45, 16, order)
-    seq, index = table.tolist()
+    seq, index = entries(table).tolist()
     assert list(zip(seq, index))[:5] == [*expected, (4, 0)]    # the tail after the real blocks
-    assert all(s == 5 for s in seq[5:])                         # then the programs with nothing to do
-    assert table.shape[1] == -(-45 // 16) + 4 + 1
+    assert all(s == 5 for s in seq[5:])                         # then the entries with nothing to do
+    assert len(seq) == -(-45 // 16) + 4 + 1
+    assert table[-1] == 5                                       # the entries with work
 
 
 def test_block_tables_of_every_order_hold_the_same_blocks():
@@ -277,7 +309,7 @@ def test_block_tables_of_every_order_hold_the_same_blocks():
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     total = int(cu[-1]) + 5
     tables = [kernels._build_block_table(cu, total, 64, order) for order in kernels.TABLE_ORDERS]
-    pairs = [sorted(map(tuple, table.t().tolist())) for table in tables]
+    pairs = [sorted(map(tuple, entries(table).t().tolist())) for table in tables]
     assert pairs[0] == pairs[1] == pairs[2]
     with pytest.raises(ValueError, match="order must be one of"):
         kernels._build_block_table(cu, total, 64, "random")
