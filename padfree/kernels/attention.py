@@ -7,7 +7,7 @@ many entries have work. The table's length is an upper bound known from shapes a
 changes. Programs stride over the entries with work (`_grid_size` sizes the grid: one entry per
 program for ordinary batches, a few rounds for the one-slot-per-token tables of position_ids).
 The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose programs write zeros (out, dq,
-dk, dv) and lse = +inf. Row offsets are int64. The table lists the blocks heaviest first
+dk, dv) and lse = +inf. Row and head offsets are int64. The table lists the blocks heaviest first
 (longest-processing-time order), so the GPU does not end a launch on a few long blocks while the
 other SMs idle: by sequence length, or under a causal mask by the keys a query block sees (its
 last blocks are heaviest) or the queries a key block serves (its first).
@@ -177,9 +177,11 @@ def _unmasked_queries(lo, hi, block_start, BLOCK: tl.constexpr, sk, diagonal, wi
 
 @triton.jit
 def _tile(base, first_row, stride_t, head, stride_h, rows, cols):
-    """Pointers to rows `first_row + rows` of one head: a 64-bit scalar base plus 32-bit offsets
-    inside the tile, so addresses stay cheap and never overflow."""
-    return base + first_row.to(tl.int64) * stride_t + head * stride_h + rows[:, None] * stride_t + cols[None, :]
+    """Pointers to rows `first_row + rows` of one head: a 64-bit scalar base (the row and the head
+    offset: head * stride_h passes 2^31 in head-major layouts) plus 32-bit offsets inside the tile,
+    so addresses stay cheap and never overflow."""
+    scalar = first_row.to(tl.int64) * stride_t + head.to(tl.int64) * stride_h
+    return base + scalar + rows[:, None] * stride_t + cols[None, :]
 
 
 @triton.jit
