@@ -4,8 +4,9 @@ Work is split into (sequence, block) pairs read from `cu_seqlens` on the device:
 (`block_table`) lists the sequence of each entry and its block inside that sequence, then how
 many entries have work. The table's length is an upper bound known from shapes alone
 (ceil(total/BLOCK) + B + 1), so there is no host sync, and nothing is recompiled when `max_seqlen`
-changes. Programs stride over the entries with work (`_grid_size` sizes the grid: one entry per
-program for ordinary batches, a few rounds for the one-slot-per-token tables of position_ids).
+changes. A program runs one entry, or, when the table has more entries than `_grid_size` gives
+programs (the one-slot-per-token tables of position_ids), the kernels' STRIDED variant strides over
+the entries with work.
 The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose programs write zeros (out, dq,
 dk, dv) and lse = +inf. Row and head offsets are int64. The table lists the blocks heaviest first
 (longest-processing-time order), so the GPU does not end a launch on a few long blocks while the
@@ -219,75 +220,95 @@ def _fwd_keys(acc, m_i, l_i, q, K, V, k_start, start, stop, kv_head, stride_kt, 
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=_PER_BATCH)
-def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                         stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
-                         softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                         ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
+@triton.jit
+def _fwd_entry(entry, seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt, stride_kh,
+               stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q, num_seqs, num_heads,
+               group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward of one block-table entry: a query block, or a tail block of zeros."""
     head = tl.program_id(1)
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
-    # The grid may be smaller than the table (position_ids give a table sized for one sequence per
-    # token): programs stride over the entries with work, whose count the table ends with.
-    for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
-        seq = tl.load(Blocks + entry)
-        block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
-        offs_m = block_start + tile_m
-        if seq == num_seqs:
-            first = tl.load(CuQ + num_seqs) + block_start
-            row_ok = first + tile_m < total_q
-            tl.store(_tile(Out, first, stride_ot, head, stride_oh, tile_m, offs_d),
-                     tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty),
-                     mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(Lse + head.to(tl.int64) * total_q + first + tile_m, tl.full([BLOCK_M], float("inf"), tl.float32),
-                     mask=row_ok)
-        else:
-            q_start, sq = _sequence(CuQ, seq)
-            k_start, sk = _sequence(CuK, seq)
-            diagonal = sk - sq
-            kv_head = head // group
-            row_ok = offs_m < sq
-            q_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
-                        other=0.0)
-            slope = 0.0
-            if ALIBI:
-                slope = tl.load(Alibi + seq * stride_alibi + head)
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-            lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
-                                HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
-                                              HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh,
-                                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                      softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
-                                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                      softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
-            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh,
-                                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                      softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-            has_key = l_i > 0.0
-            out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-            lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-                           float("inf"))
-            tl.store(_tile(Out, q_start + block_start, stride_ot, head, stride_oh, tile_m, offs_d),
-                     out.to(Out.dtype.element_ty), mask=q_ok)
-            tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
+    seq = tl.load(Blocks + entry)
+    block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
+    offs_m = block_start + tile_m
+    if seq == num_seqs:
+        first = tl.load(CuQ + num_seqs) + block_start
+        row_ok = first + tile_m < total_q
+        tl.store(_tile(Out, first, stride_ot, head, stride_oh, tile_m, offs_d),
+                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + head.to(tl.int64) * total_q + first + tile_m, tl.full([BLOCK_M], float("inf"), tl.float32),
+                 mask=row_ok)
+    elif seq < num_seqs:
+        q_start, sq = _sequence(CuQ, seq)
+        k_start, sk = _sequence(CuK, seq)
+        diagonal = sk - sq
+        kv_head = head // group
+        row_ok = offs_m < sq
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
+                    other=0.0)
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + seq * stride_alibi + head)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
+                            HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh,
+                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
+                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh,
+                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        has_key = l_i > 0.0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+                       float("inf"))
+        tl.store(_tile(Out, q_start + block_start, stride_ot, head, stride_oh, tile_m, offs_d),
+                 out.to(Out.dtype.element_ty), mask=q_ok)
+        tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q, num_seqs,
+                         num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, STRIDED: tl.constexpr):
+    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if STRIDED:
+        # more table entries than programs (position_ids give a slot per token): the programs
+        # stride over the entries with work, whose count the table ends with
+        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+            _fwd_entry(entry, seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+                       stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q,
+                       num_seqs, num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right,
+                       dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                       PRECISION)
+    else:
+        # one entry per program: no outer loop, which would keep more tiles live (registers)
+        _fwd_entry(tl.program_id(0), seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+                   stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q, num_seqs,
+                   num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M,
+                   BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -368,142 +389,187 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
     return dk, dv
 
 
-@triton.jit(do_not_specialize=_PER_BATCH)
-def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi,
-                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                              stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                              stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group, head_dim,
-                              softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                              ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
+@triton.jit
+def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt,
+                stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group, head_dim,
+                softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """dk and dv of one block-table entry: a key block of one key/value head, or a tail block of zeros."""
     kv_head = tl.program_id(1)
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
-    # The grid may be smaller than the table (position_ids give a table sized for one sequence per
-    # token): programs stride over the entries with work, whose count the table ends with.
-    for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
-        seq = tl.load(Blocks + entry)
-        block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_N
-        offs_n = block_start + tile_n
-        if seq == num_seqs:
-            first = tl.load(CuK + num_seqs) + block_start
-            ok = (first + tile_n < total_k)[:, None] & d_ok[None, :]
-            tl.store(_tile(DK, first, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
-                     tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
-            tl.store(_tile(DV, first, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
-                     tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
-        else:
-            q_start, sq = _sequence(CuQ, seq)
-            k_start, sk = _sequence(CuK, seq)
-            diagonal = sk - sq
-            kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-            k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok,
-                        other=0.0)
-            v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok,
-                        other=0.0)
-            dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-            dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-            lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
-                                  HAS_LEFT, HAS_RIGHT, BLOCK_M)
-            full_lo, full_hi = _unmasked_queries(lo, hi, block_start, BLOCK_N, sk, diagonal, window_left, window_right,
-                                                 HAS_LEFT, HAS_RIGHT, BLOCK_M)
-            for member in range(0, group):
-                head = kv_head * group + member
-                slope = 0.0
-                if ALIBI:
-                    slope = tl.load(Alibi + seq * stride_alibi + head)
-                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt,
-                                       stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                       diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
-                                       seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                       PRECISION, True)
-                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
-                                       stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                       diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
-                                       seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                       PRECISION, False)
-                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt,
-                                       stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                       diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
-                                       seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                       PRECISION, True)
-            tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
-                     (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
-            tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
-                     dv.to(DV.dtype.element_ty), mask=kv_ok)
+    seq = tl.load(Blocks + entry)
+    block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_N
+    offs_n = block_start + tile_n
+    if seq == num_seqs:
+        first = tl.load(CuK + num_seqs) + block_start
+        ok = (first + tile_n < total_k)[:, None] & d_ok[None, :]
+        tl.store(_tile(DK, first, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
+                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
+        tl.store(_tile(DV, first, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
+                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
+    elif seq < num_seqs:
+        q_start, sq = _sequence(CuQ, seq)
+        k_start, sk = _sequence(CuK, seq)
+        diagonal = sk - sq
+        kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
+        k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok,
+                    other=0.0)
+        v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok,
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
+                              HAS_LEFT, HAS_RIGHT, BLOCK_M)
+        full_lo, full_hi = _unmasked_queries(lo, hi, block_start, BLOCK_N, sk, diagonal, window_left, window_right,
+                                             HAS_LEFT, HAS_RIGHT, BLOCK_M)
+        for member in range(0, group):
+            head = kv_head * group + member
+            slope = 0.0
+            if ALIBI:
+                slope = tl.load(Alibi + seq * stride_alibi + head)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt,
+                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   PRECISION, True)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
+                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   PRECISION, False)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt,
+                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   PRECISION, True)
+        tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
+                 (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
+                 dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi,
-                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                            stride_dot, stride_doh, stride_dqt, stride_dqh,
-                            stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
-                            softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                            ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                              stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
+                              stride_dkh, stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs,
+                              num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p,
+                              Seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                              ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                              STRIDED: tl.constexpr):
     # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
+    if STRIDED:
+        # more table entries than programs (position_ids give a slot per token): the programs
+        # stride over the entries with work, whose count the table ends with
+        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+            _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                        stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh,
+                        stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group,
+                        head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M, BLOCK_N,
+                        HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
+    else:
+        # one entry per program: no outer loop, which would keep more tiles live (registers)
+        _dkdv_entry(tl.program_id(0), seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt,
+                    stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
+                    stride_dkh, stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads,
+                    group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M, BLOCK_N,
+                    HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
+
+
+@triton.jit
+def _dq_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+              stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_alibi, num_blocks,
+              total_q, num_seqs, num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right,
+              dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one block-table entry: a query block, or a tail block of zeros."""
     head = tl.program_id(1)
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
-    # The grid may be smaller than the table (position_ids give a table sized for one sequence per
-    # token): programs stride over the entries with work, whose count the table ends with.
-    for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
-        seq = tl.load(Blocks + entry)
-        block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
-        offs_m = block_start + tile_m
-        if seq == num_seqs:
-            first = tl.load(CuQ + num_seqs) + block_start
-            tl.store(_tile(DQ, first, stride_dqt, head, stride_dqh, tile_m, offs_d),
-                     tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
-                     mask=(first + tile_m < total_q)[:, None] & d_ok[None, :])
-        else:
-            q_start, sq = _sequence(CuQ, seq)
-            k_start, sk = _sequence(CuK, seq)
-            diagonal = sk - sq
-            kv_head = head // group
-            row_ok = offs_m < sq
-            q_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
-                        other=0.0)
-            dout = tl.load(_tile(DOut, q_start + block_start, stride_dot, head, stride_doh, tile_m, offs_d),
-                           mask=q_ok, other=0.0)
-            lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
-            slope = 0.0
-            if ALIBI:
-                slope = tl.load(Alibi + seq * stride_alibi + head)
-            dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-            lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
-                                HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
-                                              HAS_LEFT, HAS_RIGHT, BLOCK_N)
-            dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh, stride_vt,
-                          stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                          window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                          BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-            dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
-                          stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap,
-                          slope, window_left, window_right, dropout_p, seed, seq, head, num_heads, BLOCK_N, HAS_LEFT,
-                          HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
-            dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh, stride_vt,
-                          stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                          window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                          BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-            tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
-                     (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
+    seq = tl.load(Blocks + entry)
+    block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
+    offs_m = block_start + tile_m
+    if seq == num_seqs:
+        first = tl.load(CuQ + num_seqs) + block_start
+        tl.store(_tile(DQ, first, stride_dqt, head, stride_dqh, tile_m, offs_d),
+                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
+                 mask=(first + tile_m < total_q)[:, None] & d_ok[None, :])
+    elif seq < num_seqs:
+        q_start, sq = _sequence(CuQ, seq)
+        k_start, sk = _sequence(CuK, seq)
+        diagonal = sk - sq
+        kv_head = head // group
+        row_ok = offs_m < sq
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
+                    other=0.0)
+        dout = tl.load(_tile(DOut, q_start + block_start, stride_dot, head, stride_doh, tile_m, offs_d),
+                       mask=q_ok, other=0.0)
+        lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + seq * stride_alibi + head)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        lo, hi = _key_range(block_start, BLOCK_M, sk, diagonal, window_left, window_right,
+                            HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh, stride_vt,
+                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
+                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
+                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap,
+                      slope, window_left, window_right, dropout_p, seed, seq, head, num_heads, BLOCK_N, HAS_LEFT,
+                      HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
+        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh, stride_vt,
+                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
+                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
+                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
+                 (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+                            stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                            stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim, softmax_scale,
+                            softcap, window_left, window_right, dropout_p, Seed, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LEFT: tl.constexpr,
+                            HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                            PRECISION: tl.constexpr, STRIDED: tl.constexpr):
+    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if STRIDED:
+        # more table entries than programs (position_ids give a slot per token): the programs
+        # stride over the entries with work, whose count the table ends with
+        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+            _dq_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                      stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                      stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim, softmax_scale, softcap,
+                      window_left, window_right, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT,
+                      SOFTCAP, ALIBI, DROPOUT, PRECISION)
+    else:
+        # one entry per program: no outer loop, which would keep more tiles live (registers)
+        _dq_entry(tl.program_id(0), seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                  stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                  stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim, softmax_scale, softcap,
+                  window_left, window_right, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                  ALIBI, DROPOUT, PRECISION)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -714,7 +780,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), stride_alibi, entries, total_q, cu_seqlens_q.numel() - 1, num_heads,
             num_heads // k.shape[1], head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, k.shape[1])
@@ -765,7 +831,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             stride_alibi, entries, total_q, total_k, num_seqs, num_heads, group, head_dim,
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     def launch_dq(tile):
@@ -777,7 +843,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             stride_alibi, entries, total_q, num_seqs, num_heads, group, head_dim,
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     if total_k > 0:
@@ -823,15 +889,16 @@ def _flag_sets(dtype_name: str, pad: int):
 def _attention_launches(kind: str, kernel):
     for dtype, dtype_name in TRITON_DTYPES.items():
         for pad, tile in ((pad, tile) for pad in HEAD_DIM_PADS for tile in tile_candidates(kind, pad, dtype)):
-            for flags in _flag_sets(dtype_name, pad):
+            for flags, strided in ((flags, strided) for flags in _flag_sets(dtype_name, pad)
+                                   for strided in (False, True)):
                 data = {name: f"*{dtype_name}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
                 signature = registry.signature(kernel, {
                     **data, "Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32",
                     "Blocks": "*i32", "softmax_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32",
                     "Seed": "*i64"})
                 constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
-                                  PRECISION="ieee" if dtype == torch.float32 else "tf32")
-                on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
+                                  PRECISION="ieee" if dtype == torch.float32 else "tf32", STRIDED=strided)
+                on = ("+".join(n.lower() for n, v in flags.items() if v) or "plain") + (" strided" if strided else "")
                 # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
                 shape = f"{tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
