@@ -177,14 +177,17 @@ def test_lora_kernels_compile_once_for_every_row_count_and_seed(monkeypatch):
 
 def test_attention_kernels_compile_once_for_every_batch_and_max_seqlen(monkeypatch):
     """Token, block and sequence counts of 1, multiples of 16 and others, and max_seqlen from 1 to
-    4096 (any upper bound is valid): one compiled variant per kernel."""
+    4096 (any upper bound is valid): one compiled variant per kernel, and per value of the STRIDED
+    constexpr (tables with more entries than programs) for the block-table kernels."""
     launches = _record(monkeypatch, attention)
-    keys = []
+    variants = {}
     for lengths, seed, max_seqlen in (([1], 1, 1), ([16, 16], 16, 4096), ([5, 30, 2], 12345, 30),
-                                      ([64] * 4, 2**31 - 2, 100)):
+                                      ([64] * 4, 2**31 - 2, 100), ([3] * 40, 7, 3)):
         launches.clear()
         _attention_launches(lengths, seed, max_seqlen)
-        keys.append(_keys(launches))
-    assert {name for name, _ in keys[0]} == {"attention_fwd_kernel", "attention_bwd_delta_kernel",
-                                             "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
-    assert all(key == keys[0] for key in keys[1:])
+        for (name, key), (_, _, kwargs) in zip(_keys(launches), launches):
+            variants.setdefault((name, kwargs.get("STRIDED")), set()).add(tuple(key))
+    assert set(variants) == {("attention_bwd_delta_kernel", None)} | {
+        (name, strided) for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
+        for strided in (False, True)}
+    assert all(len(keys) == 1 for keys in variants.values()), variants
