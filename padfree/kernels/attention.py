@@ -57,8 +57,9 @@ import triton.language as tl
 
 from padfree.kernels import registry, runtime
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# constexpr, so the kernels can read them (scores go to the base-2 domain, lse back)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 HEAD_DIM_PADS = (16, 32, 64, 128, 256)
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Integer arguments that change from batch to batch (token and block counts, the sequence of the
@@ -88,13 +89,13 @@ def _scores(qk, qi, kj, sk, diagonal, softmax_scale, softcap, slope, window_left
     """
     if SOFTCAP:
         capped = _tanh(qk * (softmax_scale / softcap))
-        scores = capped * (softcap * 1.4426950408889634)
+        scores = capped * (softcap * LOG2E)
     else:
         capped = qk
-        scores = qk * (softmax_scale * 1.4426950408889634)
+        scores = qk * (softmax_scale * LOG2E)
     if ALIBI:
         distance = tl.abs(qi + diagonal - kj).to(tl.float32)
-        scores = scores - (slope * 1.4426950408889634) * distance
+        scores = scores - (slope * LOG2E) * distance
     if MASKED:
         allowed = kj < sk
         if HAS_LEFT:
@@ -276,8 +277,7 @@ def _fwd_entry(entry, seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_q
                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-                       float("inf"))
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("inf"))
         tl.store(_tile(Out, q_start + block_start, stride_ot, head, stride_oh, tile_m, offs_d),
                  out.to(Out.dtype.element_ty), mask=q_ok)
         tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
@@ -342,7 +342,7 @@ def _dq_keys(dq, q, dout, lse, delta, K, V, k_start, start, stop, kv_head, strid
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         scores, capped = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
                                  window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
-        p = tl.math.exp2(scores - (lse * 1.4426950408889634)[:, None])
+        p = tl.math.exp2(scores - (lse * LOG2E)[:, None])
         dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
@@ -373,7 +373,7 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         scores_t, capped_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], sk, diagonal, softmax_scale, softcap,
                                      slope, window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
-        p_t = tl.math.exp2(scores_t - (lse * 1.4426950408889634)[None, :])
+        p_t = tl.math.exp2(scores_t - (lse * LOG2E)[None, :])
         dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, seq, head, num_heads, offs_m[None, :], offs_n[:, None], sk, dropout_p)
