@@ -760,9 +760,10 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
 
 
 @runtime.on_input_device
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-            window_right, softcap, alibi_slopes, dropout_p, seed):
-    """Launch the forward; returns out (total_q, Hq, D) and lse (Hq, total_q) fp32."""
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, window_left, window_right, softcap,
+            alibi_slopes, dropout_p, seed):
+    """Launch the forward; returns out (total_q, Hq, D) and lse (Hq, total_q) fp32. `max_seqlen_q`
+    only keys a tuned tile (the grid comes from the block table)."""
     total_q, num_heads, head_dim = q.shape
     out = runtime.empty((total_q, num_heads, head_dim), q.dtype, q.device)
     lse = runtime.empty((num_heads, total_q), torch.float32, q.device)
@@ -802,8 +803,8 @@ def _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads) ->
 
 
 @runtime.on_input_device
-def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
+def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, window_left,
+             window_right, softcap, alibi_slopes, dropout_p, seed):
     """Launch the backward; returns dq, dk, dv in the dtypes of q, k, v."""
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape

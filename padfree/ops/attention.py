@@ -34,7 +34,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                 window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
                 dropout_p: float, seed: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   softmax_scale, window_left, window_right, softcap, alibi_slopes,
                                   dropout_p, seed)
     out, lse = reference.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
@@ -58,7 +58,7 @@ def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  seed: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                                   softmax_scale, window_left, window_right, softcap,
                                    alibi_slopes, dropout_p, seed)
     return reference.attention_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
                                         window_right, softcap, alibi_slopes, dropout_p, seed)

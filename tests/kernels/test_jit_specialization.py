@@ -50,8 +50,8 @@ dy, t = torch.randn(1, 32, dtype=torch.float16), torch.randn(1, 1, dtype=torch.f
 lora.backward_input_and_a([dy], x, [weight], t, lora_a, [1], 0.1, SEED)
 q = torch.randn(1, 2, 64, dtype=torch.float16)
 cu = torch.tensor([0, 1], dtype=torch.int32)
-out, lse = attention.forward(q, q, q, cu, cu, 1, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
-attention.backward(q, q, q, q, q, lse, cu, cu, 1, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
+out, lse = attention.forward(q, q, q, cu, cu, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
+attention.backward(q, q, q, q, q, lse, cu, cu, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
 
 target = GPUTarget("cuda", 80, 32)
 backend = make_backend(target)
@@ -155,8 +155,8 @@ def _attention_launches(lengths, seed, max_seqlen):
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), 2, 64)
     seed = torch.tensor(seed)
-    out, lse = attention.forward(q, q, q, cu, cu, max_seqlen, max_seqlen, 0.125, -1, 0, 0.0, None, 0.1, seed)
-    attention.backward(q, q, q, q, q, lse, cu, cu, max_seqlen, max_seqlen, 0.125, -1, 0, 0.0, None, 0.1, seed)
+    out, lse = attention.forward(q, q, q, cu, cu, max_seqlen, 0.125, -1, 0, 0.0, None, 0.1, seed)
+    attention.backward(q, q, q, q, q, lse, cu, cu, max_seqlen, 0.125, -1, 0, 0.0, None, 0.1, seed)
 
 
 def _keys(launches):

@@ -191,7 +191,7 @@ def test_gpu_backward_is_bitwise_reproducible():
     k, v = torch.randn_like(q[:, :4]), torch.randn_like(q[:, :4])
     dout = torch.randn_like(q)
     seed = torch.tensor(123, device="cuda")
-    args = (cu, cu, 2048, 2048, 128 ** -0.5, -1, 0, 0.0, None, 0.1)
+    args = (cu, cu, 2048, 128 ** -0.5, -1, 0, 0.0, None, 0.1)
     out, lse = kernels.forward(q, k, v, *args, seed)
     first = kernels.backward(dout, q, k, v, out, lse, *args, seed)
     second = kernels.backward(dout, q, k, v, out, lse, *args, seed)

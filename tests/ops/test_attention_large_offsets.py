@@ -36,7 +36,7 @@ q.copy_(torch.randn(total, heads, dim))
 k, v = (torch.randn(total, 1, dim, dtype=torch.float16) for _ in range(2))
 dout = torch.randn(total, heads, dim, dtype=torch.float16)
 cu = torch.tensor([0, 10, 24], dtype=torch.int32)
-args = (cu, cu, 14, 14, 0.25, -1, 0, 0.0, None, 0.0, torch.tensor(0))
+args = (cu, cu, 14, 0.25, -1, 0, 0.0, None, 0.0, torch.tensor(0))
 with kernels.override_tiles(16, 16):
     out, lse = kernels.forward(q, k, v, *args)
     grads = kernels.backward(dout, q, k, v, out, lse, *args)

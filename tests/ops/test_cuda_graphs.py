@@ -36,7 +36,7 @@ def test_attention_kernels_read_the_seed_tensor_when_they_run(small_tiles):
     q, k, v, cu = _attention_inputs()
     dout = torch.randn_like(q)
     seed = torch.tensor(5)
-    args = (cu, cu, 20, 20, 0.3, -1, -1, 0.0, None, 0.25)
+    args = (cu, cu, 20, 0.3, -1, -1, 0.0, None, 0.25)
     results = []
     for value in (5, 6):
         seed.fill_(value)
