@@ -727,15 +727,19 @@ def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: 
     return torch.cat([torch.stack([seq, index])[:, permutation].flatten(), ends[-1:]]).to(torch.int32)
 
 
+# Programs beyond 2 ceil(total / block) a launch may have (see _grid_size); tests lower it.
+SPARE_PROGRAMS = 1024
+
+
 def _grid_size(table: torch.Tensor, total: int, block: int) -> tuple[int, int]:
-    """(G entries of `table`, programs striding over them). At most ceil(total / block) + S + 1
-    entries have work, S the sequences that are not empty; S is only known on the device, and a
-    table from `cu_seqlens_from_position_ids` has a slot per token. With 2 ceil(total / block) + 1
-    programs, every program runs one entry when the sequences average a block or more (as with one
-    program per entry), and a batch of shorter ones needs a few rounds instead of one program per
-    token."""
+    """(G entries of `table`, programs to launch). At most ceil(total / block) + S + 1 entries have
+    work, S the sequences that are not empty; S is only known on the device, and a table from
+    `cu_seqlens_from_position_ids` has a slot per token. Up to 2 ceil(total / block) +
+    SPARE_PROGRAMS programs run one entry each (every batch of up to about a thousand more sequences
+    than blocks, so ordinary batches never need the STRIDED variant); past that the programs
+    stride over the entries, a few rounds instead of one program per token."""
     entries = (table.numel() - 1) // 2
-    return entries, min(entries, 2 * triton.cdiv(total, block) + 1)
+    return entries, min(entries, 2 * triton.cdiv(total, block) + SPARE_PROGRAMS)
 
 
 def _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, dtype):
