@@ -1,14 +1,17 @@
 """Varlen flash attention (FlashAttention-2 algorithm) in Triton: forward and backward.
 
 Work is split into (sequence, block) pairs read from `cu_seqlens` on the device: a block table
-(`block_table`) lists, for every program, the sequence it serves and its block inside that
-sequence. The table's length is an upper bound known from shapes alone (ceil(total/BLOCK) + B + 1),
-so there is no host sync, and nothing is recompiled when `max_seqlen` changes; programs past the
-real work return at once. The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose
-programs write zeros (out, dq, dk, dv) and lse = +inf. Row offsets are int64. The table lists the
-blocks heaviest first (longest-processing-time order), so the GPU does not end a launch on a few
-long blocks while the other SMs idle: by sequence length, or under a causal mask by the keys a
-query block sees (its last blocks are heaviest) or the queries a key block serves (its first).
+(`block_table`) lists the sequence of each entry and its block inside that sequence, then how
+many entries have work. The table's length is an upper bound known from shapes alone
+(ceil(total/BLOCK) + B + 1), so there is no host sync, and nothing is recompiled when `max_seqlen`
+changes. A program runs one entry, or, when the table has more entries than `_grid_size` gives
+programs (the one-slot-per-token tables of position_ids), the kernels' STRIDED variant strides over
+the entries with work.
+The tokens past `cu_seqlens[-1]` form one extra "tail" entry whose programs write zeros (out, dq,
+dk, dv) and lse = +inf. Row and head offsets are int64. The table lists the blocks heaviest first
+(longest-processing-time order), so the GPU does not end a launch on a few long blocks while the
+other SMs idle: by sequence length, or under a causal mask by the keys a query block sees (its
+last blocks are heaviest) or the queries a key block serves (its first).
 
 Scores, for query i and key j of a sequence with lengths (sq, sk), diagonal offset sk - sq:
 
@@ -54,8 +57,9 @@ import triton.language as tl
 
 from padfree.kernels import registry, runtime
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# constexpr, so the kernels can read them (scores go to the base-2 domain, lse back)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 HEAD_DIM_PADS = (16, 32, 64, 128, 256)
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Integer arguments that change from batch to batch (token and block counts, the sequence of the
@@ -85,13 +89,13 @@ def _scores(qk, qi, kj, sk, diagonal, softmax_scale, softcap, slope, window_left
     """
     if SOFTCAP:
         capped = _tanh(qk * (softmax_scale / softcap))
-        scores = capped * (softcap * 1.4426950408889634)
+        scores = capped * (softcap * LOG2E)
     else:
         capped = qk
-        scores = qk * (softmax_scale * 1.4426950408889634)
+        scores = qk * (softmax_scale * LOG2E)
     if ALIBI:
         distance = tl.abs(qi + diagonal - kj).to(tl.float32)
-        scores = scores - (slope * 1.4426950408889634) * distance
+        scores = scores - (slope * LOG2E) * distance
     if MASKED:
         allowed = kj < sk
         if HAS_LEFT:
@@ -175,9 +179,11 @@ def _unmasked_queries(lo, hi, block_start, BLOCK: tl.constexpr, sk, diagonal, wi
 
 @triton.jit
 def _tile(base, first_row, stride_t, head, stride_h, rows, cols):
-    """Pointers to rows `first_row + rows` of one head: a 64-bit scalar base plus 32-bit offsets
-    inside the tile, so addresses stay cheap and never overflow."""
-    return base + first_row.to(tl.int64) * stride_t + head * stride_h + rows[:, None] * stride_t + cols[None, :]
+    """Pointers to rows `first_row + rows` of one head: a 64-bit scalar base (the row and the head
+    offset: head * stride_h passes 2^31 in head-major layouts) plus 32-bit offsets inside the tile,
+    so addresses stay cheap and never overflow."""
+    scalar = first_row.to(tl.int64) * stride_t + head.to(tl.int64) * stride_h
+    return base + scalar + rows[:, None] * stride_t + cols[None, :]
 
 
 @triton.jit
@@ -215,32 +221,27 @@ def _fwd_keys(acc, m_i, l_i, q, K, V, k_start, start, stop, kv_head, stride_kt, 
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=_PER_BATCH)
-def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                         stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
-                         softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                         ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    pid = tl.program_id(0)
+@triton.jit
+def _fwd_entry(entry, seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt, stride_kh,
+               stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q, num_seqs, num_heads,
+               group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward of one block-table entry: a query block, or a tail block of zeros."""
     head = tl.program_id(1)
-    seq = tl.load(Blocks + pid)
-    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
-    offs_m = block_start + tile_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
+    seq = tl.load(Blocks + entry)
+    block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
+    offs_m = block_start + tile_m
     if seq == num_seqs:
         first = tl.load(CuQ + num_seqs) + block_start
         row_ok = first + tile_m < total_q
         tl.store(_tile(Out, first, stride_ot, head, stride_oh, tile_m, offs_d),
-                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
         tl.store(Lse + head.to(tl.int64) * total_q + first + tile_m, tl.full([BLOCK_M], float("inf"), tl.float32),
                  mask=row_ok)
     elif seq < num_seqs:
@@ -250,7 +251,8 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
         kv_head = head // group
         row_ok = offs_m < sq
         q_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
+        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
+                    other=0.0)
         slope = 0.0
         if ALIBI:
             slope = tl.load(Alibi + seq * stride_alibi + head)
@@ -275,10 +277,38 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi,
                                   BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("inf"))
         tl.store(_tile(Out, q_start + block_start, stride_ot, head, stride_oh, tile_m, offs_d),
                  out.to(Out.dtype.element_ty), mask=q_ok)
         tl.store(Lse + head.to(tl.int64) * total_q + q_start + offs_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q, num_seqs,
+                         num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, STRIDED: tl.constexpr):
+    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if STRIDED:
+        # more table entries than programs (position_ids give a slot per token): the programs
+        # stride over the entries with work, whose count the table ends with
+        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+            _fwd_entry(entry, seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+                       stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q,
+                       num_seqs, num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right,
+                       dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                       PRECISION)
+    else:
+        # one entry per program: no outer loop, which would keep more tiles live (registers)
+        _fwd_entry(tl.program_id(0), seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+                   stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q, num_seqs,
+                   num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M,
+                   BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -312,7 +342,7 @@ def _dq_keys(dq, q, dout, lse, delta, K, V, k_start, start, stop, kv_head, strid
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         scores, capped = _scores(qk, offs_m[:, None], offs_n[None, :], sk, diagonal, softmax_scale, softcap, slope,
                                  window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
-        p = tl.math.exp2(scores - (lse * 1.4426950408889634)[:, None])
+        p = tl.math.exp2(scores - (lse * LOG2E)[:, None])
         dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, seq, head, num_heads, offs_m[:, None], offs_n[None, :], sk, dropout_p)
@@ -336,13 +366,14 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
         row_ok = offs_m < sq
         q_ok = row_ok[:, None] & d_ok[None, :]
         q = tl.load(_tile(Q, q_start + start_m, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
-        dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d), mask=q_ok, other=0.0)
+        dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d), mask=q_ok,
+                       other=0.0)
         lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         scores_t, capped_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], sk, diagonal, softmax_scale, softcap,
                                      slope, window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
-        p_t = tl.math.exp2(scores_t - (lse * 1.4426950408889634)[None, :])
+        p_t = tl.math.exp2(scores_t - (lse * LOG2E)[None, :])
         dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, seq, head, num_heads, offs_m[None, :], offs_n[:, None], sk, dropout_p)
@@ -358,28 +389,22 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
     return dk, dv
 
 
-@triton.jit(do_not_specialize=_PER_BATCH)
-def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi,
-                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                              stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                              stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group, head_dim,
-                              softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                              ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
-    pid = tl.program_id(0)
+@triton.jit
+def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt,
+                stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group, head_dim,
+                softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """dk and dv of one block-table entry: a key block of one key/value head, or a tail block of zeros."""
     kv_head = tl.program_id(1)
-    seq = tl.load(Blocks + pid)
-    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_N
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
-    offs_n = block_start + tile_n
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
+    seq = tl.load(Blocks + entry)
+    block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_N
+    offs_n = block_start + tile_n
     if seq == num_seqs:
         first = tl.load(CuK + num_seqs) + block_start
         ok = (first + tile_n < total_k)[:, None] & d_ok[None, :]
@@ -392,8 +417,10 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
         k_start, sk = _sequence(CuK, seq)
         diagonal = sk - sq
         kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
-        k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok, other=0.0)
-        v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok, other=0.0)
+        k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok,
+                    other=0.0)
+        v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok,
+                    other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         lo, hi = _query_range(block_start, BLOCK_N, sq, diagonal, window_left, window_right,
@@ -405,19 +432,21 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
             slope = 0.0
             if ALIBI:
                 slope = tl.load(Alibi + seq * stride_alibi + head)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt, stride_qh,
-                                   stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal,
-                                   softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed, seq,
-                                   num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt,
+                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   PRECISION, True)
             dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
                                    stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed,
-                                   seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION,
-                                   False)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt, stride_qh,
-                                   stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal,
-                                   softmax_scale, softcap, slope, window_left, window_right, dropout_p, seed, seq,
-                                   num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   PRECISION, False)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt,
+                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
+                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   PRECISION, True)
         tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
                  (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
         tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
@@ -425,27 +454,52 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi,
-                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                            stride_dot, stride_doh, stride_dqt, stride_dqh,
-                            stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim,
-                            softmax_scale, softcap, window_left, window_right, dropout_p, Seed,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                            ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                              stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
+                              stride_dkh, stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs,
+                              num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p,
+                              Seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                              ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                              STRIDED: tl.constexpr):
     # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    pid = tl.program_id(0)
+    if STRIDED:
+        # more table entries than programs (position_ids give a slot per token): the programs
+        # stride over the entries with work, whose count the table ends with
+        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+            _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                        stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh,
+                        stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group,
+                        head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M, BLOCK_N,
+                        HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
+    else:
+        # one entry per program: no outer loop, which would keep more tiles live (registers)
+        _dkdv_entry(tl.program_id(0), seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt,
+                    stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
+                    stride_dkh, stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads,
+                    group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M, BLOCK_N,
+                    HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
+
+
+@triton.jit
+def _dq_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+              stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_alibi, num_blocks,
+              total_q, num_seqs, num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right,
+              dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one block-table entry: a query block, or a tail block of zeros."""
     head = tl.program_id(1)
-    seq = tl.load(Blocks + pid)
-    block_start = tl.load(Blocks + num_blocks + pid) * BLOCK_M
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
-    offs_m = block_start + tile_m
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < head_dim
+    seq = tl.load(Blocks + entry)
+    block_start = tl.load(Blocks + num_blocks + entry) * BLOCK_M
+    offs_m = block_start + tile_m
     if seq == num_seqs:
         first = tl.load(CuQ + num_seqs) + block_start
         tl.store(_tile(DQ, first, stride_dqt, head, stride_dqh, tile_m, offs_d),
@@ -458,7 +512,8 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
         kv_head = head // group
         row_ok = offs_m < sq
         q_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
+        q = tl.load(_tile(Q, q_start + block_start, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok,
+                    other=0.0)
         dout = tl.load(_tile(DOut, q_start + block_start, stride_dot, head, stride_doh, tile_m, offs_d),
                        mask=q_ok, other=0.0)
         lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
@@ -476,15 +531,45 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
                       window_left, window_right, dropout_p, seed, seq, head, num_heads,
                       BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
         dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
-                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
+                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap,
+                      slope, window_left, window_right, dropout_p, seed, seq, head, num_heads, BLOCK_N, HAS_LEFT,
+                      HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
         dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh, stride_vt,
                       stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
                       window_left, window_right, dropout_p, seed, seq, head, num_heads,
                       BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
         tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
+                            stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                            stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim, softmax_scale,
+                            softcap, window_left, window_right, dropout_p, Seed, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LEFT: tl.constexpr,
+                            HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                            PRECISION: tl.constexpr, STRIDED: tl.constexpr):
+    # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if STRIDED:
+        # more table entries than programs (position_ids give a slot per token): the programs
+        # stride over the entries with work, whose count the table ends with
+        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+            _dq_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                      stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                      stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim, softmax_scale, softcap,
+                      window_left, window_right, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT,
+                      SOFTCAP, ALIBI, DROPOUT, PRECISION)
+    else:
+        # one entry per program: no outer loop, which would keep more tiles live (registers)
+        _dq_entry(tl.program_id(0), seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
+                  stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                  stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim, softmax_scale, softcap,
+                  window_left, window_right, dropout_p, BLOCK_M, BLOCK_N, HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                  ALIBI, DROPOUT, PRECISION)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -615,9 +700,10 @@ TABLE_ORDERS = ("length", "causal_queries", "causal_keys")
 
 
 def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "length") -> torch.Tensor:
-    """int32 (2, G): row 0 the sequence of each program (B = the tail of padding tokens, B + 1 =
-    nothing to do), row 1 its block index inside that sequence. G depends on shapes only.
-    Programs come heaviest first by the estimate `order` names (see _build_block_table).
+    """int32 (2 G + 1,): G entries of (sequence, block index inside it), as two rows of G (sequence
+    B = the tail of padding tokens, B + 1 = nothing to do), then the number of entries with work
+    (real blocks and the tail's), which come first. G depends on shapes only; the count lives on
+    the device. Entries come heaviest first by the estimate `order` names (see _build_block_table).
 
     Every layer of a model gets the same `cu_seqlens` tensor, so the tables are kept on it and
     built once per batch; they are keyed by its version counter, so an in-place update (a reused
@@ -672,7 +758,22 @@ def _build_block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: 
         work = length
     work = torch.where(seq < num_seqs, work, num_seqs - 1 - seq)
     permutation = torch.argsort(work, descending=True, stable=True)
-    return torch.stack([seq, index])[:, permutation].to(torch.int32)
+    return torch.cat([torch.stack([seq, index])[:, permutation].flatten(), ends[-1:]]).to(torch.int32)
+
+
+# Programs beyond 2 ceil(total / block) a launch may have (see _grid_size); tests lower it.
+SPARE_PROGRAMS = 1024
+
+
+def _grid_size(table: torch.Tensor, total: int, block: int) -> tuple[int, int]:
+    """(G entries of `table`, programs to launch). At most ceil(total / block) + S + 1 entries have
+    work, S the sequences that are not empty; S is only known on the device, and a table from
+    `cu_seqlens_from_position_ids` has a slot per token. Up to 2 ceil(total / block) +
+    SPARE_PROGRAMS programs run one entry each (every batch of up to about a thousand more sequences
+    than blocks, so ordinary batches never need the STRIDED variant); past that the programs
+    stride over the entries, a few rounds instead of one program per token."""
+    entries = (table.numel() - 1) // 2
+    return entries, min(entries, 2 * triton.cdiv(total, block) + SPARE_PROGRAMS)
 
 
 def _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, dtype):
@@ -697,9 +798,10 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
 
 
 @runtime.on_input_device
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-            window_right, softcap, alibi_slopes, dropout_p, seed):
-    """Launch the forward; returns out (total_q, Hq, D) and lse (Hq, total_q) fp32."""
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, window_left, window_right, softcap,
+            alibi_slopes, dropout_p, seed):
+    """Launch the forward; returns out (total_q, Hq, D) and lse (Hq, total_q) fp32. `max_seqlen_q`
+    only keys a tuned tile (the grid comes from the block table)."""
     total_q, num_heads, head_dim = q.shape
     out = runtime.empty((total_q, num_heads, head_dim), q.dtype, q.device)
     lse = runtime.empty((num_heads, total_q), torch.float32, q.device)
@@ -711,12 +813,13 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
     def launch(tile):
         blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
-        attention_fwd_kernel[(blocks.shape[1], num_heads)](
+        entries, programs = _grid_size(blocks, total_q, tile.block_m)
+        attention_fwd_kernel[(programs, num_heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), stride_alibi, blocks.shape[1], total_q, cu_seqlens_q.numel() - 1, num_heads,
+            out.stride(1), stride_alibi, entries, total_q, cu_seqlens_q.numel() - 1, num_heads,
             num_heads // k.shape[1], head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, k.shape[1])
@@ -738,8 +841,8 @@ def _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads) ->
 
 
 @runtime.on_input_device
-def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
+def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, window_left,
+             window_right, softcap, alibi_slopes, dropout_p, seed):
     """Launch the backward; returns dq, dk, dv in the dtypes of q, k, v."""
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
@@ -760,24 +863,26 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
     def launch_dkdv(tile):
         blocks = block_table(cu_seqlens_k, total_k, tile.block_n, _table_order(flags, "keys"))
-        attention_bwd_dkdv_kernel[(blocks.shape[1], num_kv_heads)](
+        entries, programs = _grid_size(blocks, total_k, tile.block_n)
+        attention_bwd_dkdv_kernel[(programs, num_kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            stride_alibi, blocks.shape[1], total_q, total_k, num_seqs, num_heads, group, head_dim,
+            stride_alibi, entries, total_q, total_k, num_seqs, num_heads, group, head_dim,
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     def launch_dq(tile):
         blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
-        attention_bwd_dq_kernel[(blocks.shape[1], num_heads)](
+        entries, programs = _grid_size(blocks, total_q, tile.block_m)
+        attention_bwd_dq_kernel[(programs, num_heads)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-            stride_alibi, blocks.shape[1], total_q, num_seqs, num_heads, group, head_dim,
+            stride_alibi, entries, total_q, num_seqs, num_heads, group, head_dim,
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     if total_k > 0:
@@ -823,15 +928,16 @@ def _flag_sets(dtype_name: str, pad: int):
 def _attention_launches(kind: str, kernel):
     for dtype, dtype_name in TRITON_DTYPES.items():
         for pad, tile in ((pad, tile) for pad in HEAD_DIM_PADS for tile in tile_candidates(kind, pad, dtype)):
-            for flags in _flag_sets(dtype_name, pad):
+            for flags, strided in ((flags, strided) for flags in _flag_sets(dtype_name, pad)
+                                   for strided in (False, True)):
                 data = {name: f"*{dtype_name}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
                 signature = registry.signature(kernel, {
                     **data, "Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32",
                     "Blocks": "*i32", "softmax_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32",
                     "Seed": "*i64"})
                 constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
-                                  PRECISION="ieee" if dtype == torch.float32 else "tf32")
-                on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
+                                  PRECISION="ieee" if dtype == torch.float32 else "tf32", STRIDED=strided)
+                on = ("+".join(n.lower() for n, v in flags.items() if v) or "plain") + (" strided" if strided else "")
                 # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
                 shape = f"{tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
                 archs = tile_archs(kind, pad, dtype, tile)

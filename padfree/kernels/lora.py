@@ -48,7 +48,6 @@ MAX_STREAMS = 3
 # multiple-of-16 pattern of it. Model dimensions and strides keep their specialization (aligned,
 # contiguous rows).
 _PER_BATCH = ("M",)
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @triton.jit

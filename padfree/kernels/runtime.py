@@ -94,10 +94,6 @@ def _interpreted_bf16_dot_is_exact() -> bool:
     return torch.equal(c, a.float() @ b.float())
 
 
-def interpreter_env_set() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Tests set PADFREE_POISON_OUTPUTS=1 so that every output a launcher allocates starts as NaN (or a
 # sentinel for integers) and an element no program wrote fails the comparison.
 POISON_OUTPUTS = os.environ.get("PADFREE_POISON_OUTPUTS", "0") == "1"

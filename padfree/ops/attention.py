@@ -40,7 +40,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                 dropout_p: float, seed: torch.Tensor, backend: str,
                 s_aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        out, lse = _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        out, lse = _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       softmax_scale, window_left, window_right, softcap, alibi_slopes,
                                       dropout_p, seed)
         return _add_sinks(out, lse, s_aux)
@@ -69,7 +69,7 @@ def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     then needs nothing else (see `_add_sinks`), the reference recomputes P with `s_aux`."""
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                                   softmax_scale, window_left, window_right, softcap,
                                    alibi_slopes, dropout_p, seed)
     return reference.attention_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
                                         window_right, softcap, alibi_slopes, dropout_p, seed, s_aux=s_aux)

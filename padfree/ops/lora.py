@@ -221,8 +221,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         lora_a: (rank, in_features), lora_b: (out_features, rank), rank in 1..256.
         scaling: the LoRA scale (alpha / rank in PEFT).
         dropout_p: dropout on the LoRA input, in [0, 1). A fresh seed is drawn on x's device from
-            torch's default generator per call (and per CUDA graph replay); the backward regenerates the mask from it (nothing of the
-            mask's size is saved). Pass 0 in eval mode.
+            torch's default generator per call (and per CUDA graph replay); the backward
+            regenerates the mask from it (nothing of the mask's size is saved). Pass 0 in eval mode.
     All tensors share x's dtype and device. Only metadata is checked (no device -> host copy).
     Inside `torch.autocast` every tensor is first cast to the autocast dtype (as `F.linear` does
     under autocast, so fp32 weights with bf16 activations are fine); gradients reach fp32

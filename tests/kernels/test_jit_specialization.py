@@ -50,8 +50,8 @@ dy, t = torch.randn(1, 32, dtype=torch.float16), torch.randn(1, 1, dtype=torch.f
 lora.backward_input_and_a([dy], x, [weight], t, lora_a, [1], 0.1, SEED)
 q = torch.randn(1, 2, 64, dtype=torch.float16)
 cu = torch.tensor([0, 1], dtype=torch.int32)
-out, lse = attention.forward(q, q, q, cu, cu, 1, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
-attention.backward(q, q, q, q, q, lse, cu, cu, 1, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
+out, lse = attention.forward(q, q, q, cu, cu, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
+attention.backward(q, q, q, q, q, lse, cu, cu, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
 
 target = GPUTarget("cuda", 80, 32)
 backend = make_backend(target)
@@ -62,32 +62,55 @@ for kernel, args, kwargs in launches:
     constant = [name for name, param in zip(signature, kernel.params)
                 if signature[name] == "constexpr" and not param.is_constexpr]
     try:
-        triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-        print("COMPILED", kernel.fn.__name__, ",".join(constant))
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        ttir = compiled.asm["ttir"]
+        print("COMPILED", kernel.fn.__name__, "atomics=%d" % ttir.count("tt.atomic"), "dots=%d" % ttir.count("tt.dot"),
+              ",".join(constant))
     except Exception as error:
         cause = error.__cause__ or error
         print("FAILED", kernel.fn.__name__, type(cause).__name__, str(cause).strip().splitlines()[0][:200])
 '''
 
 
+@pytest.fixture(scope="module")
+def compiled_for_sm80():
+    """{kernel name: (status, details)} for every launch of the script above, compiled in a
+    subprocess (the tests run the kernels interpreted)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith(("COMPILED", "FAILED"))]
+    return {name: (status, rest) for status, name, rest in lines}
+
+
 @pytest.mark.slow
-def test_launches_with_every_batch_varying_integer_equal_to_one_compile_for_sm80():
+def test_launches_with_every_batch_varying_integer_equal_to_one_compile_for_sm80(compiled_for_sm80):
     """A dropout seed of 1 passed as an int became a constant and `seed.to(...)` failed to compile
     (about one call in 2^31). Every kernel the LoRA and attention launchers start is compiled here
     exactly as the JIT would for one token and rank 1, with the seed 1 (now read on the device)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith(("COMPILED", "FAILED"))]
-    failed = [line for line in lines if line[0] == "FAILED"]
+    failed = {name: rest for name, (status, rest) in compiled_for_sm80.items() if status == "FAILED"}
     assert not failed, failed
-    compiled = {line[1]: line[2] if len(line) > 2 else "" for line in lines}
-    assert set(compiled) == {"lora_shrink_kernel", "lora_forward_kernel", "lora_dx_kernel", "lora_da_kernel",
-                             "attention_fwd_kernel", "attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel",
-                             "attention_bwd_dq_kernel"}, done.stdout
-    for name, constants in compiled.items():
-        assert not set(constants.split(",")) & {"M", "seed", "total_q", "num_seqs", "num_blocks"}, (name, constants)
+    assert set(compiled_for_sm80) == {"lora_shrink_kernel", "lora_forward_kernel", "lora_dx_kernel",
+                                      "lora_da_kernel", "attention_fwd_kernel", "attention_bwd_delta_kernel",
+                                      "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
+    for name, (_, rest) in compiled_for_sm80.items():
+        constants = set(rest.split()[-1].split(",")) if len(rest.split()) > 2 else set()
+        assert not constants & {"M", "total_q", "num_seqs", "num_blocks"}, (name, constants)
+
+
+@pytest.mark.slow
+def test_attention_backward_kernels_use_no_atomics(compiled_for_sm80):
+    """The backward is bitwise reproducible run to run because every gradient element is written by
+    one program (no atomic accumulation): the compiled backward kernels, dropout on, hold matrix
+    products but no atomic operation."""
+    for name in ("attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
+        status, rest = compiled_for_sm80[name]
+        assert status == "COMPILED", (name, rest)
+        counts = dict(field.split("=") for field in rest.split() if "=" in field)
+        assert counts["atomics"] == "0", (name, rest)
+    assert compiled_for_sm80["attention_bwd_dq_kernel"][1].split()[1] != "dots=0"
 
 
 def _jit(kernel) -> JITFunction:
@@ -128,12 +151,12 @@ def _lora_launches(rows, seed):
     lora.backward_input_and_a([torch.randn(rows, 32)], x, [weight], torch.randn(rows, 4), lora_a, [4], 0.1, seed)
 
 
-def _attention_launches(lengths, seed):
+def _attention_launches(lengths, seed, max_seqlen):
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), 2, 64)
     seed = torch.tensor(seed)
-    out, lse = attention.forward(q, q, q, cu, cu, max(lengths), max(lengths), 0.125, -1, 0, 0.0, None, 0.1, seed)
-    attention.backward(q, q, q, q, q, lse, cu, cu, max(lengths), max(lengths), 0.125, -1, 0, 0.0, None, 0.1, seed)
+    out, lse = attention.forward(q, q, q, cu, cu, max_seqlen, 0.125, -1, 0, 0.0, None, 0.1, seed)
+    attention.backward(q, q, q, q, q, lse, cu, cu, max_seqlen, 0.125, -1, 0, 0.0, None, 0.1, seed)
 
 
 def _keys(launches):
@@ -152,13 +175,21 @@ def test_lora_kernels_compile_once_for_every_row_count_and_seed(monkeypatch):
     assert all(key == keys[0] for key in keys[1:])
 
 
-def test_attention_kernels_compile_once_for_every_batch(monkeypatch):
+def test_attention_kernels_compile_once_for_every_batch_and_max_seqlen(monkeypatch):
+    """Token, block and sequence counts of 1, multiples of 16 and others, and max_seqlen from 1 to
+    4096 (any upper bound is valid): one compiled variant per kernel, and per value of the STRIDED
+    constexpr (tables with more entries than programs) for the block-table kernels; with one
+    spare program, the batch of 40 short sequences takes the strided variant."""
+    monkeypatch.setattr(attention, "SPARE_PROGRAMS", 1)
     launches = _record(monkeypatch, attention)
-    keys = []
-    for lengths, seed in (([1], 1), ([16, 16], 16), ([5, 30, 2], 12345), ([64] * 4, 2**31 - 2)):
+    variants = {}
+    for lengths, seed, max_seqlen in (([1], 1, 1), ([16, 16], 16, 4096), ([5, 30, 2], 12345, 30),
+                                      ([64] * 4, 2**31 - 2, 100), ([3] * 40, 7, 3)):
         launches.clear()
-        _attention_launches(lengths, seed)
-        keys.append(_keys(launches))
-    assert {name for name, _ in keys[0]} == {"attention_fwd_kernel", "attention_bwd_delta_kernel",
-                                             "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
-    assert all(key == keys[0] for key in keys[1:])
+        _attention_launches(lengths, seed, max_seqlen)
+        for (name, key), (_, _, kwargs) in zip(_keys(launches), launches):
+            variants.setdefault((name, kwargs.get("STRIDED")), set()).add(tuple(key))
+    assert set(variants) == {("attention_bwd_delta_kernel", None)} | {
+        (name, strided) for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
+        for strided in (False, True)}
+    assert all(len(keys) == 1 for keys in variants.values()), variants

@@ -187,16 +187,49 @@ def test_random_cu_seqlens(small_tiles, lengths, causal, tail):
     check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0) if causal else (-1, -1))
 
 
-def test_backward_is_bitwise_reproducible(small_tiles):
-    q, k, v, cu_q, cu_k = packed([40, 23], [40, 23], heads_q=4, heads_k=1, dtype=torch.float16)
-    first = run_op(q, k, v, cu_q, cu_k, "triton", 0.25, dropout_p=0.1)
-    torch.manual_seed(1234)
-    second = run_op(q, k, v, cu_q, cu_k, "triton", 0.25, dropout_p=0.1)
-    torch.manual_seed(1234)
-    third = run_op(q, k, v, cu_q, cu_k, "triton", 0.25, dropout_p=0.1)
-    for a, b in zip(second, third):
-        assert torch.equal(a, b)
-    assert torch.equal(first[0], second[0]), "same seed must give the same dropout mask"
+def test_position_ids_offsets_launch_programs_for_the_work_not_one_per_token(small_tiles, monkeypatch):
+    """`cu_seqlens_from_position_ids` returns numel + 1 offsets (the sequence count stays on the
+    device), so the block table has a slot per token. The grids must follow the work: at most
+    2 ceil(total / block) + SPARE_PROGRAMS programs (lowered to 1 here, so that these few tokens
+    need fewer programs than entries with work and the programs take several rounds), and the
+    result still matches the reference."""
+    monkeypatch.setattr(kernels, "SPARE_PROGRAMS", 1)
+    from padfree.reference.seqlens import cu_seqlens_from_position_ids
+
+    lengths = [1, 3, 20, 2, 9, 1, 5, 2, 1, 4, 1, 3]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu, _ = cu_seqlens_from_position_ids(position_ids)
+    total = sum(lengths)
+    assert cu.numel() == total + 1
+    grids = []
+    for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, type("Spy", (), {
+            "__getitem__": lambda self, grid, kernel=kernel, name=name: grids.append((name, grid)) or kernel[grid]})())
+    q, k, v = (torch.randn(total, heads, 16) for heads in (2, 1, 1))
+    check_against_reference(q, k, v, cu, cu, window=(-1, 0))
+    assert sorted(name for name, _ in grids) == ["attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
+                                                 "attention_fwd_kernel"]
+    with_work = sum(-(-n // 16) for n in lengths)
+    for name, grid in grids:
+        assert grid[0] == 2 * -(-total // 16) + 1 < with_work, (name, grid)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bitwise_reproducible():
+    """No atomics (tests/kernels/test_jit_specialization.py checks the compiled code), so two
+    backward passes with the same dropout seed give the same bits."""
+    lengths = [1000, 3, 2048, 517]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).cuda()
+    q = torch.randn(int(cu[-1]), 16, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q[:, :4]), torch.randn_like(q[:, :4])
+    dout = torch.randn_like(q)
+    seed = torch.tensor(123, device="cuda")
+    args = (cu, cu, 2048, 128 ** -0.5, -1, 0, 0.0, None, 0.1)
+    out, lse = kernels.forward(q, k, v, *args, seed)
+    first = kernels.backward(dout, q, k, v, out, lse, *args, seed)
+    second = kernels.backward(dout, q, k, v, out, lse, *args, seed)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_dropout_mask_rate_and_seed(triton_cpu):
@@ -232,21 +265,38 @@ def test_opcheck(triton_cpu, backend):
     torch.library.opcheck(torch.ops.padfree.varlen_attention_bwd, bwd_args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_torch_compile_fullgraph_forward_and_backward(triton_cpu, monkeypatch, dropout_p):
+    """One graph with the Triton kernels inside (counted), against eager: without dropout the
+    float64 reference, with dropout the eager op from the same generator state (the seed is drawn
+    inside the graph, on the inputs' device)."""
     q, k, v, cu_q, cu_k = packed([9, 4], [9, 4], heads_q=4, heads_k=2, dim=16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
+    launches = []
+    forward, backward = kernels.forward, kernels.backward
+    monkeypatch.setattr(kernels, "forward", lambda *args: launches.append("fwd") or forward(*args))
+    monkeypatch.setattr(kernels, "backward", lambda *args: launches.append("bwd") or backward(*args))
 
     def step(q, k, v, cu_q, cu_k):
-        return padfree.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=True).square().sum()
+        return padfree.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=True, dropout_p=dropout_p).square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
     loss = compiled(q, k, v, cu_q, cu_k)
     grads = torch.autograd.grad(loss, (q, k, v))
-    want_loss = step(q, k, v, cu_q, cu_k)
-    want = torch.autograd.grad(want_loss, (q, k, v))
-    torch.testing.assert_close(loss, want_loss)
+    assert launches == ["fwd", "bwd"]
+    if dropout_p:
+        torch.manual_seed(5)
+        want_loss = step(q, k, v, cu_q, cu_k)
+        want = torch.autograd.grad(want_loss, (q, k, v))
+        assert torch.equal(loss, want_loss) and all(torch.equal(a, b) for a, b in zip(grads, want))
+        return
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want_loss = reference.attention(*wide, cu_q, cu_k, 16 ** -0.5, -1, 0)[0].square().sum()
+    want = torch.autograd.grad(want_loss, wide)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
     for got, expected in zip(grads, want):
-        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def bad(**changes):
@@ -281,6 +331,11 @@ def test_bad_options_raise():
         padfree.varlen_attention(**bad(), alibi_slopes=torch.rand(3))
 
 
+def entries(table):
+    """The (2, G) (sequence, block) rows of a block table, without its trailing count."""
+    return table[:-1].view(2, -1)
+
+
 @pytest.mark.parametrize("order, expected", [
     ("length", [(2, 0), (2, 1), (1, 0), (3, 0)]),          # L = 32, 32, 5, 1
     ("causal_queries", [(2, 1), (2, 0), (1, 0), (3, 0)]),  # keys seen: 32, 16, 5, 1
@@ -290,10 +345,11 @@ def test_block_table_covers_every_block_once_heaviest_first(order, expected):
     # sequences of 0, 5, 32 and 1 tokens, then a tail of 7 padding tokens (45 in all)
     cu = torch.tensor([0, 0, 5, 37, 38], dtype=torch.int32)
     table = kernels.block_table(cu, 45, 16, order)
-    seq, index = table.tolist()
+    seq, index = entries(table).tolist()
     assert list(zip(seq, index))[:5] == [*expected, (4, 0)]    # the tail after the real blocks
-    assert all(s == 5 for s in seq[5:])                         # then the programs with nothing to do
-    assert table.shape[1] == -(-45 // 16) + 4 + 1
+    assert all(s == 5 for s in seq[5:])                         # then the entries with nothing to do
+    assert len(seq) == -(-45 // 16) + 4 + 1
+    assert table[-1] == 5                                       # the entries with work
 
 
 def test_block_tables_of_every_order_hold_the_same_blocks():
@@ -301,7 +357,7 @@ def test_block_tables_of_every_order_hold_the_same_blocks():
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     total = int(cu[-1]) + 5
     tables = [kernels._build_block_table(cu, total, 64, order) for order in kernels.TABLE_ORDERS]
-    pairs = [sorted(map(tuple, table.t().tolist())) for table in tables]
+    pairs = [sorted(map(tuple, entries(table).t().tolist())) for table in tables]
     assert pairs[0] == pairs[1] == pairs[2]
     with pytest.raises(ValueError, match="order must be one of"):
         kernels._build_block_table(cu, total, 64, "random")
@@ -333,16 +389,26 @@ def test_gpu_bf16_real_sizes(causal):
 
 
 @pytest.mark.gpu
-def test_gpu_no_recompile_when_max_seqlen_changes():
+def test_gpu_no_recompile_across_batches_and_max_seqlen():
+    """Token, block and sequence counts change every batch (1, multiples of 16, others) and so may
+    max_seqlen: the JIT caches of the kernels must not grow after the first batch."""
     def compiled_variants():
-        return sum(len(entry[0]) for entry in kernels.attention_fwd_kernel.device_caches.values())
+        return sum(len(cache[0]) for kernel in (kernels.attention_fwd_kernel, kernels.attention_bwd_delta_kernel,
+                                                kernels.attention_bwd_dkdv_kernel, kernels.attention_bwd_dq_kernel)
+                   for cache in kernel.device_caches.values())
 
-    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
-    q = torch.randn(300, 8, 64, device="cuda", dtype=torch.bfloat16)
-    padfree.varlen_attention(q, q[:, :2], q[:, :2], cu, cu, 200, 200, causal=True)
+    def batch(lengths, max_seqlen):
+        cu = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
+        q = torch.randn(int(cu[-1]), 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(int(cu[-1]), 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+        out = padfree.varlen_attention(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+        out.sum().backward()
+
+    batch([100, 200], 200)
     before = compiled_variants()
-    for max_seqlen in (250, 1000, 4096):
-        padfree.varlen_attention(q, q[:, :2], q[:, :2], cu, cu, max_seqlen, max_seqlen, causal=True)
+    for lengths, max_seqlen in (([1], 1), ([16, 16], 4096), ([17, 5, 300], 300), ([64] * 8, 1000)):
+        batch(lengths, max_seqlen)
     assert compiled_variants() == before
 
 

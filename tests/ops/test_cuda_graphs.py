@@ -36,7 +36,7 @@ def test_attention_kernels_read_the_seed_tensor_when_they_run(small_tiles):
     q, k, v, cu = _attention_inputs()
     dout = torch.randn_like(q)
     seed = torch.tensor(5)
-    args = (cu, cu, 20, 20, 0.3, -1, -1, 0.0, None, 0.25)
+    args = (cu, cu, 20, 0.3, -1, -1, 0.0, None, 0.25)
     results = []
     for value in (5, 6):
         seed.fill_(value)
@@ -168,3 +168,29 @@ def test_gpu_graph_replays_draw_new_dropout_masks(op):
     first = out.clone()
     graph.replay()
     assert torch.isfinite(first).all() and not torch.equal(first, out)
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_compile_follows_new_offsets_and_draws_new_masks():
+    """torch.compile(mode="reduce-overhead") records CUDA graphs and replays them with the inputs
+    copied into its static buffers: new offsets must be honoured and dropout must not repeat."""
+    q = torch.randn(512, 4, 64, device="cuda", dtype=torch.float16)
+    k, v = torch.randn_like(q[:, :2]), torch.randn_like(q[:, :2])
+
+    @torch.compile(mode="reduce-overhead")
+    def causal(q, k, v, cu):
+        return padfree.varlen_attention(q, k, v, cu, cu, 512, 512, causal=True)
+
+    @torch.compile(mode="reduce-overhead")
+    def dropped(q, k, v, cu):
+        return padfree.varlen_attention(q, k, v, cu, cu, 512, 512, dropout_p=0.3)
+
+    for layout in ([0, 500, 512], [0, 12, 512], [0, 256, 300, 512]):
+        cu = torch.tensor(layout, dtype=torch.int32, device="cuda")
+        for _ in range(3):  # warm-up, recording, replay
+            got = causal(q, k, v, cu).clone()
+        torch.testing.assert_close(got, padfree.varlen_attention(q, k, v, cu, cu, 512, 512, causal=True))
+    cu = torch.tensor([0, 300, 512], dtype=torch.int32, device="cuda")
+    outputs = [dropped(q, k, v, cu).clone() for _ in range(4)]
+    assert all(torch.isfinite(out).all() for out in outputs)
+    assert not torch.equal(outputs[-1], outputs[-2])
