@@ -82,6 +82,30 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(path: str | Path, modes: tuple[str, ...] = ("padded_sorted", "padding_free")) -> str:
+    """A Markdown summary of a saved report: where and when it ran, and the ratios of `modes`.
+
+    Docs quote measured figures through this (a test regenerates it), never by retyping them.
+    """
+    report = load(path)
+    config, conditions = report["config"], report["machine"]
+    model = config["model_size"] + (" MoE" if config["moe"] else "") + (" LoRA" if config["lora"] else "")
+    lines = [f"{report['device']}, {report['date'][:10]}, model {model} {config['dtype']}, "
+             f"{config['steps']} rounds, {_load(conditions['before'])} before / {_load(conditions['after'])} after "
+             f"({conditions['before']['cpu_count']} CPUs), from `{Path(path).as_posix()}`:",
+             "",
+             "| distribution | mode | useful tok/s vs padded | range over rounds | activations vs padded |",
+             "|---|---|---|---|---|"]
+    for result in report["results"]:
+        if result["mode"] in modes:
+            flag = f" ({result['speedup_flag']})" if result["speedup_flag"] else ""
+            lines.append(f"| {result['distribution']} | {result['mode']} | "
+                         f"{_cell('speedup_vs_padded', result['speedup_vs_padded'])}{flag} | "
+                         f"{_cell('speedup_range', result['speedup_range'])} | "
+                         f"{_cell('activations_vs_padded', result['activations_vs_padded'])} |")
+    return "\n".join(lines)
+
+
 def write_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
