@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"useful-token budget of one step (default {_default_text(2)})")
     parser.add_argument("--max-length", type=int, default=None,
                         help=f"longest example; built-in distributions scale with it (default {_default_text(3)})")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds: " + ", ".join(f"{rounds} on {device}" for device, (rounds, _) in _QUICK_STEPS.items()))
+    quick = ", ".join(f"{rounds} on {device}" for device, (rounds, _) in _QUICK_STEPS.items())
+    parser.add_argument("--quick", action="store_true", help=f"fewer rounds: {quick}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--json", default=None, help="write the report as JSON here")

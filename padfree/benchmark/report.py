@@ -46,6 +46,10 @@ def _load(conditions: dict) -> str:
     return (f"load {load[0]:.2f}" if load else "load n/a") + (f" @ {clock:,.0f} MHz" if clock else "")
 
 
+def _wall(report: dict) -> str:
+    return f", {report['wall_s']:,.0f} s wall" if report.get("wall_s") is not None else ""
+
+
 def load(path: str | Path) -> dict:
     """A report written by `write_json` (or `padfree bench --json`)."""
     return json.loads(Path(path).read_text())
@@ -63,7 +67,7 @@ def table(report: dict) -> str:
              f"{config['tokens_per_step']} tokens/step, {config['steps']} rounds of one timed step per mode "
              f"(+{config['warmup']} warmup), {report['date']}",
              f"machine: {_load(report['machine']['before'])} before, {_load(report['machine']['after'])} after "
-             f"({report['machine']['before']['cpu_count']} CPUs)",
+             f"({report['machine']['before']['cpu_count']} CPUs)" + _wall(report),
              "  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))),
              "  ".join("-" * w for w in widths)]
     for row in rows:
@@ -92,7 +96,7 @@ def markdown(path: str | Path, modes: tuple[str, ...] = ("padded_sorted", "paddi
     model = config["model_size"] + (" MoE" if config["moe"] else "") + (" LoRA" if config["lora"] else "")
     lines = [f"{report['device']}, {report['date'][:10]}, model {model} {config['dtype']}, "
              f"{config['steps']} rounds, {_load(conditions['before'])} before / {_load(conditions['after'])} after "
-             f"({conditions['before']['cpu_count']} CPUs), from `{Path(path).as_posix()}`:",
+             f"({conditions['before']['cpu_count']} CPUs){_wall(report)}, from `{Path(path).as_posix()}`:",
              "",
              "| distribution | mode | useful tok/s vs padded | range over rounds | activations vs padded |",
              "|---|---|---|---|---|"]

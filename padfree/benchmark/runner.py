@@ -336,7 +336,7 @@ def run(config: BenchConfig) -> dict:
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but CUDA is not available")
-    started = machine.conditions()
+    started, start = machine.conditions(), time.perf_counter()
     model = build_model(config)
     sources = _sources(config)
     vocab_size = MODEL_SIZES[config.model_size]["vocab_size"]
@@ -373,7 +373,8 @@ def run(config: BenchConfig) -> dict:
             del runs
     return {"device": machine.device_name(device), "versions": machine.versions(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "config": asdict(config),
-            "machine": {"before": started, "after": machine.conditions()}, "length_stats": length_stats,
+            "machine": {"before": started, "after": machine.conditions()},
+            "wall_s": round(time.perf_counter() - start, 1), "length_stats": length_stats,
             "peak_memory_note": _peak_memory_note(device),
             "activation_note": "bytes of the tensors the forward saves for backward (weights and inputs excluded), "
                                "largest timed step",

@@ -23,7 +23,8 @@ def test_micro_run_writes_the_json_schema_table_and_plot(tmp_path, capsys):
     assert cli.main(["bench", *MICRO, "--steps", "2", "--warmup", "1", "--modes", *modes,
                      "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
-    assert {"device", "versions", "date", "config", "machine", "results"} <= set(report)
+    assert {"device", "versions", "date", "config", "machine", "wall_s", "results"} <= set(report)
+    assert report["wall_s"] > 0
     assert report["device"].startswith("CPU") and report["versions"]["torch"]
     for moment in ("before", "after"):  # Linux: load averages and a CPU clock are readable
         conditions = report["machine"][moment]
@@ -224,7 +225,8 @@ def test_table_marks_a_flagged_ratio_and_prints_its_range(monkeypatch):
     results = _clocked_run(monkeypatch, [1.0, 1.0, 1.0])
     conditions = {"load_average": [3.5, 2.0, 1.0], "cpu_mhz": 2400.0, "cpu_count": 2}
     results[2]["speedup_flag"] = "spread 0.90-1.30x crosses 1.0x"
-    table = bench_report.table({"device": "CPU", "date": "today", "machine": {"before": conditions, "after": conditions},
+    table = bench_report.table({"device": "CPU", "date": "today",
+                                "machine": {"before": conditions, "after": conditions},
                                 "config": runner.asdict(runner.BenchConfig()), "peak_memory_note": "-",
                                 "activation_note": "-", "results": results})
     row = next(line for line in table.splitlines() if line.startswith("flan") and "padding_free" in line)
