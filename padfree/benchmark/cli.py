@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 on a machine busier than its cores")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -79,7 +81,8 @@ def config_from_args(args: argparse.Namespace):
                        tokens_per_step=pick(args.tokens_per_step, tokens),
                        max_length=pick(args.max_length, max_length), seed=args.seed, lr=args.lr,
                        lengths_file=args.lengths_file, dataset=args.dataset, tokenizer=args.tokenizer,
-                       text_field=args.text_field, progress=not args.no_progress)
+                       text_field=args.text_field, progress=not args.no_progress,
+                       threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,6 +46,19 @@ def _load(conditions: dict) -> str:
     return (f"load {load[0]:.2f}" if load else "load n/a") + (f" @ {clock:,.0f} MHz" if clock else "")
 
 
+def _busier_than_its_cores(report: dict) -> str | None:
+    """A warning when the load average passed the CPU count while a multi-threaded CPU run ran."""
+    conditions = [report["machine"]["before"], report["machine"]["after"]]
+    loads = [c["load_average"][0] for c in conditions if c.get("load_average")]
+    cores = conditions[0].get("cpu_count")
+    if report["config"]["device"] != "cpu" or not loads or not cores or max(loads) <= cores:
+        return None
+    if report["config"].get("threads") == 1:
+        return None
+    return (f"busy: load {max(loads):.1f} on {cores} CPUs; torch's threads then wait on each other at every op, "
+            f"and the timings measure that waiting more than the work: rerun with --threads 1")
+
+
 def _wall(report: dict) -> str:
     return f", {report['wall_s']:,.0f} s wall" if report.get("wall_s") is not None else ""
 
@@ -81,6 +94,9 @@ def table(report: dict) -> str:
         lines.append(f"? {result['distribution']} {result['mode']}: {result['speedup_flag']}")
     if flagged:
         lines.append("? marks a ratio its rounds do not pin down: rerun with more --steps or on a quieter machine")
+    busy = _busier_than_its_cores(report)
+    if busy:
+        lines.append(busy)
     lines.append(f"peak memory: {report['peak_memory_note']}")
     lines.append(f"act: {report['activation_note']}")
     return "\n".join(lines)

@@ -235,3 +235,22 @@ def test_table_marks_a_flagged_ratio_and_prints_its_range(monkeypatch):
     assert "machine: load 3.50 @ 2,400 MHz before" in table
     assert "? flan padding_free: spread 0.90-1.30x crosses 1.0x" in table
 
+
+
+def test_threads_apply_during_the_run_only_and_a_busy_cpu_run_is_flagged(monkeypatch):
+    seen = []
+    monkeypatch.setattr(runner, "build_model", lambda config: seen.append(torch.get_num_threads()) or _ClockedModel())
+    before = torch.get_num_threads()
+    _ClockedModel.clock = clock = _Clock([1.0] * 3, len(MODES))
+    monkeypatch.setattr(runner, "_clock", lambda: clock.now)
+    config = runner.BenchConfig(model_size="micro", tokens_per_step=256, max_length=128, steps=3, warmup=0,
+                                distributions=["flan"], modes=MODES, progress=False, threads=1)
+    report = runner.run(config)
+    assert seen == [1] and torch.get_num_threads() == before
+    busy = {"load_average": [9.0, 9.0, 9.0], "cpu_mhz": None, "cpu_count": 2}
+    report["machine"] = {"before": busy, "after": busy}
+    assert "busy" not in bench_report.table(report)          # one thread: nothing waits
+    report["config"]["threads"] = None
+    assert "busy: load 9.0 on 2 CPUs" in bench_report.table(report) and "--threads 1" in bench_report.table(report)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        runner.run(runner.BenchConfig(threads=0))
