@@ -116,13 +116,17 @@ def markdown(path: str | Path, modes: tuple[str, ...] = ("padded_sorted", "paddi
              "",
              "| distribution | mode | useful tok/s vs padded | range over rounds | activations vs padded |",
              "|---|---|---|---|---|"]
-    for result in report["results"]:
-        if result["mode"] in modes:
-            flag = f" ({result['speedup_flag']})" if result["speedup_flag"] else ""
-            lines.append(f"| {result['distribution']} | {result['mode']} | "
-                         f"{_cell('speedup_vs_padded', result['speedup_vs_padded'])}{flag} | "
-                         f"{_cell('speedup_range', result['speedup_range'])} | "
-                         f"{_cell('activations_vs_padded', result['activations_vs_padded'])} |")
+    shown = [result for result in report["results"] if result["mode"] in modes]
+    for result in shown:
+        lines.append(f"| {result['distribution']} | {result['mode']} | "
+                     f"{_cell('speedup_vs_padded', result['speedup_vs_padded'])}"
+                     f"{'?' if result['speedup_flag'] else ''} | "
+                     f"{_cell('speedup_range', result['speedup_range'])} | "
+                     f"{_cell('activations_vs_padded', result['activations_vs_padded'])} |")
+    flagged = [f"{result['distribution']} {result['mode']}: {result['speedup_flag']}"
+               for result in shown if result["speedup_flag"]]
+    if flagged:
+        lines += ["", "? " + "; ".join(flagged) + "."]
     return "\n".join(lines)
 
 
