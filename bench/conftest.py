@@ -1,4 +1,8 @@
-"""pytest-benchmark suites of padfree's ops.
+"""pytest-benchmark suites of padfree's ops (this directory, `bench/`, is not installed).
+
+`bench/` holds the per-op timing suites, run with pytest; the installed library package
+`padfree.benchmark` holds the end-to-end `padfree bench` and the measuring helpers these suites
+import (`machine`, `memory`). Results go to `bench/results/` (see docs/benchmarks.md).
 
     python -m pytest bench/ --benchmark-json out.json            # on the default device
     python -m pytest bench/ --bench-device cpu --bench-size quick # small shapes, CPU
@@ -24,9 +28,19 @@ def pytest_addoption(parser):
                          "(default: full on cuda, quick on cpu)")
 
 
+def chosen_device(config: pytest.Config) -> str:
+    """--bench-device, else cuda when available, else cpu (also for suites' pytest_generate_tests)."""
+    return config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def chosen_size(config: pytest.Config) -> str:
+    """--bench-size, else full on cuda and quick on cpu."""
+    return config.getoption("--bench-size") or ("full" if chosen_device(config) == "cuda" else "quick")
+
+
 @pytest.fixture(scope="session")
 def bench_device(request):
-    name = request.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = chosen_device(request.config)
     if name == "cuda" and not torch.cuda.is_available():
         pytest.exit("--bench-device cuda but CUDA is not available", returncode=2)
     if name == "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -36,4 +50,4 @@ def bench_device(request):
 
 @pytest.fixture(scope="session")
 def bench_size(request, bench_device):
-    return request.config.getoption("--bench-size") or ("full" if bench_device.type == "cuda" else "quick")
+    return chosen_size(request.config)

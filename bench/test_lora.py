@@ -16,6 +16,7 @@ import torch
 
 import padfree
 from bench import common
+from bench.conftest import chosen_size
 
 FULL = dict(hidden=(2048, 4096, 8192), rank=(8, 16, 64), tokens=16384, dtype=torch.bfloat16)
 QUICK = dict(hidden=(64,), rank=(8,), tokens=256, dtype=torch.float32)
@@ -23,12 +24,10 @@ ALPHA = 16.0
 
 
 def pytest_generate_tests(metafunc):
-    """Only the shapes of the chosen --bench-size (bench/conftest.py's default: full on cuda)."""
+    """Only the shapes of the chosen --bench-size."""
     if "hidden" not in metafunc.fixturenames:
         return
-    config = metafunc.config
-    device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    size = config.getoption("--bench-size") or ("full" if device == "cuda" else "quick")
+    size = chosen_size(metafunc.config)
     grid = FULL if size == "full" else QUICK
     cases = [pytest.param(grid, hidden, rank, id=f"{size}-h{hidden}-r{rank}")
              for hidden in grid["hidden"] for rank in grid["rank"]]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bench import common
+from bench.conftest import chosen_size
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,11 +50,10 @@ def _experts_module(num_experts, inter, hidden, implementation, dtype, device):
 
 
 def pytest_generate_tests(metafunc):
-    """Cases follow --bench-size (same defaults as bench/conftest.py)."""
+    """Cases follow --bench-size."""
     if "moe_case" not in metafunc.fixturenames:
         return
-    device = metafunc.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    size = metafunc.config.getoption("--bench-size") or ("full" if device == "cuda" else "quick")
+    size = chosen_size(metafunc.config)
     shapes, tokens = (FULL_SHAPES, FULL_TOKENS) if size == "full" else (QUICK_SHAPES, QUICK_TOKENS)
     cases = [(name, shape, count) for name, shape in shapes.items() for count in tokens]
     metafunc.parametrize("moe_case", cases, ids=[f"{name}-T{count}" for name, _, count in cases])

@@ -74,6 +74,6 @@ def cuda_syncs_raise():
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """A different but reproducible seed per test: fresh random inputs, never zeros. (crc32, not
-    hash(): Python salts str hashes per process, which made every run draw other inputs.)"""
+    """A different but reproducible seed per test: fresh random inputs, never zeros. crc32 of the
+    test id is the same in every process; str hash() is salted per process."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -56,12 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"useful-token budget of one step (default {_default_text(2)})")
     parser.add_argument("--max-length", type=int, default=None,
                         help=f"longest example; built-in distributions scale with it (default {_default_text(3)})")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds: " + ", ".join(f"{rounds} on {device}" for device, (rounds, _) in _QUICK_STEPS.items()))
+    quick = ", ".join(f"{rounds} on {device}" for device, (rounds, _) in _QUICK_STEPS.items())
+    parser.add_argument("--quick", action="store_true", help=f"fewer rounds: {quick}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 on a machine busier than its cores")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -78,7 +81,8 @@ def config_from_args(args: argparse.Namespace):
                        tokens_per_step=pick(args.tokens_per_step, tokens),
                        max_length=pick(args.max_length, max_length), seed=args.seed, lr=args.lr,
                        lengths_file=args.lengths_file, dataset=args.dataset, tokenizer=args.tokenizer,
-                       text_field=args.text_field, progress=not args.no_progress)
+                       text_field=args.text_field, progress=not args.no_progress,
+                       threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:

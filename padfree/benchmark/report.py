@@ -46,6 +46,23 @@ def _load(conditions: dict) -> str:
     return (f"load {load[0]:.2f}" if load else "load n/a") + (f" @ {clock:,.0f} MHz" if clock else "")
 
 
+def _busier_than_its_cores(report: dict) -> str | None:
+    """A warning when the load average passed the CPU count while a multi-threaded CPU run ran."""
+    conditions = [report["machine"]["before"], report["machine"]["after"]]
+    loads = [c["load_average"][0] for c in conditions if c.get("load_average")]
+    cores = conditions[0].get("cpu_count")
+    if report["config"]["device"] != "cpu" or not loads or not cores or max(loads) <= cores:
+        return None
+    if report["config"].get("threads") == 1:
+        return None
+    return (f"busy: load {max(loads):.1f} on {cores} CPUs; torch's threads then wait on each other at every op, "
+            f"and the timings measure that waiting more than the work: rerun with --threads 1")
+
+
+def _wall(report: dict) -> str:
+    return f", {report['wall_s']:,.0f} s wall" if report.get("wall_s") is not None else ""
+
+
 def load(path: str | Path) -> dict:
     """A report written by `write_json` (or `padfree bench --json`)."""
     return json.loads(Path(path).read_text())
@@ -63,7 +80,7 @@ def table(report: dict) -> str:
              f"{config['tokens_per_step']} tokens/step, {config['steps']} rounds of one timed step per mode "
              f"(+{config['warmup']} warmup), {report['date']}",
              f"machine: {_load(report['machine']['before'])} before, {_load(report['machine']['after'])} after "
-             f"({report['machine']['before']['cpu_count']} CPUs)",
+             f"({report['machine']['before']['cpu_count']} CPUs)" + _wall(report),
              "  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))),
              "  ".join("-" * w for w in widths)]
     for row in rows:
@@ -77,8 +94,39 @@ def table(report: dict) -> str:
         lines.append(f"? {result['distribution']} {result['mode']}: {result['speedup_flag']}")
     if flagged:
         lines.append("? marks a ratio its rounds do not pin down: rerun with more --steps or on a quieter machine")
+    busy = _busier_than_its_cores(report)
+    if busy:
+        lines.append(busy)
     lines.append(f"peak memory: {report['peak_memory_note']}")
     lines.append(f"act: {report['activation_note']}")
+    return "\n".join(lines)
+
+
+def markdown(path: str | Path, modes: tuple[str, ...] = ("padded_sorted", "padding_free")) -> str:
+    """A Markdown summary of a saved report: where and when it ran, and the ratios of `modes`.
+
+    Docs quote measured figures through this (a test regenerates it), never by retyping them.
+    """
+    report = load(path)
+    config, conditions = report["config"], report["machine"]
+    model = config["model_size"] + (" MoE" if config["moe"] else "") + (" LoRA" if config["lora"] else "")
+    lines = [f"{report['device']}, {report['date'][:10]}, model {model} {config['dtype']}, "
+             f"{config['steps']} rounds, {_load(conditions['before'])} before / {_load(conditions['after'])} after "
+             f"({conditions['before']['cpu_count']} CPUs){_wall(report)}, from `{Path(path).as_posix()}`:",
+             "",
+             "| distribution | mode | useful tok/s vs padded | range over rounds | activations vs padded |",
+             "|---|---|---|---|---|"]
+    shown = [result for result in report["results"] if result["mode"] in modes]
+    for result in shown:
+        lines.append(f"| {result['distribution']} | {result['mode']} | "
+                     f"{_cell('speedup_vs_padded', result['speedup_vs_padded'])}"
+                     f"{'?' if result['speedup_flag'] else ''} | "
+                     f"{_cell('speedup_range', result['speedup_range'])} | "
+                     f"{_cell('activations_vs_padded', result['activations_vs_padded'])} |")
+    flagged = [f"{result['distribution']} {result['mode']}: {result['speedup_flag']}"
+               for result in shown if result["speedup_flag"]]
+    if flagged:
+        lines += ["", "? " + "; ".join(flagged) + "."]
     return "\n".join(lines)
 
 

@@ -84,6 +84,7 @@ class BenchConfig:
     tokenizer: str | None = None
     text_field: str = "text"
     progress: bool = True
+    threads: int | None = None
 
     def validate(self) -> None:
         if self.model_size not in MODEL_SIZES:
@@ -95,6 +96,8 @@ class BenchConfig:
                 raise ValueError(f"modes must be among {batching.MODES}, got {mode!r}")
         if "padded" not in self.modes:
             raise ValueError("modes must include 'padded': every ratio is measured against it")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.steps < 1 or self.warmup < 0:
             raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps} warmup={self.warmup}")
         if (self.dataset is None) != (self.tokenizer is None):
@@ -333,10 +336,20 @@ def _sources(config: BenchConfig) -> list[str]:
 def run(config: BenchConfig) -> dict:
     """Run every (distribution, mode) and return the JSON-ready report (see report.py)."""
     config.validate()
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but CUDA is not available")
-    started = machine.conditions()
+    threads = torch.get_num_threads()
+    # On a CPU busier than its cores, torch's threads wait on each other at every op; one thread does not.
+    torch.set_num_threads(config.threads or threads)
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: BenchConfig) -> dict:
+    device = torch.device(config.device)
+    started, start = machine.conditions(), time.perf_counter()
     model = build_model(config)
     sources = _sources(config)
     vocab_size = MODEL_SIZES[config.model_size]["vocab_size"]
@@ -373,7 +386,8 @@ def run(config: BenchConfig) -> dict:
             del runs
     return {"device": machine.device_name(device), "versions": machine.versions(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "config": asdict(config),
-            "machine": {"before": started, "after": machine.conditions()}, "length_stats": length_stats,
+            "machine": {"before": started, "after": machine.conditions()},
+            "wall_s": round(time.perf_counter() - start, 1), "length_stats": length_stats,
             "peak_memory_note": _peak_memory_note(device),
             "activation_note": "bytes of the tensors the forward saves for backward (weights and inputs excluded), "
                                "largest timed step",

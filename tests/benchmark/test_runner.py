@@ -23,7 +23,8 @@ def test_micro_run_writes_the_json_schema_table_and_plot(tmp_path, capsys):
     assert cli.main(["bench", *MICRO, "--steps", "2", "--warmup", "1", "--modes", *modes,
                      "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
-    assert {"device", "versions", "date", "config", "machine", "results"} <= set(report)
+    assert {"device", "versions", "date", "config", "machine", "wall_s", "results"} <= set(report)
+    assert report["wall_s"] > 0
     assert report["device"].startswith("CPU") and report["versions"]["torch"]
     for moment in ("before", "after"):  # Linux: load averages and a CPU clock are readable
         conditions = report["machine"][moment]
@@ -224,7 +225,8 @@ def test_table_marks_a_flagged_ratio_and_prints_its_range(monkeypatch):
     results = _clocked_run(monkeypatch, [1.0, 1.0, 1.0])
     conditions = {"load_average": [3.5, 2.0, 1.0], "cpu_mhz": 2400.0, "cpu_count": 2}
     results[2]["speedup_flag"] = "spread 0.90-1.30x crosses 1.0x"
-    table = bench_report.table({"device": "CPU", "date": "today", "machine": {"before": conditions, "after": conditions},
+    table = bench_report.table({"device": "CPU", "date": "today",
+                                "machine": {"before": conditions, "after": conditions},
                                 "config": runner.asdict(runner.BenchConfig()), "peak_memory_note": "-",
                                 "activation_note": "-", "results": results})
     row = next(line for line in table.splitlines() if line.startswith("flan") and "padding_free" in line)
@@ -233,3 +235,22 @@ def test_table_marks_a_flagged_ratio_and_prints_its_range(monkeypatch):
     assert "machine: load 3.50 @ 2,400 MHz before" in table
     assert "? flan padding_free: spread 0.90-1.30x crosses 1.0x" in table
 
+
+
+def test_threads_apply_during_the_run_only_and_a_busy_cpu_run_is_flagged(monkeypatch):
+    seen = []
+    monkeypatch.setattr(runner, "build_model", lambda config: seen.append(torch.get_num_threads()) or _ClockedModel())
+    before = torch.get_num_threads()
+    _ClockedModel.clock = clock = _Clock([1.0] * 3, len(MODES))
+    monkeypatch.setattr(runner, "_clock", lambda: clock.now)
+    config = runner.BenchConfig(model_size="micro", tokens_per_step=256, max_length=128, steps=3, warmup=0,
+                                distributions=["flan"], modes=MODES, progress=False, threads=1)
+    report = runner.run(config)
+    assert seen == [1] and torch.get_num_threads() == before
+    busy = {"load_average": [9.0, 9.0, 9.0], "cpu_mhz": None, "cpu_count": 2}
+    report["machine"] = {"before": busy, "after": busy}
+    assert "busy" not in bench_report.table(report)          # one thread: nothing waits
+    report["config"]["threads"] = None
+    assert "busy: load 9.0 on 2 CPUs" in bench_report.table(report) and "--threads 1" in bench_report.table(report)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        runner.run(runner.BenchConfig(threads=0))
