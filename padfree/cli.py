@@ -6,7 +6,7 @@
                         [--efficiency [--json]]  static efficiency of the hot launches, and its gate
     padfree verify --model-type llama   packed batch == sequences one by one == padded, on a tiny random model
     padfree bench [--quick] [--json F]  end-to-end training throughput, padded vs padding-free batches
-    padfree bench-compare OLD NEW       flag regressions over 10% between two saved benchmark runs
+    padfree bench-compare OLD NEW       flag regressions beyond the spread of two saved benchmark runs
 
 Each subcommand lives in a module exposing `add_arguments(parser)` and `run(args) -> int`; the
 table `SUBCOMMANDS` maps names to those modules, which are imported only when chosen.

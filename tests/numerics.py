@@ -1,4 +1,4 @@
-"""Numerical comparison helpers implementing DESIGN.md's tolerance rule.
+"""Numerical comparison helpers implementing the tolerance rule of docs/design.md (Numerics).
 
 The kernel's error against a float64 oracle must be at most `factor` (2 for outputs, 3 for
 gradients) times the error of the plain-PyTorch implementation run in the same low precision, plus
