@@ -89,6 +89,9 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda", action="store_true",
                         help="also compile every csrc/*.cu with nvcc -c per arch and syntax-check the CUDA glue")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA sources, no Triton kernels")
+    parser.add_argument("--all", action="store_true",
+                        help="also the tuning candidates (tiles only PADFREE_AUTOTUNE=1 launches); by default the "
+                             "launches that run without tuning")
     parser.add_argument("--efficiency", action="store_true",
                         help="instead, the static efficiency report of the hot bf16 launches and its gate")
     parser.add_argument("--json", action="store_true", help="with --efficiency: JSON rows instead of a table")
@@ -107,7 +110,8 @@ def _compile_check(args: argparse.Namespace) -> int:
         flagged = sum(bool(row.flags) for row in rows)
         print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged", file=sys.stderr)
         return 1 if flagged else 0
-    results = [] if args.cuda_only else compile_check.run(args.arch, args.kernel, args.jobs)
+    results = [] if args.cuda_only else compile_check.run(args.arch, args.kernel, args.jobs,
+                                                                        candidates=args.all)
     if args.cuda or args.cuda_only:
         results += compile_check.run_cuda_sources(args.arch)
     failed = [r for r in results if not r.ok]

@@ -150,7 +150,9 @@ def _compile_one(job: tuple[str, int, int]) -> CompileResult:
     return compile_launch(entry.kernel, list(entry.launches())[launch_index], arch, kernel_name)
 
 
-def plan(archs: list[int], kernel_filter: str | None = None) -> list[tuple[str, int, int]]:
+def plan(archs: list[int], kernel_filter: str | None = None,
+         candidates: bool = False) -> list[tuple[str, int, int]]:
+    """(kernel, launch index, arch) of every launch to compile; tuning candidates only if asked."""
     from padfree.kernels import registry
 
     jobs = []
@@ -158,20 +160,22 @@ def plan(archs: list[int], kernel_filter: str | None = None) -> list[tuple[str, 
         if kernel_filter and kernel_filter not in entry.name:
             continue
         for index, launch in enumerate(entry.launches()):
-            jobs.extend((entry.name, index, arch) for arch in archs if arch in launch.archs)
+            if candidates or not launch.candidate:
+                jobs.extend((entry.name, index, arch) for arch in archs if arch in launch.archs)
     return jobs
 
 
 def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = None,
-        stream=sys.stdout) -> list[CompileResult]:
-    """Compile everything, print one table row per (kernel, config, arch), return the results."""
+        stream=sys.stdout, candidates: bool = False) -> list[CompileResult]:
+    """Compile every default launch (and the tuning candidates when `candidates`), print one table
+    row per (kernel, config, arch), return the results."""
     from padfree.kernels import runtime
 
     if not runtime.HAS_TRITON:
         raise RuntimeError("compile-check needs triton installed")
     if runtime.interpreting():
         raise RuntimeError("compile-check needs compiled kernels: unset TRITON_INTERPRET and run again")
-    work = plan(archs, kernel_filter)
+    work = plan(archs, kernel_filter, candidates)
     if not work:
         raise RuntimeError(f"no kernel matches {kernel_filter!r}")
     workers = jobs or os.cpu_count() or 1

@@ -941,10 +941,11 @@ def _attention_launches(kind: str, kernel):
                 # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
                 shape = f"{tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
                 archs = tile_archs(kind, pad, dtype, tile)
+                defaults = {tile_candidates(kind, pad, dtype, arch)[0] for arch in registry.ARCHS}
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
                                       signature=signature, constexprs=constexprs,
                                       num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                      archs=archs or registry.ARCHS,
+                                      archs=archs or registry.ARCHS, candidate=tile not in defaults,
                                       aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
 
 

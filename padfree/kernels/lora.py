@@ -470,13 +470,14 @@ def _gemm_launches(kernel, large: tuple, flag: str, aligned: tuple[str, ...]):
     (HAS_BIAS, DROPOUT) off and on."""
     def launches():
         for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-            for size, (block_m, block_n, block_k, warps, stages) in _gemm_configs(elem, large):
+            for index, (size, (block_m, block_n, block_k, warps, stages)) in enumerate(_gemm_configs(elem, large)):
                 for on in (False, True):
                     yield registry.Launch(
                         f"{dtype} {size}{' ' + flag.lower() if on else ''}", _signature(kernel, dtype),
                         {flag: on, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
                          "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
                         num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True,
+                        candidate=index > 1,  # the small-problem tile and the large-problem default
                         archs=registry.BIG_SHARED_MEMORY_ARCHS if kernel is lora_dx_kernel
                         and (block_m, block_n, block_k, warps, stages) in _BIG_SHARED_MEMORY else registry.ARCHS)
 

@@ -296,7 +296,8 @@ def _launches(kernel, tile: str, pointer_args: dict[str, str]):
     """One Launch per data dtype; pointer_args maps name -> "data" | "i32" | "fp32" | "i64"; the other
     runtime arguments are i32."""
     def launches():
-        for dtype_name, config in ((d, c) for d in DTYPES.values() for c in _candidates(tile, d == "fp32")):
+        for dtype_name, index, config in ((d, i, c) for d in DTYPES.values()
+                                          for i, c in enumerate(_candidates(tile, d == "fp32"))):
             block_m, block_n, block_k, warps, stages = config
             signature = registry.signature(kernel, {name: f"*{dtype_name if kind == 'data' else kind}"
                                                     for name, kind in pointer_args.items()})
@@ -304,7 +305,8 @@ def _launches(kernel, tile: str, pointer_args: dict[str, str]):
                           "IEEE": dtype_name == "fp32"}
             yield registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}", signature,
                                   constexprs, num_warps=warps, num_stages=stages,
-                                  aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature))
+                                  aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature),
+                                  candidate=index > 0)
 
     registry.register(kernel, launches)
 
