@@ -234,8 +234,20 @@ def _representative_layer_types(layer_types) -> list[str] | None:
 # Types whose default config leaves out a kind of layer their released checkpoints have.
 TINY_LAYER_TYPES = {"lfm2": ["conv", "full_attention"], "lfm2_moe": ["conv", "full_attention"]}
 # Types whose config spells its layer pattern in its own way.
+# A dict value for a sub-config key is merged into that sub-config's tiny values.
 TINY_OVERRIDES = {"gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
-                  "gemma4_text": dict(global_head_dim=32), "gemma4_unified_text": dict(global_head_dim=32)}
+                  "gemma4_text": dict(global_head_dim=32), "gemma4_unified_text": dict(global_head_dim=32),
+                  # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define (the
+                  # rotary embedding uses config.rope_parameters), and clamps with clip_qkv, which fails on the
+                  # default None; released DBRX config.json files set both (clip_qkv 8)
+                  "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0)),
+                  # the default config has no per-layer-type rope parameters, which the rotary embedding needs
+                  "cohere_compass_text": dict(
+                      layer_types=["sliding_attention", "full_attention"],
+                      rope_parameters={layer_type: dict(rope_type="default", rope_theta=10000.0)
+                                       for layer_type in ("sliding_attention", "full_attention")}),
+                  # input / recurrent (looped) / output sections must add up to the two tiny layers
+                  "dory": dict(n_input_layers=0, n_recurrent_layers=1, n_output_layers=1)}
 
 
 _MISSING = object()
@@ -286,7 +298,9 @@ def tiny_config(model_type: str, config_class: type | None = None, **overrides):
     layer_types = _default(default, "layer_types")
     layer_types = _representative_layer_types(overrides.pop("layer_types", None if layer_types is _MISSING
                                                             else layer_types))
-    values = {**_tiny_values(default), **overrides}
+    values = _tiny_values(default)
+    values.update({key: {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict)
+                   else value for key, value in overrides.items()})
     attempts = [values, {key: values[key] for key in (*_ALWAYS_SHRUNK, *overrides) if key in values}]
     if layer_types is not None:
         attempts.insert(0, {**values, "layer_types": layer_types, "num_hidden_layers": len(layer_types)})
