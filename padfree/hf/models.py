@@ -3,7 +3,7 @@
 `refusal(model)` says why a model cannot be served exactly (None when it can): a model is served
 when its attention layers dispatch through transformers' AttentionInterface with flash-attention
 semantics; refused are layers that mix tokens outside attention (from config.layer_types and the
-modules themselves), positions that ignore packed position_ids, cross-attention, and the few
+modules themselves, other modalities' encoders left out), positions that ignore packed position_ids, cross-attention, and the few
 genuine exceptions in EXCEPTIONS. `attention_modules(model)` lists the layers that call padfree.
 
 `tiny_config(model_type)` shrinks any causal-LM type's default config for the sweep and tests;
@@ -144,8 +144,22 @@ def config_refusal(config) -> str | None:
     return None
 
 
+def _other_modality_towers(model: torch.nn.Module) -> list[str]:
+    """Name prefixes of the sub-models built from a config other than the text model's (a multimodal
+    model's vision or audio encoder): they run on their own inputs (pixels, audio frames), never on
+    the packed token row, and not at all for a text-only batch."""
+    from transformers import PreTrainedModel
+
+    text_config = model.config.get_text_config()
+    return [f"{name}." for name, module in model.named_modules() if isinstance(module, PreTrainedModel)
+            and module.config is not model.config and module.config is not text_config]
+
+
 def _sequence_mixer(model: torch.nn.Module) -> str | None:
+    towers = _other_modality_towers(model)
     for name, module in model.named_modules():
+        if any(f"{name}.".startswith(prefix) for prefix in towers):
+            continue
         class_name = type(module).__name__
         if any(fragment in class_name for fragment in MIXER_CLASS_FRAGMENTS):
             return f"{class_name} ({name})"
