@@ -223,7 +223,7 @@ def _one_line(error: BaseException) -> str:
 
 def _exercised(model) -> str:
     """The attention options the tiny model exercises, for the table."""
-    config, found = model.config, []
+    config, found = model.config.get_text_config(), []
     if getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         found.append("sliding window")
     if getattr(config, "attn_logit_softcapping", None):

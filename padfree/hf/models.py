@@ -99,6 +99,10 @@ ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
 EXCEPTIONS: dict[str, str] = {
     "gemma3": "multimodal Gemma3: image tokens attend bidirectionally through a custom mask; "
               "load the text model (Gemma3ForCausalLM, model_type gemma3_text) instead",
+    "gemma4_assistant": "a speculative-decoding draft model: its forward needs the main model's inputs_embeds and "
+                        "shared_kv_states, there is no causal LM over input_ids to train",
+    "gemma4_unified_assistant": "a speculative-decoding draft model: its forward needs the main model's "
+                                "inputs_embeds and shared_kv_states, there is no causal LM over input_ids to train",
     "gemma3n_text": "a padded batch gives NaN gradients: padding rows' attention output is exactly zero (as in "
                     "flash-attention) and Gemma 3n's layers take a gradient through its norm",
 }
@@ -170,8 +174,26 @@ def _sequence_mixer(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether position_ids reach the model's positions: a forward parameter, or transformers' typed
+    **kwargs (TransformersKwargs, which carry position_ids) passed on to a text decoder
+    (model.get_decoder(), e.g. a multimodal model's language model) that takes them. Untyped
+    **kwargs (WhisperForCausalLM) are not known to pass anything on."""
+    parameters = inspect.signature(type(model).forward).parameters
+    if "position_ids" in parameters:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD and "TransformersKwargs" in str(p.annotation)
+               for p in parameters.values()):
+        return False
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return False
+    return decoder is not model and "position_ids" in inspect.signature(type(decoder).forward).parameters
+
+
 def _position_problem(model: torch.nn.Module) -> str | None:
-    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+    if not _takes_position_ids(model):
         return (f"{type(model).__name__}.forward takes no position_ids: its positions (learned absolute in the "
                 "BART family) run over the whole row and cannot restart at each packed sequence")
     for name, module in model.named_modules():
@@ -292,6 +314,9 @@ def _tiny_values(default) -> dict:
         sub = _default(default, key)
         if hasattr(sub, "to_dict"):
             values[key] = {**sub.to_dict(), **_tiny_values(sub)}
+            layer_types = _representative_layer_types(values[key].get("layer_types"))
+            if layer_types is not None and "num_hidden_layers" in values[key]:
+                values[key].update(layer_types=layer_types, num_hidden_layers=len(layer_types))
     return values
 
 
