@@ -245,6 +245,8 @@ def _refusal_without_a_model(model_class, model_type: str) -> str | None:
 
     if not getattr(model_class, "_supports_flash_attn", False):
         return f"{model_class.__name__} does not declare flash-attention support (_supports_flash_attn)"
+    if models.exception(model_type) is not None:  # even where the default config does not build
+        return models.exception(model_type)
     try:
         return models.config_refusal(model_class.config_class())
     except Exception:  # noqa: BLE001 - no default config either: nothing to tell

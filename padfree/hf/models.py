@@ -134,12 +134,17 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
     return [(name, m) for name, m in model.named_modules() if _dispatches_attention(type(m))]
 
 
+def exception(model_type: str | None) -> str | None:
+    """The EXCEPTIONS entry for `model_type`, as a refusal reason; None when it has none."""
+    return f"model type {model_type!r}: {EXCEPTIONS[model_type]}" if model_type in EXCEPTIONS else None
+
+
 def config_refusal(config) -> str | None:
     """What `refusal` can tell from the config alone (the EXCEPTIONS table, layer types that mix
     tokens): the check a model loaded with attn_implementation="padfree" gets at its first call."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in EXCEPTIONS:
-        return f"model type {model_type!r}: {EXCEPTIONS[model_type]}"
+    reason = exception(getattr(config, "model_type", None))
+    if reason is not None:
+        return reason
     layer_types = getattr(config, "layer_types", None) or ()
     mixing = sorted({t for t in layer_types if t not in TOKEN_WISE_LAYER_TYPES})
     if mixing:
