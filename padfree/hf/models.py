@@ -3,8 +3,8 @@
 `refusal(model)` says why a model cannot be served exactly (None when it can): a model is served
 when its attention layers dispatch through transformers' AttentionInterface with flash-attention
 semantics; refused are layers that mix tokens outside attention (from config.layer_types and the
-modules themselves, other modalities' encoders left out), positions that ignore packed position_ids, cross-attention, and the few
-genuine exceptions in EXCEPTIONS. `attention_modules(model)` lists the layers that call padfree.
+modules themselves, other modalities' encoders left out), positions that ignore packed
+position_ids, cross-attention, and the few genuine exceptions in EXCEPTIONS. `attention_modules(model)` lists the layers that call padfree.
 
 `tiny_config(model_type)` shrinks any causal-LM type's default config for the sweep and tests;
 `ARCHITECTURES` holds hand-made presets that exercise given attention options (a sliding window
