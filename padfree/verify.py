@@ -223,7 +223,7 @@ def _one_line(error: BaseException) -> str:
 
 def _exercised(model) -> str:
     """The attention options the tiny model exercises, for the table."""
-    config, found = model.config, []
+    config, found = model.config.get_text_config(), []
     if getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         found.append("sliding window")
     if getattr(config, "attn_logit_softcapping", None):
@@ -245,6 +245,8 @@ def _refusal_without_a_model(model_class, model_type: str) -> str | None:
 
     if not getattr(model_class, "_supports_flash_attn", False):
         return f"{model_class.__name__} does not declare flash-attention support (_supports_flash_attn)"
+    if models.exception(model_type) is not None:  # even where the default config does not build
+        return models.exception(model_type)
     try:
         return models.config_refusal(model_class.config_class())
     except Exception:  # noqa: BLE001 - no default config either: nothing to tell

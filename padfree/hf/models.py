@@ -3,8 +3,8 @@
 `refusal(model)` says why a model cannot be served exactly (None when it can): a model is served
 when its attention layers dispatch through transformers' AttentionInterface with flash-attention
 semantics; refused are layers that mix tokens outside attention (from config.layer_types and the
-modules themselves), positions that ignore packed position_ids, cross-attention, and the few
-genuine exceptions in EXCEPTIONS. `attention_modules(model)` lists the layers that call padfree.
+modules themselves, other modalities' encoders left out), positions that ignore packed
+position_ids, cross-attention, and the few genuine exceptions in EXCEPTIONS. `attention_modules(model)` lists the layers that call padfree.
 
 `tiny_config(model_type)` shrinks any causal-LM type's default config for the sweep and tests;
 `ARCHITECTURES` holds hand-made presets that exercise given attention options (a sliding window
@@ -99,6 +99,10 @@ ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
 EXCEPTIONS: dict[str, str] = {
     "gemma3": "multimodal Gemma3: image tokens attend bidirectionally through a custom mask; "
               "load the text model (Gemma3ForCausalLM, model_type gemma3_text) instead",
+    "gemma4_assistant": "a speculative-decoding draft model: its forward needs the main model's inputs_embeds and "
+                        "shared_kv_states, there is no causal LM over input_ids to train",
+    "gemma4_unified_assistant": "a speculative-decoding draft model: its forward needs the main model's "
+                                "inputs_embeds and shared_kv_states, there is no causal LM over input_ids to train",
     "gemma3n_text": "a padded batch gives NaN gradients: padding rows' attention output is exactly zero (as in "
                     "flash-attention) and Gemma 3n's layers take a gradient through its norm",
 }
@@ -130,12 +134,17 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
     return [(name, m) for name, m in model.named_modules() if _dispatches_attention(type(m))]
 
 
+def exception(model_type: str | None) -> str | None:
+    """The EXCEPTIONS entry for `model_type`, as a refusal reason; None when it has none."""
+    return f"model type {model_type!r}: {EXCEPTIONS[model_type]}" if model_type in EXCEPTIONS else None
+
+
 def config_refusal(config) -> str | None:
     """What `refusal` can tell from the config alone (the EXCEPTIONS table, layer types that mix
     tokens): the check a model loaded with attn_implementation="padfree" gets at its first call."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in EXCEPTIONS:
-        return f"model type {model_type!r}: {EXCEPTIONS[model_type]}"
+    reason = exception(getattr(config, "model_type", None))
+    if reason is not None:
+        return reason
     layer_types = getattr(config, "layer_types", None) or ()
     mixing = sorted({t for t in layer_types if t not in TOKEN_WISE_LAYER_TYPES})
     if mixing:
@@ -144,8 +153,22 @@ def config_refusal(config) -> str | None:
     return None
 
 
+def _other_modality_towers(model: torch.nn.Module) -> list[str]:
+    """Name prefixes of the sub-models built from a config other than the text model's (a multimodal
+    model's vision or audio encoder): they run on their own inputs (pixels, audio frames), never on
+    the packed token row, and not at all for a text-only batch."""
+    from transformers import PreTrainedModel
+
+    text_config = model.config.get_text_config()
+    return [f"{name}." for name, module in model.named_modules() if isinstance(module, PreTrainedModel)
+            and module.config is not model.config and module.config is not text_config]
+
+
 def _sequence_mixer(model: torch.nn.Module) -> str | None:
+    towers = _other_modality_towers(model)
     for name, module in model.named_modules():
+        if any(f"{name}.".startswith(prefix) for prefix in towers):
+            continue
         class_name = type(module).__name__
         if any(fragment in class_name for fragment in MIXER_CLASS_FRAGMENTS):
             return f"{class_name} ({name})"
@@ -156,8 +179,26 @@ def _sequence_mixer(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether position_ids reach the model's positions: a forward parameter, or transformers' typed
+    **kwargs (TransformersKwargs, which carry position_ids) passed on to a text decoder
+    (model.get_decoder(), e.g. a multimodal model's language model) that takes them. Untyped
+    **kwargs (WhisperForCausalLM) are not known to pass anything on."""
+    parameters = inspect.signature(type(model).forward).parameters
+    if "position_ids" in parameters:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD and "TransformersKwargs" in str(p.annotation)
+               for p in parameters.values()):
+        return False
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return False
+    return decoder is not model and "position_ids" in inspect.signature(type(decoder).forward).parameters
+
+
 def _position_problem(model: torch.nn.Module) -> str | None:
-    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+    if not _takes_position_ids(model):
         return (f"{type(model).__name__}.forward takes no position_ids: its positions (learned absolute in the "
                 "BART family) run over the whole row and cannot restart at each packed sequence")
     for name, module in model.named_modules():
@@ -234,8 +275,20 @@ def _representative_layer_types(layer_types) -> list[str] | None:
 # Types whose default config leaves out a kind of layer their released checkpoints have.
 TINY_LAYER_TYPES = {"lfm2": ["conv", "full_attention"], "lfm2_moe": ["conv", "full_attention"]}
 # Types whose config spells its layer pattern in its own way.
+# A dict value for a sub-config key is merged into that sub-config's tiny values.
 TINY_OVERRIDES = {"gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
-                  "gemma4_text": dict(global_head_dim=32), "gemma4_unified_text": dict(global_head_dim=32)}
+                  "gemma4_text": dict(global_head_dim=32), "gemma4_unified_text": dict(global_head_dim=32),
+                  # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define (the
+                  # rotary embedding uses config.rope_parameters), and clamps with clip_qkv, which fails on the
+                  # default None; released DBRX config.json files set both (clip_qkv 8)
+                  "dbrx": dict(attn_config=dict(rope_theta=10000.0, clip_qkv=8.0)),
+                  # the default config has no per-layer-type rope parameters, which the rotary embedding needs
+                  "cohere_compass_text": dict(
+                      layer_types=["sliding_attention", "full_attention"],
+                      rope_parameters={layer_type: dict(rope_type="default", rope_theta=10000.0)
+                                       for layer_type in ("sliding_attention", "full_attention")}),
+                  # input / recurrent (looped) / output sections must add up to the two tiny layers
+                  "dory": dict(n_input_layers=0, n_recurrent_layers=1, n_output_layers=1)}
 
 
 _MISSING = object()
@@ -266,6 +319,9 @@ def _tiny_values(default) -> dict:
         sub = _default(default, key)
         if hasattr(sub, "to_dict"):
             values[key] = {**sub.to_dict(), **_tiny_values(sub)}
+            layer_types = _representative_layer_types(values[key].get("layer_types"))
+            if layer_types is not None and "num_hidden_layers" in values[key]:
+                values[key].update(layer_types=layer_types, num_hidden_layers=len(layer_types))
     return values
 
 
@@ -286,7 +342,9 @@ def tiny_config(model_type: str, config_class: type | None = None, **overrides):
     layer_types = _default(default, "layer_types")
     layer_types = _representative_layer_types(overrides.pop("layer_types", None if layer_types is _MISSING
                                                             else layer_types))
-    values = {**_tiny_values(default), **overrides}
+    values = _tiny_values(default)
+    values.update({key: {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict)
+                   else value for key, value in overrides.items()})
     attempts = [values, {key: values[key] for key in (*_ALWAYS_SHRUNK, *overrides) if key in values}]
     if layer_types is not None:
         attempts.insert(0, {**values, "layer_types": layer_types, "num_hidden_layers": len(layer_types)})

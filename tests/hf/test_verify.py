@@ -120,3 +120,59 @@ def test_verify_needs_a_model(capsys):
     with pytest.raises(SystemExit):
         cli.main(["verify"])
     assert "--model-type" in capsys.readouterr().err
+
+
+def test_tiny_config_fills_what_the_default_configs_leave_out():
+    """Sub-config overrides merge into the shrunk sub-config (DBRX's attention config gets the
+    rope_theta / clip_qkv its attention reads); a sub-config's layer types shrink with its layers;
+    Dory's sections fit the two tiny layers."""
+    from padfree.hf import models
+
+    dbrx = models.tiny_config("dbrx")
+    assert (dbrx.attn_config.rope_theta, dbrx.attn_config.clip_qkv) == (1e4, 8.0)
+    moss = models.tiny_config("moss_transcribe_diarize").text_config
+    assert moss.num_hidden_layers == len(moss.layer_types) == 2 and moss.hidden_size == 64
+    merged = models.tiny_config("moss_transcribe_diarize", text_config=dict(num_attention_heads=2)).text_config
+    assert (merged.num_attention_heads, merged.hidden_size, merged.num_hidden_layers) == (2, 64, 2)
+    dory = models.tiny_config("dory")
+    assert dory.n_input_layers + dory.n_recurrent_layers + dory.n_output_layers == dory.num_hidden_layers == 2
+    compass = models.tiny_config("cohere_compass_text")
+    assert set(compass.rope_parameters) == {"sliding_attention", "full_attention"}
+
+
+def test_sequence_mixers_of_other_modalities_do_not_refuse_but_on_the_text_path_they_do():
+    """Phi-4 multimodal's audio encoder has a depthwise conv over audio frames, never run on the
+    packed token row: not a refusal. The same conv on the text model is one."""
+    import transformers
+
+    from padfree.hf import models
+
+    model = transformers.Phi4MultimodalForCausalLM(models.tiny_config("phi4_multimodal"))
+    assert any(isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1 for m in model.modules())
+    assert models.refusal(model) is None
+    model.model.layers[0].mixer = torch.nn.Conv1d(64, 64, 3, groups=64)
+    assert "a convolution over the sequence (model.layers.0.mixer, kernel 3)" in models.refusal(model)
+
+
+def test_position_ids_through_typed_kwargs_to_the_text_decoder():
+    """MossTranscribeDiarize passes TransformersKwargs (position_ids among them) to its Qwen3
+    language model: served. WhisperForCausalLM's untyped **kwargs pass nothing on: refused."""
+    import transformers
+
+    from padfree.hf import models
+
+    moss = transformers.MossTranscribeDiarizeForConditionalGeneration(models.tiny_config("moss_transcribe_diarize"))
+    assert models.refusal(moss) is None
+    whisper = transformers.WhisperForCausalLM(models.tiny_config("whisper", transformers.WhisperConfig))
+    assert "WhisperForCausalLM.forward takes no position_ids" in models.refusal(whisper)
+
+
+@pytest.mark.slow
+def test_sweep_serves_the_types_tiny_configs_and_text_path_checks_opened():
+    expected = {"dbrx": "served, proven", "cohere_compass_text": "served, proven", "dory": "served, proven",
+                "phi4_multimodal": "served, proven", "moss_transcribe_diarize": "served, proven",
+                "whisper": "refused", "gemma4_assistant": "refused"}
+    types = {t: c for t, c in verify.causal_lm_types().items() if t in expected}
+    rows = verify.sweep(types, progress=lambda line: None)
+    assert {r.model_type: r.status for r in rows} == expected
+    assert "draft model" in next(r for r in rows if r.model_type == "gemma4_assistant").detail
