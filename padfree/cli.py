@@ -90,8 +90,8 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also compile every csrc/*.cu with nvcc -c per arch and syntax-check the CUDA glue")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA sources, no Triton kernels")
     parser.add_argument("--all", action="store_true",
-                        help="also the tuning candidates (tiles only PADFREE_AUTOTUNE=1 launches); by default the "
-                             "launches that run without tuning")
+                        help="also the extended launches: tuning candidates, fp16 twins of bf16 launches, "
+                             "grid-stride attention variants of the flag subsets (see registry.Launch)")
     parser.add_argument("--efficiency", action="store_true",
                         help="instead, the static efficiency report of the hot bf16 launches and its gate")
     parser.add_argument("--json", action="store_true", help="with --efficiency: JSON rows instead of a table")
@@ -111,7 +111,7 @@ def _compile_check(args: argparse.Namespace) -> int:
         print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged", file=sys.stderr)
         return 1 if flagged else 0
     results = [] if args.cuda_only else compile_check.run(args.arch, args.kernel, args.jobs,
-                                                                        candidates=args.all)
+                                                                        extended=args.all)
     if args.cuda or args.cuda_only:
         results += compile_check.run_cuda_sources(args.arch)
     failed = [r for r in results if not r.ok]

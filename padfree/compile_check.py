@@ -151,8 +151,8 @@ def _compile_one(job: tuple[str, int, int]) -> CompileResult:
 
 
 def plan(archs: list[int], kernel_filter: str | None = None,
-         candidates: bool = False) -> list[tuple[str, int, int]]:
-    """(kernel, launch index, arch) of every launch to compile; tuning candidates only if asked."""
+         extended: bool = False) -> list[tuple[str, int, int]]:
+    """(kernel, launch index, arch) of every launch to compile; `Launch.extended` ones only if asked."""
     from padfree.kernels import registry
 
     jobs = []
@@ -160,14 +160,14 @@ def plan(archs: list[int], kernel_filter: str | None = None,
         if kernel_filter and kernel_filter not in entry.name:
             continue
         for index, launch in enumerate(entry.launches()):
-            if candidates or not launch.candidate:
+            if extended or not launch.extended:
                 jobs.extend((entry.name, index, arch) for arch in archs if arch in launch.archs)
     return jobs
 
 
 def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = None,
-        stream=sys.stdout, candidates: bool = False) -> list[CompileResult]:
-    """Compile every default launch (and the tuning candidates when `candidates`), print one table
+        stream=sys.stdout, extended: bool = False) -> list[CompileResult]:
+    """Compile every launch (the `Launch.extended` ones only when `extended`), print one table
     row per (kernel, config, arch), return the results."""
     from padfree.kernels import runtime
 
@@ -175,7 +175,7 @@ def run(archs: list[int], kernel_filter: str | None = None, jobs: int | None = N
         raise RuntimeError("compile-check needs triton installed")
     if runtime.interpreting():
         raise RuntimeError("compile-check needs compiled kernels: unset TRITON_INTERPRET and run again")
-    work = plan(archs, kernel_filter, candidates)
+    work = plan(archs, kernel_filter, extended)
     if not work:
         raise RuntimeError(f"no kernel matches {kernel_filter!r}")
     workers = jobs or os.cpu_count() or 1

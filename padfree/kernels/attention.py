@@ -945,7 +945,8 @@ def _attention_launches(kind: str, kernel):
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
                                       signature=signature, constexprs=constexprs,
                                       num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                      archs=archs or registry.ARCHS, candidate=tile not in defaults,
+                                      archs=archs or registry.ARCHS, extended=(tile not in defaults or dtype_name == "fp16"
+                                                                               or (strided and not all(flags.values()))),
                                       aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
 
 

@@ -455,7 +455,7 @@ def _shrink_launches():
                     f"{dtype} r{block_r}{f' dropout x{streams}' if dropout else ''}", sig,
                     {"DROPOUT": dropout, "NUM_STREAMS": streams, "IEEE": elem == 4, "BLOCK_M": block_m,
                      "BLOCK_K": block_k, "BLOCK_R": block_r}, num_warps=_warps_for_shrink(block_r), num_stages=3,
-                    aligned=("K",), pipelined=True)
+                    aligned=("K",), pipelined=True, extended=dtype == "fp16")
 
 
 def _gemm_configs(elem: int, large: tuple):
@@ -477,7 +477,7 @@ def _gemm_launches(kernel, large: tuple, flag: str, aligned: tuple[str, ...]):
                         {flag: on, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
                          "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
                         num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True,
-                        candidate=index > 1,  # the small-problem tile and the large-problem default
+                        extended=index > 1 or dtype == "fp16",  # index 0, 1: the small- and large-problem defaults
                         archs=registry.BIG_SHARED_MEMORY_ARCHS if kernel is lora_dx_kernel
                         and (block_m, block_n, block_k, warps, stages) in _BIG_SHARED_MEMORY else registry.ARCHS)
 
@@ -493,7 +493,8 @@ def _da_launches():
                 yield registry.Launch(f"{dtype} r{block_r} x{streams}", sig,
                                       {"NUM_STREAMS": streams, "IEEE": elem == 4, "BLOCK_R": block_r,
                                        "BLOCK_K": block_k, "BLOCK_M": block_m},
-                                      num_warps=4, num_stages=3, aligned=("K",), pipelined=True)
+                                      num_warps=4, num_stages=3, aligned=("K",), pipelined=True,
+                                      extended=dtype == "fp16")
 
 
 registry.register(lora_shrink_kernel, _shrink_launches)

@@ -306,7 +306,7 @@ def _launches(kernel, tile: str, pointer_args: dict[str, str]):
             yield registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}", signature,
                                   constexprs, num_warps=warps, num_stages=stages,
                                   aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature),
-                                  candidate=index > 0)
+                                  extended=index > 0 or dtype_name == "fp16")
 
     registry.register(kernel, launches)
 

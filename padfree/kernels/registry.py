@@ -40,9 +40,11 @@ class Launch:
     software-pipelined: the compile check fails the launch when the PTX has no asynchronous copy.
     `archs` are the GPUs the configuration is launched on; one whose shared memory exceeds an
     arch's limit fails the check there (a tuning candidate for the big-memory GPUs only lists 80
-    and 90; the runtime skips it elsewhere, see runtime.launch_tuned). `candidate` marks a tile
-    that only opt-in tuning (PADFREE_AUTOTUNE=1) launches, not a default: `compile-check` compiles
-    candidates only with `--all`, which keeps the every-commit check within CI's time.
+    and 90; the runtime skips it elsewhere, see runtime.launch_tuned). `extended` marks a launch
+    that `compile-check` compiles only with `--all`, which keeps the every-commit check within CI's
+    time: tuning candidates (tiles only PADFREE_AUTOTUNE=1 launches), the fp16 twins of bf16
+    launches (the same code but for the element type) and the grid-stride attention variants of
+    the flag subsets (their all-features superset stays in).
     """
 
     label: str
@@ -54,7 +56,7 @@ class Launch:
     aligned: tuple[str, ...] = ()
     pipelined: bool = False
     values: dict[str, int] = field(default_factory=dict)
-    candidate: bool = False
+    extended: bool = False
 
 
 def signature(kernel, types: dict[str, str], default: str = "i32") -> dict[str, str]:

@@ -193,23 +193,24 @@ def test_compile_check_fails_a_config_over_the_shared_memory_of_its_arch(tmp_pat
         assert "ok=False" in lines[arch] and f"{arch} allows 101376 B" in lines[arch], lines
 
 
-def test_compile_check_compiles_tuning_candidates_only_when_asked():
+def test_compile_check_compiles_extended_launches_only_when_asked():
     from padfree import compile_check
     from padfree.kernels import attention
 
-    every = compile_check.plan([80, 90], candidates=True)
+    every = compile_check.plan([80, 90], extended=True)
     default = compile_check.plan([80, 90])
     assert set(default) < set(every)
     launches = {(entry.name, index): launch for entry in registry.all_kernels()
                 for index, launch in enumerate(entry.launches())}
-    assert all(not launches[name, index].candidate for name, index, _ in default)
+    assert all(not launches[name, index].extended for name, index, _ in default)
     # every kernel keeps its default launches on every arch
     assert {(name, arch) for name, _, arch in default} == {(name, arch) for name, _, arch in every}
-    # the tiles the launchers pick without tuning are never marked candidates
+    # the bf16 tiles the launchers pick without tuning are always compiled
     fwd = next(launch for (name, _), launch in launches.items() if name.endswith("attention_fwd_kernel")
                and launch.constexprs["HEAD_DIM_PAD"] == 128 and "bf16" in launch.label
+               and not launch.constexprs["STRIDED"]
                and launch.constexprs["BLOCK_N"] == attention.tile_candidates("fwd", 128, attention.torch.bfloat16,
                                                                              80)[0].block_n)
-    assert not fwd.candidate
-    assert any(launch.candidate for (name, _), launch in launches.items() if name.endswith("lora_forward_kernel"))
-    assert any(launch.candidate for (name, _), launch in launches.items() if name.endswith("moe_down_kernel"))
+    assert not fwd.extended
+    assert any(launch.extended for (name, _), launch in launches.items() if name.endswith("lora_forward_kernel"))
+    assert any(launch.extended for (name, _), launch in launches.items() if name.endswith("moe_down_kernel"))
