@@ -135,8 +135,23 @@ class _ClockedModel(torch.nn.Module):
 MODES = ["padded", "naive_packing", "padding_free"]
 
 
+def _stand_in_patch(monkeypatch):
+    """padfree.patch refuses a model it cannot serve; the stand-in LM has no attention to switch."""
+    import padfree
+    from padfree.hf.patch import PatchReport
+
+    def patch(model, **parts):
+        report = PatchReport()
+        report.add("attention", "", True, "stand-in")
+        return report
+
+    monkeypatch.setattr(padfree, "patch", patch)
+    monkeypatch.setattr(padfree, "unpatch", lambda model: None)
+
+
 def _clocked_run(monkeypatch, loads, **change):
     clock = _ClockedModel.clock = _Clock(loads, len(MODES))
+    _stand_in_patch(monkeypatch)
     monkeypatch.setattr(runner, "build_model", lambda config: _ClockedModel())
     monkeypatch.setattr(runner, "_clock", lambda: clock.now)
     config = dict(model_size="micro", tokens_per_step=256, max_length=128, steps=len(loads), warmup=0,
@@ -239,6 +254,7 @@ def test_table_marks_a_flagged_ratio_and_prints_its_range(monkeypatch):
 
 def test_threads_apply_during_the_run_only_and_a_busy_cpu_run_is_flagged(monkeypatch):
     seen = []
+    _stand_in_patch(monkeypatch)
     monkeypatch.setattr(runner, "build_model", lambda config: seen.append(torch.get_num_threads()) or _ClockedModel())
     before = torch.get_num_threads()
     _ClockedModel.clock = clock = _Clock([1.0] * 3, len(MODES))
