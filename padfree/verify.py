@@ -362,20 +362,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_lengths(values: list[str]) -> list[int]:
-    """`--lengths`: numbers (each >= 1), or one file with a length per line."""
-    if len(values) == 1 and not values[0].lstrip("-").isdigit():
-        from padfree.benchmark.distributions import lengths_from_file
+    """`--lengths`: numbers (each >= 1), or one file with a length per line (as `padfree bench`)."""
+    from padfree.benchmark.distributions import parse_lengths
 
-        return lengths_from_file(values[0], max_length=2**31 - 1)
-    lengths = []
-    for value in values:
-        try:
-            lengths.append(int(value))
-        except ValueError:
-            raise ValueError(f"--lengths takes numbers or one file name, got {values}") from None
-    if any(n < 1 for n in lengths):
-        raise ValueError(f"--lengths must all be >= 1, got {lengths}")
-    return lengths
+    return parse_lengths(values, minimum=1)
 
 
 def build_tiny_model(model_type: str, dtype: torch.dtype = torch.float32, full_size: bool = False,

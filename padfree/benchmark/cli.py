@@ -4,7 +4,7 @@
     padfree bench --quick                           3 rounds instead of 5 (CPU)
     padfree bench --device cuda --model-size 1b     a real GPU run, bf16
     padfree bench --moe --lora --json out.json --plot out.png
-    padfree bench --lengths my_lengths.txt          one length per line
+    padfree bench --lengths my_lengths.txt          one length per line (or numbers: --lengths 12 300 77)
     padfree bench --dataset data.jsonl --tokenizer ./tokenizer_dir --text-field text
 """
 
@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"train PEFT LoRA adapters (r={runner.LORA_RANK}, all linear layers) on a frozen base")
     parser.add_argument("--distributions", nargs="+", choices=sorted(distributions.DISTRIBUTIONS),
                         default=["flan", "orcamath"], help="built-in length distributions (default: both)")
-    parser.add_argument("--lengths", dest="lengths_file", default=None,
-                        help="file with one example length per line (replaces --distributions)")
+    parser.add_argument("--lengths", nargs="+", default=None,
+                        help="example lengths: numbers, or a file with one length per line (replaces "
+                             "--distributions; the form padfree verify --lengths takes)")
     parser.add_argument("--dataset", default=None, help="local JSONL file to take example lengths from")
     parser.add_argument("--tokenizer", default=None, help="local tokenizer directory for --dataset")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from padfree.benchmark import distributions
     from padfree.benchmark.runner import BenchConfig
 
     device = args.device or "cpu"
@@ -80,7 +82,9 @@ def config_from_args(args: argparse.Namespace):
                        steps=pick(args.steps, steps), warmup=pick(args.warmup, warmup),
                        tokens_per_step=pick(args.tokens_per_step, tokens),
                        max_length=pick(args.max_length, max_length), seed=args.seed, lr=args.lr,
-                       lengths_file=args.lengths_file, dataset=args.dataset, tokenizer=args.tokenizer,
+                       lengths=None if args.lengths is None else tuple(distributions.parse_lengths(
+                           args.lengths, pick(args.max_length, max_length))),
+                       dataset=args.dataset, tokenizer=args.tokenizer,
                        text_field=args.text_field, progress=not args.no_progress,
                        threads=args.threads)
 

@@ -92,6 +92,20 @@ def lengths_from_file(path: str | Path, max_length: int) -> list[int]:
     return lengths
 
 
+def parse_lengths(values: list[str], max_length: int = 2**31 - 1, minimum: int = 2) -> list[int]:
+    """`--lengths` of `padfree bench` and `padfree verify`: numbers, or one file with a length per
+    line; each >= `minimum`, longer ones truncated to `max_length`."""
+    if len(values) == 1 and not values[0].lstrip("-").isdigit():
+        return lengths_from_file(values[0], max_length)
+    try:
+        lengths = [int(value) for value in values]
+    except ValueError:
+        raise ValueError(f"--lengths takes numbers or one file name, got {values}") from None
+    if not lengths or any(n < minimum for n in lengths):
+        raise ValueError(f"--lengths must all be >= {minimum}, got {lengths}")
+    return [min(n, max_length) for n in lengths]
+
+
 def lengths_from_dataset(path: str | Path, tokenizer_path: str | Path, text_field: str,
                          max_length: int) -> list[int]:
     """Token counts of `text_field` in each line of a local JSONL file, with a local tokenizer.

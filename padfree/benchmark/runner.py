@@ -79,7 +79,7 @@ class BenchConfig:
     max_length: int = 1024
     seed: int = 0
     lr: float = 1e-3
-    lengths_file: str | None = None
+    lengths: tuple[int, ...] | None = None  # the user's example lengths (else drawn)
     dataset: str | None = None
     tokenizer: str | None = None
     text_field: str = "text"
@@ -102,7 +102,7 @@ class BenchConfig:
             raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps} warmup={self.warmup}")
         if (self.dataset is None) != (self.tokenizer is None):
             raise ValueError("--dataset and --tokenizer go together (a local JSONL file and a local tokenizer)")
-        if self.dataset is not None and self.lengths_file is not None:
+        if self.dataset is not None and self.lengths is not None:
             raise ValueError("give --lengths or --dataset, not both")
         for name in self.distributions:
             if name not in distributions.DISTRIBUTIONS:
@@ -162,8 +162,8 @@ def build_model(config: BenchConfig) -> torch.nn.Module:
 
 def example_lengths(config: BenchConfig, distribution: str) -> list[int]:
     """Enough lengths for warmup + steps at the token budget (the user's own, or drawn)."""
-    if config.lengths_file is not None:
-        return distributions.lengths_from_file(config.lengths_file, config.max_length)
+    if config.lengths is not None:
+        return [min(n, config.max_length) for n in config.lengths]
     if config.dataset is not None:
         return distributions.lengths_from_dataset(config.dataset, config.tokenizer, config.text_field,
                                                   config.max_length)
@@ -328,8 +328,8 @@ def _device_batches(mode: str, examples: list[torch.Tensor], steps: list[list[in
 
 
 def _sources(config: BenchConfig) -> list[str]:
-    if config.lengths_file:
-        return ["lengths-file"]
+    if config.lengths:
+        return ["lengths"]
     return ["dataset"] if config.dataset else list(config.distributions)
 
 

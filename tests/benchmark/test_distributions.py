@@ -1,3 +1,4 @@
+import argparse
 import math
 
 import numpy as np
@@ -72,3 +73,22 @@ def test_lengths_from_a_local_jsonl_dataset_and_tokenizer(tmp_path):
     assert distributions.lengths_from_dataset(data, tmp_path / "tok", "text", max_length=4) == [3, 4]
     with pytest.raises(ValueError, match="no field 'prompt'"):
         distributions.lengths_from_dataset(data, tmp_path / "tok", "prompt", max_length=4)
+
+
+def test_bench_and_verify_take_lengths_in_one_form(tmp_path):
+    from padfree import verify
+    from padfree.benchmark import cli as bench_cli
+
+    path = tmp_path / "lengths.txt"
+    path.write_text("12\n300\n\n77\n")
+    assert distributions.parse_lengths([str(path)], max_length=256) == [12, 256, 77]
+    assert distributions.parse_lengths(["12", "300", "77"], max_length=256) == [12, 256, 77]
+    assert verify.parse_lengths([str(path)]) == verify.parse_lengths(["12", "300", "77"]) == [12, 300, 77]
+    for values in (["12", "x"], ["1"], ["0"]):
+        with pytest.raises(ValueError, match="--lengths"):
+            distributions.parse_lengths(values)
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    for given in (["--lengths", str(path)], ["--lengths", "12", "300", "77"]):
+        config = bench_cli.config_from_args(parser.parse_args([*given, "--max-length", "256"]))
+        assert config.lengths == (12, 256, 77)

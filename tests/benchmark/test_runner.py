@@ -63,14 +63,13 @@ def test_padding_free_loss_equals_padded_loss_from_the_same_weights():
     assert padding_free["activations_vs_padded"] < 1.0, (padding_free["activation_bytes"], padded["activation_bytes"])
 
 
-def test_user_lengths_file_replaces_the_distributions(tmp_path):
-    lengths = tmp_path / "lengths.txt"
-    lengths.write_text("\n".join(str(n) for n in [40, 7, 90, 12, 60, 33, 120, 18] * 3))
+def test_user_lengths_replace_the_distributions():
     config = runner.BenchConfig(model_size="micro", tokens_per_step=256, max_length=128, steps=1, warmup=1,
-                                modes=["padded", "naive_packing"], lengths_file=str(lengths), progress=False)
+                                modes=["padded", "naive_packing"], lengths=(40, 7, 90, 12, 60, 33, 150, 18) * 3,
+                                progress=False)
     report = runner.run(config)
-    assert {r["distribution"] for r in report["results"]} == {"lengths-file"}
-    assert report["length_stats"]["lengths-file"]["max"] <= 128
+    assert {r["distribution"] for r in report["results"]} == {"lengths"}
+    assert report["length_stats"]["lengths"]["max"] == 128
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -85,11 +84,9 @@ def test_bad_configs_are_rejected(change, message):
         runner.run(runner.BenchConfig(**change))
 
 
-def test_too_few_examples_for_the_steps_is_a_clear_error(tmp_path):
-    lengths = tmp_path / "lengths.txt"
-    lengths.write_text("30\n30\n")
+def test_too_few_examples_for_the_steps_is_a_clear_error():
     config = runner.BenchConfig(model_size="micro", tokens_per_step=256, max_length=128, steps=3,
-                                lengths_file=str(lengths), progress=False)
+                                lengths=(30, 30), progress=False)
     with pytest.raises(ValueError, match="need warmup \\+ steps"):
         runner.run(config)
 
