@@ -925,6 +925,15 @@ def _flag_sets(dtype_name: str, pad: int):
     yield dict.fromkeys(_FLAG_NAMES, True)
 
 
+def _extended(candidate: bool, dtype_name: str, pad: int, flags: dict, strided: bool) -> bool:
+    """Launches only `compile-check --all` compiles (registry.Launch): tuning candidates, fp16 (the
+    bf16 code but for the element type), fp32 (tests and rare use) at head dims other than 128,
+    the small head dims 16/32 and the grid-stride variant except with every feature on."""
+    superset = all(flags.values())
+    return (candidate or dtype_name == "fp16" or (dtype_name == "fp32" and pad != 128)
+            or ((pad < 64 or strided) and not superset))
+
+
 def _attention_launches(kind: str, kernel):
     for dtype, dtype_name in TRITON_DTYPES.items():
         for pad, tile in ((pad, tile) for pad in HEAD_DIM_PADS for tile in tile_candidates(kind, pad, dtype)):
@@ -945,8 +954,7 @@ def _attention_launches(kind: str, kernel):
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
                                       signature=signature, constexprs=constexprs,
                                       num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                      archs=archs or registry.ARCHS, extended=(tile not in defaults or dtype_name == "fp16"
-                                                                               or (strided and not all(flags.values()))),
+                                      archs=archs or registry.ARCHS, extended=_extended(tile not in defaults, dtype_name, pad, flags, strided),
                                       aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
 
 

@@ -43,8 +43,9 @@ class Launch:
     and 90; the runtime skips it elsewhere, see runtime.launch_tuned). `extended` marks a launch
     that `compile-check` compiles only with `--all`, which keeps the every-commit check within CI's
     time: tuning candidates (tiles only PADFREE_AUTOTUNE=1 launches), the fp16 twins of bf16
-    launches (the same code but for the element type) and the grid-stride attention variants of
-    the flag subsets (their all-features superset stays in).
+    launches (the same code but for the element type), and for attention the fp32 launches off
+    head dim 128, the small head dims and the grid-stride variants of the flag subsets (the
+    all-features superset, a superset of their code, stays in); see attention._extended.
     """
 
     label: str
