@@ -55,7 +55,3 @@ def assert_close(name: str, out: torch.Tensor, oracle: torch.Tensor, baseline: t
     scale = oracle.double().abs().max().item()
     assert abs_err <= factor * base_abs + floor * max(scale, 1.0), (
         f"{name}: max abs error {abs_err:.3e} > {factor} x baseline {base_abs:.3e} + floor")
-
-
-def poisoned_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(x, float("nan"))

@@ -146,7 +146,7 @@ def experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
         gate_up = x @ gate_up_proj[expert].T
         h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         per_pair[pairs] = (h @ down_proj[expert].T) * weights[pairs, None]
-    return per_pair.view(num_tokens, top_k, -1).sum(1)
+    return per_pair.view(num_tokens, top_k, hidden_states.shape[1]).sum(1)
 
 
 def experts_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -177,5 +177,5 @@ def experts_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, top_k_
         dgate_up = torch.cat([dgate, dup], dim=1)
         grad_pair_x[pairs] = dgate_up @ gate_up_proj[expert]
         grad_gate_up[expert] = dgate_up.T @ x
-    grad_x = grad_pair_x.view(num_tokens, top_k, -1).sum(1)
+    grad_x = grad_pair_x.view(num_tokens, top_k, hidden_states.shape[1]).sum(1)
     return grad_x, grad_weights.view(num_tokens, top_k), grad_gate_up, grad_down
