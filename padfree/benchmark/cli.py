@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="write a PNG bar chart here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 on a machine busier than its cores")
+                        help="torch CPU threads (default on cpu: 1, so that a busy machine slows every mode "
+                             "alike; on cuda: torch's)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -86,7 +87,7 @@ def config_from_args(args: argparse.Namespace):
                            args.lengths, pick(args.max_length, max_length))),
                        dataset=args.dataset, tokenizer=args.tokenizer,
                        text_field=args.text_field, progress=not args.no_progress,
-                       threads=args.threads)
+                       threads=pick(args.threads, 1 if device == "cpu" else None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -92,3 +92,4 @@ def test_bench_and_verify_take_lengths_in_one_form(tmp_path):
     for given in (["--lengths", str(path)], ["--lengths", "12", "300", "77"]):
         config = bench_cli.config_from_args(parser.parse_args([*given, "--max-length", "256"]))
         assert config.lengths == (12, 256, 77)
+

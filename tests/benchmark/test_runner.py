@@ -267,3 +267,10 @@ def test_threads_apply_during_the_run_only_and_a_busy_cpu_run_is_flagged(monkeyp
     assert "busy: load 9.0 on 2 CPUs" in bench_report.table(report) and "--threads 1" in bench_report.table(report)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         runner.run(runner.BenchConfig(threads=0))
+
+
+def test_bench_runs_one_torch_thread_on_cpu_unless_told():
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    assert bench_cli.config_from_args(parser.parse_args([])).threads == 1
+    assert bench_cli.config_from_args(parser.parse_args(["--threads", "2"])).threads == 2
