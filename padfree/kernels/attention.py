@@ -788,7 +788,7 @@ def _alibi_args(alibi_slopes, fallback):
     return alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
 
 
-def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
+def unsupported_reason(q: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot run this input, or None."""
     if (reason := runtime.interpreter_bf16_reason(q)) is not None:
         return f"{reason}; use fp16/fp32 on CPU"

@@ -276,7 +276,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         window_right = 0
     seed = _dropout_seed(dropout_p, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    backend = _backend.resolve(OP, q.device, triton_unsupported=lambda: _triton_unsupported(q, dropout_p))
+    backend = _backend.resolve(OP, q.device, triton_unsupported=lambda: _triton_unsupported(q))
     value_dim = v.shape[-1]
     if backend == "triton" and value_dim != q.shape[-1]:
         q, k, v = _common_head_dim(q, k, v)
@@ -296,9 +296,9 @@ def _dropout_seed(dropout_p: float, device: torch.device) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device=device)
 
 
-def _triton_unsupported(q: torch.Tensor, dropout_p: float) -> str | None:
+def _triton_unsupported(q: torch.Tensor) -> str | None:
     from padfree.kernels import runtime
 
     if not runtime.HAS_TRITON:
         return "triton is not installed"
-    return _kernels().unsupported_reason(q, dropout_p)
+    return _kernels().unsupported_reason(q)
