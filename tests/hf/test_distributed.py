@@ -45,11 +45,11 @@ def summed_loss(model, batch):
     return loss, (targets != -100).sum()
 
 
-def _rank_main(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    model = torch.nn.parallel.DistributedDataParallel(fresh_model())
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+def train_on_rank(model, optimizer, rank) -> tuple[list[dict], dict]:
+    """This rank's packs from `MultipackBatchSampler`, one optimizer step each, on padfree's
+    reference backend; returns the steps (indices, tokens, global loss) and padfree's op calls.
+    The wrapper (DDP, FSDP) averages gradients over ranks, so the loss is scaled to make that the
+    mean over all ranks' tokens."""
     examples, collate = dataset(), PaddingFreeCollator()
     sampler = MultipackBatchSampler(LENGTHS, TOKENS_PER_RANK, num_replicas=WORLD, rank=rank, seed=0)
     steps, counter = [], PadfreeOpCalls()
@@ -58,7 +58,6 @@ def _rank_main(rank, init_file, out_dir):
             loss_sum, count = summed_loss(model, collate([examples[i] for i in indices]))
             total = count.clone()
             dist.all_reduce(total)
-            # DDP averages gradients over ranks: scale so the result is the mean over all ranks' tokens.
             (loss_sum * WORLD / total).backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -66,19 +65,11 @@ def _rank_main(rank, init_file, out_dir):
             dist.all_reduce(global_loss)
             steps.append({"indices": indices, "tokens": sum(LENGTHS[i] for i in indices),
                           "loss": global_loss.item()})
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump(steps, f)
-    with open(f"{out_dir}/calls{rank}.json", "w") as f:
-        json.dump(counter.calls, f)
-    if rank == 0:
-        torch.save(model.module.state_dict(), f"{out_dir}/weights.pt")
-    dist.destroy_process_group()
+    return steps, counter.calls
 
 
-def single_process(plan):
+def train_one_process(model, optimizer, plan) -> list[float]:
     """One process, the same packs: each step's loss is the mean over both ranks' tokens."""
-    model = fresh_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     examples, collate = dataset(), PaddingFreeCollator()
     losses = []
     with padfree.use_backend("reference"):
@@ -90,6 +81,26 @@ def single_process(plan):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
+    return losses
+
+
+def _rank_main(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = torch.nn.parallel.DistributedDataParallel(fresh_model())
+    steps, calls = train_on_rank(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE), rank)
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(steps, f)
+    with open(f"{out_dir}/calls{rank}.json", "w") as f:
+        json.dump(calls, f)
+    if rank == 0:
+        torch.save(model.module.state_dict(), f"{out_dir}/weights.pt")
+    dist.destroy_process_group()
+
+
+def single_process(plan):
+    model = fresh_model()
+    losses = train_one_process(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE), plan)
     return losses, model.state_dict()
 
 

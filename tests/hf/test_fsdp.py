@@ -20,9 +20,8 @@ import torch.multiprocessing as mp
 
 import padfree
 from padfree.hf.models import ARCHITECTURES
-from padfree.packing import MultipackBatchSampler, PaddingFreeCollator
-from tests.hf.test_distributed import LEARNING_RATE, LENGTHS, TOKENS_PER_RANK, WORLD, dataset, summed_loss
-from tests.hf.test_trainer import LORA_CALLS_PER_LAYER, LORA_TARGETS, PadfreeOpCalls, attention_calls
+from tests.hf.test_distributed import LEARNING_RATE, WORLD, train_on_rank, train_one_process
+from tests.hf.test_trainer import LORA_CALLS_PER_LAYER, LORA_TARGETS, attention_calls
 
 peft = pytest.importorskip("peft")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -58,46 +57,19 @@ def _rank_main(rank, init_file, out_dir):
         fsdp.fully_shard(layer, mesh=mesh)
     fsdp.fully_shard(model, mesh=mesh)
     assert all(isinstance(p, DTensor) for p in model.parameters())  # sharded, not replicated
-    optimizer = torch.optim.SGD(trainable(model), lr=LEARNING_RATE)
-    examples, collate = dataset(), PaddingFreeCollator()
-    sampler = MultipackBatchSampler(LENGTHS, TOKENS_PER_RANK, num_replicas=WORLD, rank=rank, seed=0)
-    steps, counter = [], PadfreeOpCalls()
-    with padfree.use_backend("reference"), counter:
-        for indices in sampler:
-            loss_sum, count = summed_loss(model, collate([examples[i] for i in indices]))
-            total = count.clone()
-            dist.all_reduce(total)
-            # FSDP averages gradients over ranks: scale so the result is the mean over all ranks' tokens.
-            (loss_sum * WORLD / total).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            global_loss = loss_sum.detach() / total
-            dist.all_reduce(global_loss)
-            steps.append({"indices": indices, "loss": global_loss.item()})
+    steps, calls = train_on_rank(model, torch.optim.SGD(trainable(model), lr=LEARNING_RATE), rank)
     full = {name: value.full_tensor() for name, value in model.state_dict().items()}  # collective: every rank
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump({"steps": steps, "calls": counter.calls}, f)
+        json.dump({"steps": steps, "calls": calls}, f)
     if rank == 0:
         torch.save(full, f"{out_dir}/weights.pt")
     dist.destroy_process_group()
 
 
 def single_process(plan):
-    """One process, the same packs: each step's loss is the mean over both ranks' tokens."""
     model = fresh_model()
     initial = {name: value.clone() for name, value in model.state_dict().items()}
-    optimizer = torch.optim.SGD(trainable(model), lr=LEARNING_RATE)
-    examples, collate = dataset(), PaddingFreeCollator()
-    losses = []
-    with padfree.use_backend("reference"):
-        for step in plan:
-            parts = [summed_loss(model, collate([examples[i] for i in pack])) for pack in step]
-            total = sum(count for _, count in parts)
-            loss = sum(loss_sum for loss_sum, _ in parts) / total
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+    losses = train_one_process(model, torch.optim.SGD(trainable(model), lr=LEARNING_RATE), plan)
     return losses, initial, model.state_dict()
 
 
