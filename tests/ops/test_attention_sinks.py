@@ -20,20 +20,6 @@ LENGTHS_Q = [17, 1, 9, 0, 6]
 LENGTHS_K = [17, 1, 4, 2, 6]  # 9 queries on 4 keys: 5 rows with no key under causal
 
 
-@pytest.fixture(params=["reference", "triton"])
-def backend(request):
-    """The reference backend, or the Triton kernels interpreted on CPU with 16 x 16 tiles."""
-    if request.param == "reference":
-        with padfree.use_backend("reference"):
-            yield "reference"
-        return
-    request.getfixturevalue("triton_cpu")
-    from padfree.kernels import attention as kernels
-
-    with kernels.override_tiles(16, 16):
-        yield "triton"
-
-
 def packed(heads_q=4, heads_k=2, dim=16, value_dim=None, dtype=torch.float32, tail=2):
     cu_q = torch.tensor([0, *LENGTHS_Q]).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0, *LENGTHS_K]).cumsum(0).to(torch.int32)

@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import padfree
 from padfree.kernels import attention as kernels
 from padfree.reference import attention as reference
-from tests.ops.test_attention_sinks import backend, check_against_float64, packed  # noqa: F401 (fixture)
+from tests.ops.test_attention_sinks import check_against_float64, packed
 
 DIMS = [pytest.param(32, 16, id="D32-Dv16"), pytest.param(16, 24, id="D16-Dv24"), pytest.param(24, 8, id="D24-Dv8")]
 
