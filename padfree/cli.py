@@ -1,7 +1,7 @@
 """The `padfree` command.
 
     padfree env                         versions, usable backends, GPU and arch, padfree._C state
-    padfree compile-check --arch 80 90  compile every Triton kernel config to a cubin, no GPU needed
+    padfree compile-check               compile every Triton kernel config to cubins (sm_80/86/89/90), no GPU
                         [--cuda]        and every csrc/*.cu with nvcc -c
                         [--efficiency [--json]]  static efficiency of the hot launches, and its gate
     padfree verify --model-type llama   packed batch == sequences one by one == padded, on a tiny random model
@@ -82,8 +82,9 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
-                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--arch", type=int, nargs="+", default=None,
+                        help="compute capabilities to compile for (default: 80 86 89 90; sm_86 and sm_89 "
+                             "reuse sm_80's PTX, assembled by ptxas for the arch; with --efficiency: 80 90)")
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--cuda", action="store_true",
@@ -99,21 +100,22 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _compile_check(args: argparse.Namespace) -> int:
     from padfree import compile_check
+    from padfree.kernels import registry
 
     if args.json and not args.efficiency:
         raise ValueError("--json goes with --efficiency")
     if args.efficiency:
         from padfree import efficiency
 
-        rows = efficiency.run(args.arch, args.kernel, args.jobs)
+        rows = efficiency.run(args.arch or [80, 90], args.kernel, args.jobs)
         print(efficiency.to_json(rows) if args.json else efficiency.table(rows))
         flagged = sum(bool(row.flags) for row in rows)
         print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged", file=sys.stderr)
         return 1 if flagged else 0
-    results = [] if args.cuda_only else compile_check.run(args.arch, args.kernel, args.jobs,
-                                                                        extended=args.all)
+    archs = args.arch or list(registry.ARCHS)
+    results = [] if args.cuda_only else compile_check.run(archs, args.kernel, args.jobs, extended=args.all)
     if args.cuda or args.cuda_only:
-        results += compile_check.run_cuda_sources(args.arch)
+        results += compile_check.run_cuda_sources(archs)
     failed = [r for r in results if not r.ok]
     print(f"compile-check: {len(results) - len(failed)} ok, {len(failed)} failed")
     return 0 if not failed else 1

@@ -104,13 +104,62 @@ def jit_specialization(kernel, launch, arch: int) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+# sm_86 and sm_89 get sm_80's TTGIR, LLVM IR and PTX word for word (the same mma.sync / cp.async
+# code; only the PTX `.target` line differs, which tests/kernels/test_registry.py checks on real
+# launches), so their cubin is sm_80's PTX assembled by ptxas for the arch: the cubin the JIT builds
+# there, for the cost of one ptxas run instead of Triton's whole pipeline.
+SAME_PTX_AS = {86: 80, 89: 80}
+
+
+@dataclass
+class Retargeted:
+    """A compiled launch of `SAME_PTX_AS` arch: the base arch's build with its own PTX and cubin."""
+    asm: dict
+    metadata: object
+
+
+def _ptxas_cache_path(ptx: str, arch: int) -> str:
+    import hashlib
+
+    from triton import knobs
+
+    key = hashlib.sha256(f"{arch}\n{ptx}".encode()).hexdigest()
+    return os.path.join(knobs.cache.dir, "padfree-retargeted", f"{key}.cubin")
+
+
+def retarget(compiled, arch: int) -> Retargeted:
+    """`compiled` (a sm_80 build) assembled for sm_`arch` by the ptxas Triton uses, with Triton's
+    options; cached beside Triton's cache, keyed by the PTX."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    ptx = re.sub(r"^\.target sm_\d+a?", f".target sm_{arch}", compiled.asm["ptx"], count=1, flags=re.M)
+    path = _ptxas_cache_path(ptx, arch)
+    if os.path.exists(path):
+        with open(path, "rb") as handle:
+            cubin = handle.read()
+    else:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        options = backend.parse_options({"num_warps": compiled.metadata.num_warps,
+                                         "num_stages": compiled.metadata.num_stages})
+        cubin = backend.make_cubin(ptx, {}, options, arch)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}"
+        with open(partial, "wb") as handle:
+            handle.write(cubin)
+        os.replace(partial, path)
+    return Retargeted({**compiled.asm, "ptx": ptx, "cubin": cubin}, compiled.metadata)
+
+
 def build(kernel, launch, arch: int):
     """`triton.compile` of one `registry.Launch` of `kernel` for sm_`arch`, specialized as the JIT
-    would (Triton's cache reuses it)."""
+    would (Triton's cache reuses it); for a `SAME_PTX_AS` arch, the base arch's build retargeted."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if arch in SAME_PTX_AS:
+        return retarget(build(kernel, launch, SAME_PTX_AS[arch]), arch)
     signature, constexprs, attrs = jit_specialization(kernel, launch, arch)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
