@@ -26,6 +26,9 @@ for suite in attention lora moe; do
     PADFREE_AUTOTUNE=1 python -m pytest "bench/test_$suite.py" -q --bench-size full -k padfree \
         --benchmark-json "$out/$suite-autotune-$stamp.json" || echo "SUITE $suite (autotune) FAILED"
 done
+echo "== attention: measured vs the static model's prediction (padfree.benchmark.predict)"
+python -m padfree.benchmark.predict "$out/attention-$stamp.json" | tee "$out/attention-predicted-$stamp.md" \
+    || echo "PREDICTION FAILED"
 echo "== padfree bench (dense and MoE, the CUDA defaults)"
 padfree bench --device cuda --json "$out/e2e-$stamp.json" --plot "$out/e2e-$stamp.png" || echo "E2E DENSE FAILED"
 padfree bench --device cuda --moe --json "$out/e2e-moe-$stamp.json" || echo "E2E MOE FAILED"

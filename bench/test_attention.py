@@ -172,6 +172,6 @@ def test_attention(benchmark, bench_device, bench_size, pass_name, implementatio
     common.run(benchmark, step, device=bench_device,
                flops=attention_flops(p["lengths"], p["heads"], p["head_dim"], CAUSAL, backward),
                shape={"tokens": sum(p["lengths"]), "sequences": len(p["lengths"]), "longest": max(p["lengths"]),
-                      "heads": p["heads"], "head_dim": p["head_dim"], "causal": CAUSAL},
+                      "heads": p["heads"], "head_dim": p["head_dim"], "causal": CAUSAL, "lengths": p["lengths"]},
                dtype=p["dtype"], backend=implementation, implementation=implementation, pass_name=pass_name,
                forward=(lambda: call(*inputs)) if backward else None, existing=inputs)
