@@ -54,6 +54,22 @@ def triton_cpu():
         yield
 
 
+def backend_fixture(request, attention_tiles: tuple[int, int] | None):
+    """Body of the `backend` fixtures of tests/ops and tests/hf: the reference backend, or the Triton
+    kernels interpreted on CPU (`triton_cpu`), with the attention tiles forced to `attention_tiles`."""
+    import padfree
+
+    if request.param == "reference":
+        with padfree.use_backend("reference"):
+            yield "reference"
+        return
+    request.getfixturevalue("triton_cpu")
+    from padfree.kernels import attention
+
+    with attention.override_tiles(*attention_tiles) if attention_tiles else contextlib.nullcontext():
+        yield "triton"
+
+
 @contextlib.contextmanager
 def cuda_syncs_raise():
     """GPU tests: inside, any host sync on CUDA raises (torch.cuda.set_sync_debug_mode("error")), with

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import padfree
+from tests.conftest import backend_fixture
 
 
 @pytest.fixture(params=["reference", "triton"])
 def backend(request):
-    """The reference backend, or the Triton kernels interpreted on CPU (`triton_cpu`)."""
-    if request.param == "reference":
-        with padfree.use_backend("reference"):
-            yield "reference"
-        return
-    request.getfixturevalue("triton_cpu")
-    yield "triton"
+    """The reference backend, or the Triton kernels interpreted on CPU (`triton_cpu`) at their own tiles."""
+    yield from backend_fixture(request, None)

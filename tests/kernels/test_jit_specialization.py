@@ -17,6 +17,23 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from padfree.kernels import attention, lora
 
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def record_launches(module, launches: list, replace=setattr) -> list:
+    """Replace every `*_kernel` of `module` by a `Recorder` appending to `launches`."""
+    for name in [n for n in vars(module) if n.endswith("_kernel")]:
+        replace(module, name, Recorder(getattr(module, name), launches))
+    return launches
+
+
 # Launches recorded, then compiled as the JIT would; runs without TRITON_INTERPRET (compiled kernels).
 _COMPILE_SCRIPT = '''
 import torch
@@ -26,21 +43,11 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from padfree.kernels import attention, lora
+from tests.kernels.test_jit_specialization import record_launches
 
 launches = []
-
-
-class Recorder:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-
 for module in (attention, lora):
-    for name in [n for n in vars(module) if n.endswith("_kernel")]:
-        setattr(module, name, Recorder(getattr(module, name)))
+    record_launches(module, launches)
 
 # One row / one token, rank 1: every batch-varying integer is 1 (and the seed, read on the device).
 SEED = torch.tensor(1)
@@ -129,18 +136,7 @@ def _specialization(kernel, args, kwargs):
 
 
 def _record(monkeypatch, module):
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-    for name in [n for n in vars(module) if n.endswith("_kernel")]:
-        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
-    return launches
+    return record_launches(module, [], monkeypatch.setattr)
 
 
 def _lora_launches(rows, seed):
