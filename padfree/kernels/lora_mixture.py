@@ -278,13 +278,15 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
 # step (shrink over K, grad_h over N) or the output columns (grad_x over K); grad_b / grad_a reduce
 # over an expert's rows in BLOCK_M steps. 4 warps: with 64-row tiles 8 warps would replicate the MMA.
 # fp32 runs IEEE FMA dots (tests, not speed) on narrower tiles. The rank tile BLOCK_R is the rank
-# rounded up to a power of two in 16..64; larger ranks run several rank tiles.
+# rounded up to a power of two in 16..64 (16..32 in fp32: its 64-wide FMA tiles spill on sm_80);
+# larger ranks run several rank tiles.
 _TILE = {2: (64, 4, 3), 4: (32, 4, 2)}  # (second tile, num_warps, num_stages)
-_PAIR_BLOCK_R = (16, 32, 64)
+_PAIR_BLOCK_R = {2: (16, 32, 64), 4: (16, 32)}
 
 
-def _block_r(rank: int) -> int:
-    return next((b for b in _PAIR_BLOCK_R if b >= rank), _PAIR_BLOCK_R[-1])
+def _block_r(rank: int, dtype: torch.dtype) -> int:
+    choices = _PAIR_BLOCK_R[4 if dtype == torch.float32 else 2]
+    return next((b for b in choices if b >= rank), choices[-1])
 
 
 def _tile(dtype: torch.dtype) -> tuple[int, int, int]:
@@ -314,7 +316,7 @@ def _segmented_forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, to
     num_pairs = m * top_k
     sorted_pairs, block_expert, _, _ = _align(top_k_index, num_experts)
     capacity, num_blocks = sorted_pairs.shape[0], block_expert.shape[0]
-    block_r = _block_r(rank)
+    block_r = _block_r(rank, x.dtype)
     block_k, warps, stages = _tile(x.dtype)
     h = runtime.empty((capacity, rank), x.dtype, x.device)
     lora_mixture_shrink_kernel[(num_blocks, _cdiv(rank, block_r))](
@@ -339,7 +341,7 @@ def _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, 
     num_pairs = m * top_k
     sorted_pairs, block_expert, padded_offsets, pair_position = _align(top_k_index, num_experts)
     capacity, num_blocks = sorted_pairs.shape[0], block_expert.shape[0]
-    block_r = _block_r(rank)
+    block_r = _block_r(rank, x.dtype)
     rank_tiles = _cdiv(rank, block_r)
     tile, warps, stages = _tile(x.dtype)
     ieee = x.dtype == torch.float32
@@ -432,7 +434,7 @@ def _launches(kernel, aligned: tuple[str, ...]):
             tile, warps, stages = _TILE[elem]
             data = {arg: f"*{dtype}" for arg in kernel.arg_names if arg.endswith("_ptr")}
             signature = registry.signature(kernel, {**data, **_INDEX_POINTERS})
-            for block_r in _PAIR_BLOCK_R:
+            for block_r in _PAIR_BLOCK_R[elem]:
                 for dropout in ((False, True) if has_dropout else (False,)):
                     constexprs = {second: tile, rows: ALIGN_BLOCK, "BLOCK_R": block_r, "IEEE": elem == 4}
                     if has_dropout:

@@ -278,7 +278,7 @@ def test_many_experts_kernels_match_float64(triton_cpu, kernel_calls, segmented_
 
 
 def test_many_experts_rank_tiles_and_an_expert_over_several_blocks(triton_cpu, segmented_launches):
-    """E * r = 4 * 80: two rank tiles of 64 (d top_k_weights adds their partial sums, a rank past a
+    """E * r = 4 * 80: several rank tiles (d top_k_weights adds their partial sums; a rank past a
     multiple of 16); expert 0 is every token's first choice, 70 pairs over two 64-row pair blocks."""
     args = _inputs(70, 24, 20, 4, 80, 2, torch.float32)
     index = torch.stack([torch.zeros(70, dtype=torch.int64), torch.randint(1, 4, (70,))], dim=1)
