@@ -190,8 +190,9 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
 def lora_mixture_grad_b_kernel(dy_ptr, h_ptr, sorted_pairs_ptr, padded_offsets_ptr, weights_ptr, db_ptr, num_pairs,
                                N, R, top_k, stride_dym, scaling, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dB_e[n, c] = sum over e's rows i of s w_p dy[m(p), n] h[i, c]; grid (expert, N tile, rank tile).
-    The scaled dy is rounded to the data dtype for the MMA, as a 16-bit GEMM of s * w * dy would be."""
+    """dB_e[n, c] = sum over e's rows i of dy[m(p), n] s w_p h[i, c]; grid (expert, N tile, rank tile).
+    The pair weight scales the narrow h tile (BLOCK_R columns), not the wide dy one; the scaled h is
+    rounded to the data dtype for the MMA, as a 16-bit GEMM of dy^T (s * w * h) would be."""
     expert = tl.program_id(0)
     ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -205,8 +206,8 @@ def lora_mixture_grad_b_kernel(dy_ptr, h_ptr, sorted_pairs_ptr, padded_offsets_p
         weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0) * scaling
         dy_t = tl.load(dy_ptr + tokens[None, :] * stride_dym + ns[:, None], mask=valid[None, :] & n_ok[:, None],
                        other=0.0)
-        dy_t = (dy_t.to(tl.float32) * weight[None, :]).to(dy_ptr.dtype.element_ty)
         h = tl.load(h_ptr + (r0 + rows)[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0)
+        h = (h.to(tl.float32) * weight[:, None]).to(h_ptr.dtype.element_ty)
         acc = _dot(dy_t, h, acc, IEEE)
     tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :],
              acc.to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & col_ok[None, :])
@@ -219,7 +220,8 @@ def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_p
                                BLOCK_M: tl.constexpr):
     """dA_e[c, k] = sum over e's rows i of dh[i, c] D(x)[m(p), k]; grid (expert, K tile, rank tile).
     Computed transposed, dA_e^T = D(x)^T dh, so the MMA rows are BLOCK_K columns of x, not the rank
-    (as lora_da_kernel does, for Hopper's wgmma)."""
+    (as lora_da_kernel does, for Hopper's wgmma); the x rows are loaded as stored (rows along the
+    pairs, contiguous along K) and transposed in registers."""
     expert = tl.program_id(0)
     ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -233,12 +235,12 @@ def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_p
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
         rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr + r0, 0, num_pairs, top_k, BLOCK_M)
-        x_t = tl.load(x_ptr + tokens[None, :] * stride_xm + ks[:, None], mask=valid[None, :] & k_ok[:, None],
-                      other=0.0)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & k_ok[None, :],
+                    other=0.0)
         if DROPOUT:
-            x_t = tl.where(_keep(seed, 0, tokens[None, :] * K + ks[:, None], threshold), x_t, 0.0).to(x_t.dtype)
+            x = tl.where(_keep(seed, 0, tokens[:, None] * K + ks[None, :], threshold), x, 0.0).to(x.dtype)
         dh = tl.load(dh_ptr + (r0 + rows)[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0)
-        acc = _dot(x_t, dh, acc, IEEE)
+        acc = _dot(tl.trans(x), dh, acc, IEEE)
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(da_ptr + expert.to(tl.int64) * R * K + cols[None, :] * K + ks[:, None],
