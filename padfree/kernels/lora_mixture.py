@@ -277,11 +277,12 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
 
 # (BLOCK_*, num_warps, num_stages) of the many-experts kernels per element size. The pair-block
 # kernels (shrink, grad_h, grad_x) take BLOCK_M = ALIGN_BLOCK rows; the second tile is the reduction
-# step (shrink over K, grad_h over N) or the output columns (grad_x over K); grad_b / grad_a reduce
-# over an expert's rows in BLOCK_M steps. 4 warps: with 64-row tiles 8 warps would replicate the MMA.
-# fp32 runs IEEE FMA dots (tests, not speed) on narrower tiles. The rank tile BLOCK_R is the rank
-# rounded up to a power of two in 16..64 (16..32 in fp32: its 64-wide FMA tiles spill on sm_80);
-# larger ranks run several rank tiles.
+# step (shrink over K, grad_h over N) or the output columns (grad_x over K); grad_b / grad_a take
+# their output tile over N / K and reduce over an expert's rows, both in steps of the second tile
+# (the padded runs are multiples of ALIGN_BLOCK, so of it too). 4 warps: with 64-row tiles 8 warps
+# would replicate the MMA. fp32 runs IEEE FMA dots (tests, not speed) on narrower tiles. The rank
+# tile BLOCK_R is the rank rounded up to a power of two in 16..64 (16..32 in fp32: its 64-wide FMA
+# tiles spill); larger ranks run several rank tiles.
 _TILE = {2: (64, 4, 3), 4: (32, 4, 2)}  # (second tile, num_warps, num_stages)
 _PAIR_BLOCK_R = {2: (16, 32, 64), 4: (16, 32)}
 
@@ -360,12 +361,12 @@ def _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, 
     d_lora_b = runtime.empty(lora_b.shape, lora_b.dtype, x.device)
     lora_mixture_grad_b_kernel[(num_experts, _cdiv(n, tile), rank_tiles)](
         dy, h, sorted_pairs, padded_offsets, weights, d_lora_b, num_pairs, n, rank, top_k, dy.stride(0),
-        float(scaling), BLOCK_N=tile, BLOCK_M=ALIGN_BLOCK, **options)
+        float(scaling), BLOCK_N=tile, BLOCK_M=tile, **options)
 
     d_lora_a = runtime.empty(lora_a.shape, lora_a.dtype, x.device)
     lora_mixture_grad_a_kernel[(num_experts, _cdiv(k, tile), rank_tiles)](
         dh, x, sorted_pairs, padded_offsets, d_lora_a, num_pairs, k, rank, top_k, x.stride(0),
-        **_dropout_args(dropout_p, seed), BLOCK_K=tile, BLOCK_M=ALIGN_BLOCK, **options)
+        **_dropout_args(dropout_p, seed), BLOCK_K=tile, BLOCK_M=tile, **options)
 
     if not input_grad:
         return x.new_empty(0), d_lora_a, d_lora_b, d_weights
@@ -417,18 +418,19 @@ def backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weigh
 _INDEX_POINTERS = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "padded_offsets_ptr": "*i32",
                    "weights_ptr": "*fp32", "dw_partial_ptr": "*fp32", "seed_ptr": "*i64", "scaling": "fp32",
                    "keep_scale": "fp32"}
-# the tile names of each kernel: (second tile, reduction-over-rows tile) as its launcher passes them
-_KERNEL_TILES = {"lora_mixture_shrink_kernel": ("BLOCK_K", "BLOCK_M"),
-                 "lora_mixture_grad_h_kernel": ("BLOCK_N", "BLOCK_M"),
-                 "lora_mixture_grad_b_kernel": ("BLOCK_N", "BLOCK_M"),
-                 "lora_mixture_grad_a_kernel": ("BLOCK_K", "BLOCK_M"),
-                 "lora_mixture_grad_x_kernel": ("BLOCK_K", "BLOCK_M")}
+# each kernel's second tile, and whether its BLOCK_M is a pair block (ALIGN_BLOCK) or a step over an
+# expert's rows (the second tile), as its launcher passes them
+_KERNEL_TILES = {"lora_mixture_shrink_kernel": ("BLOCK_K", True),
+                 "lora_mixture_grad_h_kernel": ("BLOCK_N", True),
+                 "lora_mixture_grad_b_kernel": ("BLOCK_N", False),
+                 "lora_mixture_grad_a_kernel": ("BLOCK_K", False),
+                 "lora_mixture_grad_x_kernel": ("BLOCK_K", True)}
 
 
 def _launches(kernel, aligned: tuple[str, ...]):
     """Every launch the launchers above pick: each data dtype, each rank tile, dropout off and on
     where the kernel has it. Ranks and model dimensions are multiples of 16 in real launches."""
-    second, rows = _KERNEL_TILES[kernel.fn.__name__]
+    second, pair_block = _KERNEL_TILES[kernel.fn.__name__]
     has_dropout = "DROPOUT" in kernel.arg_names
 
     def launches():
@@ -438,7 +440,8 @@ def _launches(kernel, aligned: tuple[str, ...]):
             signature = registry.signature(kernel, {**data, **_INDEX_POINTERS})
             for block_r in _PAIR_BLOCK_R[elem]:
                 for dropout in ((False, True) if has_dropout else (False,)):
-                    constexprs = {second: tile, rows: ALIGN_BLOCK, "BLOCK_R": block_r, "IEEE": elem == 4}
+                    constexprs = {second: tile, "BLOCK_M": ALIGN_BLOCK if pair_block else tile, "BLOCK_R": block_r,
+                                  "IEEE": elem == 4}
                     if has_dropout:
                         constexprs["DROPOUT"] = dropout
                     yield registry.Launch(f"{dtype} r{block_r}{' dropout' if dropout else ''}", signature, constexprs,
