@@ -429,7 +429,8 @@ _KERNEL_TILES = {"lora_mixture_shrink_kernel": ("BLOCK_K", True),
 
 def _launches(kernel, aligned: tuple[str, ...]):
     """Every launch the launchers above pick: each data dtype, each rank tile, dropout off and on
-    where the kernel has it. Ranks and model dimensions are multiples of 16 in real launches."""
+    where the kernel has it. Ranks and model dimensions get the multiple-of-16 hint of the usual
+    r = 16, 32, 64 and hidden sizes; another rank JIT-compiles the same code without that hint."""
     second, pair_block = _KERNEL_TILES[kernel.fn.__name__]
     has_dropout = "DROPOUT" in kernel.arg_names
 

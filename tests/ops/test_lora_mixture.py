@@ -260,6 +260,7 @@ def _assert_unchosen_experts_get_zero(args, grads):
                 assert torch.equal(grad, torch.zeros_like(grad)), (name, expert)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experts, rank, top_k, dtype, bias, dropout_p", [
     (64, 16, 2, torch.float32, True, 0.0),
     (64, 16, 2, torch.float16, False, 0.25),
