@@ -16,9 +16,10 @@ forward + backward ("fwd_bwd", gradients for x, the adapters and the routing wei
                           "loop" (each adapter on every token, masked to its sequences), "lora".
 
 FLOP counts are the useful ones (each token's base GEMM plus its chosen adapters' LoRA), the same
-for every impl of a case, so TFLOP/s compares throughput. E * r > 256 (E = 64 here) is past what the
-Triton path covers: `lora_mixture_linear` then runs the reference loop (with a fallback warning);
-extra_info["backend"] says which ran. On CPU every impl is PyTorch; the numbers that matter there
+for every impl of a case, so TFLOP/s compares throughput. E = 4 and 8 (E * r <= 256) run the gated
+single-LoRA kernels, E = 64 the many-experts kernels over token-expert pairs sorted by expert
+(extra_info["path"]: "gated" or "segmented"); extra_info["backend"] says which backend ran. On CPU
+every impl is PyTorch; the numbers that matter there
 are `saved_bytes` (activations kept for backward). Targets on H100 (bf16, 4096 -> 4096, r=16, 16k
 tokens): E=8 top-2 fwd_bwd <= 1.3x "lora" and >= 4x faster than "loop"; per-sequence <= 1.2x "lora".
 """
@@ -87,9 +88,16 @@ def _flops(tokens, hidden, rank, chosen, mode):
 
 
 def _resolved_backend(x, lora_a):
-    """The backend `lora_mixture_linear` runs for this input (the reference past E * r = 256)."""
+    """The backend `lora_mixture_linear` runs for this input."""
     return _backend.resolve(mixture_ops.OP, x.device,
                             triton_unsupported=lambda: mixture_ops._triton_unsupported(x, lora_a))
+
+
+def _path(lora_a) -> str:
+    """Which Triton path the mixture takes: one gated LoRA of rank E * r, or the pair kernels."""
+    from padfree.kernels import lora_mixture
+
+    return "segmented" if lora_mixture.segmented(lora_a.shape[0], lora_a.shape[1]) else "gated"
 
 
 def _time(benchmark, device, forward, leaves, grad, mode, **extra):
@@ -136,6 +144,8 @@ def test_lora_mixture(benchmark, bench_device, grid, experts, impl, mode):
           flops=_flops(tokens, hidden, rank, 1 if impl == "lora" else TOP_K, mode),
           shape=(tokens, hidden, hidden), rank=rank, experts=experts, top_k=TOP_K, dtype=dtype, impl=impl)
     benchmark.extra_info["tokens_per_s"] = tokens / benchmark.extra_info["median_s"]
+    if impl == "padfree" and backend == "triton":
+        benchmark.extra_info["path"] = _path(layer.lora_a)
 
 
 def _packed(tokens, device):

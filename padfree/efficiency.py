@@ -213,13 +213,13 @@ LORA = ("lora_forward_kernel", "lora_dx_kernel", "lora_da_kernel", "lora_shrink_
 
 def is_hot(name: str, launch) -> bool:
     """The bf16 launches the gate covers: attention at head dims 64/128/256 plain and causal (no
-    left window, softcap, ALiBi or dropout), every bf16 LoRA and grouped MoE launch."""
+    left window, softcap, ALiBi or dropout), every bf16 LoRA, LoRA-mixture and grouped MoE launch."""
     short = name.rsplit(".", 1)[-1]
     values = launch.constexprs
     if short in ATTENTION:
         return (launch.signature["Q"] == "*bf16" and values["HEAD_DIM_PAD"] in (64, 128, 256)
                 and not any(values[f] for f in ("HAS_LEFT", "SOFTCAP", "ALIBI", "DROPOUT")))
-    if short in LORA or name.startswith("padfree.kernels.moe."):
+    if short in LORA or name.startswith(("padfree.kernels.moe.", "padfree.kernels.lora_mixture.")):
         data = next(t for n, t in launch.signature.items() if n.endswith("_ptr") and t.startswith("*"))
         return data == "*bf16" and short.endswith("_kernel")
     return False
@@ -241,7 +241,12 @@ def reference_for(name: str, launch):
     shapes = {"lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
               "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
               "lora_da_kernel": ("BLOCK_K", "BLOCK_R", "BLOCK_M"),
-              "lora_shrink_kernel": ("BLOCK_M", "BLOCK_R", "BLOCK_K")}
+              "lora_shrink_kernel": ("BLOCK_M", "BLOCK_R", "BLOCK_K"),
+              "lora_mixture_shrink_kernel": ("BLOCK_M", "BLOCK_R", "BLOCK_K"),
+              "lora_mixture_grad_h_kernel": ("BLOCK_M", "BLOCK_R", "BLOCK_N"),
+              "lora_mixture_grad_b_kernel": ("BLOCK_N", "BLOCK_R", "BLOCK_M"),
+              "lora_mixture_grad_a_kernel": ("BLOCK_K", "BLOCK_R", "BLOCK_M"),
+              "lora_mixture_grad_x_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_R")}
     if short in shapes:
         m, n, k = (c[key] for key in shapes[short])
     elif name.startswith("padfree.kernels.moe."):

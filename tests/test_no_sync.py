@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import padfree
 from padfree.ops import lora as lora_ops
+from padfree.ops.lora_mixture import lora_mixture_linear
 from padfree.ops import moe as moe_ops
 from tests.conftest import INTERPRETING
 
@@ -220,6 +221,22 @@ def _route(scoring, n_group):
                                                 topk_group=1)
 
 
+def _mixture(experts, rank):
+    """A mixture of LoRA experts behind a router: gated single LoRA (E * r <= 256) or the
+    many-experts pair kernels (E * r > 256, moe_align)."""
+    logits = torch.randn(14, experts, requires_grad=True)
+    x = torch.randn(14, 24, requires_grad=True)
+    lora_a = torch.randn(experts, rank, 24, requires_grad=True)
+    lora_b = torch.randn(experts, 20, rank, requires_grad=True)
+    weight, bias = torch.randn(20, 24), torch.randn(20)
+
+    def layer():
+        weights, index = padfree.moe_route(logits, 2)
+        return lora_mixture_linear(x, weight, bias, lora_a, lora_b, 2.0, index, weights, dropout_p=0.2)
+
+    return (logits, x, lora_a, lora_b), layer
+
+
 def _experts():
     logits = torch.randn(70, 6, requires_grad=True)
     x = torch.randn(70, 16, requires_grad=True)
@@ -241,6 +258,8 @@ OPS = {
     "lora_shared_dropout": lambda: _lora(0.25, True),
     "route_softmax": lambda: _route("softmax", 1),
     "route_sigmoid_groups": lambda: _route("sigmoid", 2),
+    "mixture_few_experts": lambda: _mixture(4, 8),
+    "mixture_many_experts": lambda: _mixture(20, 16),
     "experts_native_align": _experts,
     "experts_pytorch_align": _experts,
 }
@@ -265,9 +284,10 @@ def test_forward_and_backward_of_every_op_never_sync(triton_cpu, monkeypatch, na
     with no_host_sync() as guard:
         grads = _backward(call(), leaves)
     assert guard.launches > 0, "no Triton kernel ran"
-    family = {"attention": "varlen_attention", "lora": "lora_linear", "route": "moe_route", "experts": "moe_experts"}
+    family = {"attention": "varlen_attention", "lora": "lora_linear", "route": "moe_route", "experts": "moe_experts",
+              "mixture": "lora_mixture"}
     assert {f"padfree::{family[name.split('_')[0]]}_{part}" for part in ("fwd", "bwd")} <= guard.custom_ops
-    if name == "experts_native_align":
+    if name in ("experts_native_align", "mixture_many_experts"):
         assert "padfree::moe_align" in guard.custom_ops
     assert pytorch_align == ([1] if name == "experts_pytorch_align" else [])
     assert grads[0] is not None and torch.isfinite(grads[0]).all()

@@ -1,10 +1,11 @@
-"""Mixture of LoRA experts on the fused-LoRA Triton kernels (padfree/kernels/lora.py); see
-padfree/ops/lora_mixture.py for the op and padfree/reference/lora_mixture.py for the loop it equals.
+"""Mixture of LoRA experts on Triton kernels; see padfree/ops/lora_mixture.py for the op and
+padfree/reference/lora_mixture.py for the loop over experts it equals. Two regimes:
 
-Few experts with a small rank (E * r <= 256): the mixture is one LoRA of rank R = E * r with a
-per-token gate on its intermediate. With A_all = cat_e A_e (R, K) (expert e owns rows e*r..e*r+r-1,
-a free view of lora_a (E, r, K)), B_all (N, R) with B_all[:, e*r + c] = B_e[:, c], and the dense
-gate G (M, E), G[m, e] = sum_j w_mj [e_mj == e], repeated r times along the rank (g (M, R)):
+Few experts with a small rank (E * r <= MAX_TOTAL_RANK = 256), on the fused-LoRA kernels
+(padfree/kernels/lora.py): the mixture is one LoRA of rank R = E * r with a per-token gate on its
+intermediate. With A_all = cat_e A_e (R, K) (expert e owns rows e*r..e*r+r-1, a free view of
+lora_a (E, r, K)), B_all (N, R) with B_all[:, e*r + c] = B_e[:, c], and the dense gate G (M, E),
+G[m, e] = sum_j w_mj [e_mj == e], repeated r times along the rank (g (M, R)):
 
     h = dropout(x) A_all^T                                       lora_shrink_kernel   (M, R)
     y = x W^T + b + s * (g * h) B_all^T                          lora_forward_kernel
@@ -19,25 +20,74 @@ which is the mixture, since G[m, e] is token m's total weight on expert e. Backw
     dG[m, e] = sum over e's r columns of (t * h)[m, :]           dw_mj = dG[m, e_mj]
 
 The gate multiply is a torch elementwise op between the kernel launches (the (M, R) intermediate
-makes one round trip through memory); folding it into the kernels, and the segmented kernels of
-the many-experts regime, are not written yet.
+makes one round trip through memory).
+
+Many experts (E * r > 256): the dense (M, E * r) intermediate would be mostly zeros, so the work
+runs over token-expert pairs instead. Pair p = m * k + j is token m(p) = p // k's j-th choice,
+expert e(p), weight w_p. `padfree.moe_align` (no host sync) sorts the pairs by expert into a list
+whose every ALIGN_BLOCK-row block belongs to one expert (each expert's run padded with the sentinel
+M * k; blocks past the end have expert -1 and exit at once); row i of every (capacity, .) buffer
+below is position i of that list. With D(x) = keep * x / (1 - q) (the mask of stream 0 of
+padfree.reference.lora, one mask on x shared by the experts, regenerated from the seed):
+
+    h_p  = D(x_m(p)) A_e(p)^T            (r,)   lora_mixture_shrink_kernel, gathers the x rows
+    y_m  = x_m W^T + b + sum_{p of m} s w_p h_p B_e(p)^T
+           base: torch (F.linear); the per-pair terms: moe_down_kernel (padfree/kernels/moe.py, the
+           MoE down projection with its weighted combine: row p of an (M * k, N) buffer, summed
+           over each token's k rows, deterministic, no atomics) with W2 = lora_b, weights s * w_p
+
+Backward, dy (M, N) given. Per pair, with a_p = dy_m(p) B_e(p) (r,) and y's dependence on h_p,
+w_p and (through h_p) on A_e and x:
+
+    dL/dw_p = s <dy_m, h_p B_e^T> = s <a_p, h_p>                 lora_mixture_grad_h_kernel
+    dh_p    = s w_p a_p                                          (same kernel; dh (capacity, r))
+    dB_e    = sum_{p in e} s w_p dy_m(p)^T h_p                   lora_mixture_grad_b_kernel
+    dA_e    = sum_{p in e} dh_p^T D(x_m(p))                      lora_mixture_grad_a_kernel
+    dx_m    = dy_m W + sum_{p of m} D(dh_p A_e(p))               lora_mixture_grad_x_kernel: row p
+              of an (M * k, K) buffer, D applied in its epilogue (D is diagonal, its own adjoint),
+              summed over each token's k rows; dy W by torch
+
+(D enters dA_e and dx because h_p = D(x) A_e^T: dL/dA_e = dh^T D(x), and dL/dD(x) = dh A_e maps
+back through D.) An expert no token chose owns no row: the weight-gradient kernels, whose grid is
+(expert, tile), write zeros for it. dL/dw_p is a sum over the r columns, split over the rank tiles
+of the grid: one fp32 partial per tile, added after. Only h (capacity, r) and the seed are saved
+for backward; the alignment is recomputed there (a sort of M * k keys).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from padfree.kernels import lora, runtime
+from padfree.kernels import lora, moe, registry, runtime
+from padfree.kernels.lora import _dot, _keep
+from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
+ALIGN_BLOCK = moe.ALIGN_BLOCK  # the pair blocks of moe_down_kernel, reused for the expand
+# The pair count changes every batch (one compiled variant, not one per divisibility of it).
+_PER_BATCH = ("num_pairs", "capacity")
 
 
 def unsupported_reason(x: torch.Tensor, num_experts: int, rank: int) -> str | None:
     """Why these kernels cannot run this input, or None."""
-    if num_experts * rank > MAX_TOTAL_RANK:
-        return (f"num_experts * rank = {num_experts} * {rank} exceeds {MAX_TOTAL_RANK}: the gated "
-                "single-LoRA kernels cover few experts of small rank; the many-experts kernels are not written yet")
     return lora.unsupported_reason(x, 1)
+
+
+def segmented(num_experts: int, rank: int) -> bool:
+    """Whether the many-experts (pair-segmented) kernels run, rather than the gated single LoRA."""
+    return num_experts * rank > MAX_TOTAL_RANK
+
+
+def saved_shape(num_tokens: int, top_k: int, num_experts: int, rank: int) -> tuple[int, int]:
+    """Shape of the h the forward saves: (M, E * r) gated-LoRA, (capacity, r) segmented (the rows of
+    moe_align's padded pair list for M * k pairs)."""
+    if not segmented(num_experts, rank):
+        return num_tokens, num_experts * rank
+    num_pairs = num_tokens * top_k
+    blocks = (num_pairs + num_experts * (ALIGN_BLOCK - 1) + ALIGN_BLOCK - 1) // ALIGN_BLOCK
+    return blocks * ALIGN_BLOCK, rank
 
 
 def dense_gate(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -60,10 +110,282 @@ def _gated(values: torch.Tensor, gate: torch.Tensor, rank: int) -> torch.Tensor:
     return product.view(m, total).to(values.dtype)
 
 
+# ----------------------------------------------------------------------------- many-experts kernels
+@triton.jit
+def _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M: tl.constexpr):
+    """Rows of pair block `block`: (rows int64, pair ids, valid (not padding), tokens int64)."""
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pairs = tl.load(sorted_pairs_ptr + rows)
+    valid = pairs < num_pairs
+    tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
+    return rows, pairs, valid, tokens
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def lora_mixture_shrink_kernel(x_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr, h_ptr, num_pairs, K, R, top_k,
+                               stride_xm, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
+                               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_R: tl.constexpr):
+    """h[i] = D(x[m(p)]) A_e^T for the pair p at row i of block program_id(0), expert e; rank tile
+    program_id(1). Padding rows load x as 0 (h = 0); blocks past the end store zeros (h is an op
+    output, so every element is defined)."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < R
+    rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M)
+    h_tile = h_ptr + rows[:, None] * R + cols[None, :]
+    if expert < 0:
+        tl.store(h_tile, tl.zeros((BLOCK_M, BLOCK_R), dtype=h_ptr.dtype.element_ty), mask=col_ok[None, :])
+        return
+    a_base = a_ptr + expert.to(tl.int64) * R * K
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & (ks[None, :] < K),
+                    other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, 0, tokens[:, None] * K + ks[None, :], threshold), x, 0.0).to(x.dtype)
+        a = tl.load(a_base + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K), other=0.0)
+        acc = _dot(x, a, acc, IEEE)
+    if DROPOUT:
+        acc = acc * keep_scale
+    tl.store(h_tile, acc.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr, dh_ptr,
+                               dw_partial_ptr, num_pairs, N, R, top_k, capacity, stride_dym, scaling,
+                               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_R: tl.constexpr):
+    """a = dy[m(p)] B_e (reduction over N) for the rank tile program_id(1); stores
+    dw_partial[tile, i] = s <a, h_i> over the tile's columns and dh[i] = s w_p a."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:
+        return
+    tile_r = tl.program_id(1)
+    cols = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < R
+    rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M)
+    b_base = b_ptr + expert.to(tl.int64) * N * R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + tokens[:, None] * stride_dym + ns[None, :], mask=valid[:, None] & (ns[None, :] < N),
+                     other=0.0)
+        b = tl.load(b_base + ns[:, None] * R + cols[None, :], mask=(ns[:, None] < N) & col_ok[None, :], other=0.0)
+        acc = _dot(dy, b, acc, IEEE)
+    h = tl.load(h_ptr + rows[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(dw_partial_ptr + tile_r.to(tl.int64) * capacity + rows, scaling * tl.sum(acc * h, axis=1))
+    weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    dh = acc * (scaling * weight)[:, None]
+    tl.store(dh_ptr + rows[:, None] * R + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def lora_mixture_grad_b_kernel(dy_ptr, h_ptr, sorted_pairs_ptr, padded_offsets_ptr, weights_ptr, db_ptr, num_pairs,
+                               N, R, top_k, stride_dym, scaling, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dB_e[n, c] = sum over e's rows i of dy[m(p), n] s w_p h[i, c]; grid (expert, N tile, rank tile).
+    The pair weight scales the narrow h tile (BLOCK_R columns), not the wide dy one; the scaled h is
+    rounded to the data dtype for the MMA, as a 16-bit GEMM of dy^T (s * w * h) would be."""
+    expert = tl.program_id(0)
+    ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_ok = ns < N
+    col_ok = cols < R
+    start = tl.load(padded_offsets_ptr + expert)
+    end = tl.load(padded_offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr + r0, 0, num_pairs, top_k, BLOCK_M)
+        weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0) * scaling
+        dy_t = tl.load(dy_ptr + tokens[None, :] * stride_dym + ns[:, None], mask=valid[None, :] & n_ok[:, None],
+                       other=0.0)
+        h = tl.load(h_ptr + (r0 + rows)[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0)
+        h = (h.to(tl.float32) * weight[:, None]).to(h_ptr.dtype.element_ty)
+        acc = _dot(dy_t, h, acc, IEEE)
+    tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :],
+             acc.to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_ptr, da_ptr, num_pairs, K, R, top_k,
+                               stride_xm, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
+                               IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_M: tl.constexpr):
+    """dA_e[c, k] = sum over e's rows i of dh[i, c] D(x)[m(p), k]; grid (expert, K tile, rank tile).
+    Computed transposed, dA_e^T = D(x)^T dh, so the MMA rows are BLOCK_K columns of x, not the rank
+    (as lora_da_kernel does, for Hopper's wgmma); the x rows are loaded as stored (rows along the
+    pairs, contiguous along K) and transposed in registers."""
+    expert = tl.program_id(0)
+    ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_ok = ks < K
+    col_ok = cols < R
+    start = tl.load(padded_offsets_ptr + expert)
+    end = tl.load(padded_offsets_ptr + expert + 1)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr + r0, 0, num_pairs, top_k, BLOCK_M)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & k_ok[None, :],
+                    other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, 0, tokens[:, None] * K + ks[None, :], threshold), x, 0.0).to(x.dtype)
+        dh = tl.load(dh_ptr + (r0 + rows)[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0)
+        acc = _dot(tl.trans(x), dh, acc, IEEE)
+    if DROPOUT:
+        acc = acc * keep_scale
+    tl.store(da_ptr + expert.to(tl.int64) * R * K + cols[None, :] * K + ks[:, None],
+             acc.to(da_ptr.dtype.element_ty), mask=col_ok[None, :] & k_ok[:, None])
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
+def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr, dx_pairs_ptr, num_pairs, K, R,
+                               top_k, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dx_pairs[p, k] = D(dh[i] A_e)[k] for the pair p at row i of block program_id(0), K tile
+    program_id(1); padding rows are not stored."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:
+        return
+    rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M)
+    ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    k_ok = ks < K
+    a_base = a_ptr + expert.to(tl.int64) * R * K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        dh = tl.load(dh_ptr + rows[:, None] * R + rs[None, :], mask=rs[None, :] < R, other=0.0)
+        a = tl.load(a_base + rs[:, None] * K + ks[None, :], mask=(rs[:, None] < R) & k_ok[None, :], other=0.0)
+        acc = _dot(dh, a, acc, IEEE)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        acc = tl.where(_keep(seed, 0, tokens[:, None] * K + ks[None, :], threshold), acc * keep_scale, 0.0)
+    safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
+    tl.store(dx_pairs_ptr + safe_pairs[:, None] * K + ks[None, :], acc.to(dx_pairs_ptr.dtype.element_ty),
+             mask=valid[:, None] & k_ok[None, :])
+
+
+# (BLOCK_*, num_warps, num_stages) of the many-experts kernels per element size. The pair-block
+# kernels (shrink, grad_h, grad_x) take BLOCK_M = ALIGN_BLOCK rows; the second tile is the reduction
+# step (shrink over K, grad_h over N) or the output columns (grad_x over K); grad_b / grad_a take
+# their output tile over N / K and reduce over an expert's rows, both in steps of the second tile
+# (the padded runs are multiples of ALIGN_BLOCK, so of it too). 4 warps: with 64-row tiles 8 warps
+# would replicate the MMA. fp32 runs IEEE FMA dots (tests, not speed) on narrower tiles. The rank
+# tile BLOCK_R is the rank rounded up to a power of two in 16..64 (16..32 in fp32: its 64-wide FMA
+# tiles spill); larger ranks run several rank tiles.
+_TILE = {2: (64, 4, 3), 4: (32, 4, 2)}  # (second tile, num_warps, num_stages)
+_PAIR_BLOCK_R = {2: (16, 32, 64), 4: (16, 32)}
+
+
+def _block_r(rank: int, dtype: torch.dtype) -> int:
+    choices = _PAIR_BLOCK_R[4 if dtype == torch.float32 else 2]
+    return next((b for b in choices if b >= rank), choices[-1])
+
+
+def _tile(dtype: torch.dtype) -> tuple[int, int, int]:
+    return _TILE[4 if dtype == torch.float32 else 2]
+
+
+def _dropout_args(dropout_p: float, seed: torch.Tensor) -> dict:
+    return {"seed_ptr": seed, "threshold": lora_reference.keep_threshold(dropout_p),
+            "keep_scale": 1.0 / (1.0 - dropout_p), "DROPOUT": dropout_p > 0}
+
+
+def _align(top_k_index: torch.Tensor, num_experts: int):
+    from padfree.ops import moe as moe_ops
+
+    return moe_ops.moe_align(top_k_index, num_experts, ALIGN_BLOCK)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _segmented_forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed):
+    m, k = x.shape
+    num_experts, rank, _ = lora_a.shape
+    n = weight.shape[0]
+    top_k = top_k_index.shape[1]
+    num_pairs = m * top_k
+    sorted_pairs, block_expert, _, _ = _align(top_k_index, num_experts)
+    capacity, num_blocks = sorted_pairs.shape[0], block_expert.shape[0]
+    block_r = _block_r(rank, x.dtype)
+    block_k, warps, stages = _tile(x.dtype)
+    h = runtime.empty((capacity, rank), x.dtype, x.device)
+    lora_mixture_shrink_kernel[(num_blocks, _cdiv(rank, block_r))](
+        x, lora_a, sorted_pairs, block_expert, h, num_pairs, k, rank, top_k, x.stride(0),
+        **_dropout_args(dropout_p, seed), IEEE=x.dtype == torch.float32, BLOCK_M=ALIGN_BLOCK, BLOCK_K=block_k,
+        BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    pair_weights = (top_k_weights.reshape(-1) * scaling).contiguous()
+    out_pairs = runtime.empty((num_pairs, n), x.dtype, x.device)
+    moe._launch_tuned("down", lambda options: moe.moe_down_kernel[(num_blocks, _cdiv(n, options["BLOCK_N"]))](
+        h, lora_b, sorted_pairs, block_expert, pair_weights, out_pairs, num_pairs, n, rank, *lora_b.stride(),
+        **options), x, (runtime.shape_bucket(num_pairs), num_experts, n, rank, top_k))
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y.add_(out_pairs.view(m, top_k, n).sum(1)), h
+
+
+def _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed,
+                        input_grad):
+    m, k = x.shape
+    num_experts, rank, _ = lora_a.shape
+    n = weight.shape[0]
+    top_k = top_k_index.shape[1]
+    num_pairs = m * top_k
+    sorted_pairs, block_expert, padded_offsets, pair_position = _align(top_k_index, num_experts)
+    capacity, num_blocks = sorted_pairs.shape[0], block_expert.shape[0]
+    block_r = _block_r(rank, x.dtype)
+    rank_tiles = _cdiv(rank, block_r)
+    tile, warps, stages = _tile(x.dtype)
+    ieee = x.dtype == torch.float32
+    weights = top_k_weights.reshape(-1).contiguous()
+    options = dict(IEEE=ieee, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+
+    dh = runtime.empty((capacity, rank), x.dtype, x.device)
+    dw_partial = runtime.empty((rank_tiles, capacity), torch.float32, x.device)
+    lora_mixture_grad_h_kernel[(num_blocks, rank_tiles)](
+        dy, lora_b, h, sorted_pairs, block_expert, weights, dh, dw_partial, num_pairs, n, rank, top_k, capacity,
+        dy.stride(0), float(scaling), BLOCK_M=ALIGN_BLOCK, BLOCK_N=tile, **options)
+    d_weights = dw_partial.sum(0)[pair_position.long()].view(m, top_k)
+
+    d_lora_b = runtime.empty(lora_b.shape, lora_b.dtype, x.device)
+    lora_mixture_grad_b_kernel[(num_experts, _cdiv(n, tile), rank_tiles)](
+        dy, h, sorted_pairs, padded_offsets, weights, d_lora_b, num_pairs, n, rank, top_k, dy.stride(0),
+        float(scaling), BLOCK_N=tile, BLOCK_M=tile, **options)
+
+    d_lora_a = runtime.empty(lora_a.shape, lora_a.dtype, x.device)
+    lora_mixture_grad_a_kernel[(num_experts, _cdiv(k, tile), rank_tiles)](
+        dh, x, sorted_pairs, padded_offsets, d_lora_a, num_pairs, k, rank, top_k, x.stride(0),
+        **_dropout_args(dropout_p, seed), BLOCK_K=tile, BLOCK_M=tile, **options)
+
+    if not input_grad:
+        return x.new_empty(0), d_lora_a, d_lora_b, d_weights
+    dx_pairs = runtime.empty((num_pairs, k), x.dtype, x.device)
+    lora_mixture_grad_x_kernel[(num_blocks, _cdiv(k, tile))](
+        dh, lora_a, sorted_pairs, block_expert, dx_pairs, num_pairs, k, rank, top_k,
+        **_dropout_args(dropout_p, seed), BLOCK_M=ALIGN_BLOCK, BLOCK_K=tile, **options)
+    dx = (dy @ weight).add_(dx_pairs.view(m, top_k, k).sum(1))
+    return dx, d_lora_a, d_lora_b, d_weights
+
+
 @runtime.on_input_device
 def forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed):
-    """Same contract as padfree.reference.lora_mixture.forward, on the Triton kernels."""
+    """Same contract as padfree.reference.lora_mixture.forward, on the Triton kernels, except that
+    the saved h has `saved_shape` (the sorted pairs' (capacity, r) in the many-experts regime)."""
     num_experts, rank, k = lora_a.shape
+    if segmented(num_experts, rank):
+        return _segmented_forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p,
+                                  seed)
     a_all = lora_a.reshape(num_experts * rank, k)
     h = lora.shrink(x, a_all, [num_experts * rank], dropout_p, seed)
     gate = dense_gate(top_k_index, top_k_weights, num_experts)
@@ -74,8 +396,12 @@ def forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights
 @runtime.on_input_device
 def backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed,
              input_grad=True):
-    """Same contract as padfree.reference.lora_mixture.backward, on the Triton kernels."""
+    """Same contract as padfree.reference.lora_mixture.backward, on the Triton kernels (h as
+    `forward` saved it)."""
     num_experts, rank, k = lora_a.shape
+    if segmented(num_experts, rank):
+        return _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p,
+                                   seed, input_grad)
     m, out_features = dy.shape
     gate = dense_gate(top_k_index, top_k_weights, num_experts)
     t = scaling * (dy @ _concat_b(lora_b))
@@ -86,3 +412,48 @@ def backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weigh
                                             seed, input_grad)
     d_lora_b = d_b_all.view(out_features, num_experts, rank).permute(1, 0, 2).contiguous()
     return dx, d_a_all.view(num_experts, rank, k), d_lora_b, d_gate.gather(1, top_k_index)
+
+
+# ----------------------------------------------------------------------------- registry
+_INDEX_POINTERS = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "padded_offsets_ptr": "*i32",
+                   "weights_ptr": "*fp32", "dw_partial_ptr": "*fp32", "seed_ptr": "*i64", "scaling": "fp32",
+                   "keep_scale": "fp32"}
+# each kernel's second tile, and whether its BLOCK_M is a pair block (ALIGN_BLOCK) or a step over an
+# expert's rows (the second tile), as its launcher passes them
+_KERNEL_TILES = {"lora_mixture_shrink_kernel": ("BLOCK_K", True),
+                 "lora_mixture_grad_h_kernel": ("BLOCK_N", True),
+                 "lora_mixture_grad_b_kernel": ("BLOCK_N", False),
+                 "lora_mixture_grad_a_kernel": ("BLOCK_K", False),
+                 "lora_mixture_grad_x_kernel": ("BLOCK_K", True)}
+
+
+def _launches(kernel, aligned: tuple[str, ...]):
+    """Every launch the launchers above pick: each data dtype, each rank tile, dropout off and on
+    where the kernel has it. Ranks and model dimensions get the multiple-of-16 hint of the usual
+    r = 16, 32, 64 and hidden sizes; another rank JIT-compiles the same code without that hint."""
+    second, pair_block = _KERNEL_TILES[kernel.fn.__name__]
+    has_dropout = "DROPOUT" in kernel.arg_names
+
+    def launches():
+        for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+            tile, warps, stages = _TILE[elem]
+            data = {arg: f"*{dtype}" for arg in kernel.arg_names if arg.endswith("_ptr")}
+            signature = registry.signature(kernel, {**data, **_INDEX_POINTERS})
+            for block_r in _PAIR_BLOCK_R[elem]:
+                for dropout in ((False, True) if has_dropout else (False,)):
+                    constexprs = {second: tile, "BLOCK_M": ALIGN_BLOCK if pair_block else tile, "BLOCK_R": block_r,
+                                  "IEEE": elem == 4}
+                    if has_dropout:
+                        constexprs["DROPOUT"] = dropout
+                    yield registry.Launch(f"{dtype} r{block_r}{' dropout' if dropout else ''}", signature, constexprs,
+                                          num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True,
+                                          extended=dtype == "fp16")
+
+    registry.register(kernel, launches)
+
+
+_launches(lora_mixture_shrink_kernel, ("K", "R"))
+_launches(lora_mixture_grad_h_kernel, ("N", "R"))
+_launches(lora_mixture_grad_b_kernel, ("N", "R"))
+_launches(lora_mixture_grad_a_kernel, ("K", "R"))
+_launches(lora_mixture_grad_x_kernel, ("K", "R"))

@@ -10,9 +10,11 @@ Custom ops (opaque to `torch.compile`, with fake impls and autograd):
   padfree::lora_mixture_bwd (dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights,
                              dropout_p, seed, input_grad, backend) -> (dx, d lora_a, d lora_b, d top_k_weights)
 
-h = [dropout(x) A_e^T]_e (M, E * r) and the dropout seed are all the forward saves beyond its
-inputs. The backward math is derived in padfree/reference/lora_mixture.py (the loop over experts)
-and padfree/kernels/lora_mixture.py (the same as one gated LoRA of rank E * r); the frozen
+h (the LoRA intermediate dropout(x) A_e^T: (M, E * r) for the reference and few experts, one row
+per sorted token-expert pair for many experts, see kernels/lora_mixture.saved_shape) and the dropout
+seed are all the forward saves beyond its inputs. The backward math is derived in
+padfree/reference/lora_mixture.py (the loop over experts) and padfree/kernels/lora_mixture.py (one
+gated LoRA of rank E * r; segmented GEMMs over token-expert pairs sorted by expert); the frozen
 weight's and the bias's gradients (dW = dy^T x, db = sum dy) are computed here, only when they
 require grad. The backend ("triton" or "reference") is chosen in Python before the op is called
 and passed as an argument, so a compiled graph records the choice and the backward uses the same
@@ -56,7 +58,12 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 @_forward_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0] * lora_a.shape[1])
+    num_experts, rank = lora_a.shape[:2]
+    if backend == "triton":
+        saved = _kernels().saved_shape(x.shape[0], top_k_index.shape[1], num_experts, rank)
+    else:
+        saved = (x.shape[0], num_experts * rank)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(saved)
 
 
 @torch.library.custom_op("padfree::lora_mixture_bwd", mutates_args=())
@@ -187,9 +194,10 @@ def lora_mixture_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         lora_a, lora_b and top_k_weights, and to weight / bias when they require grad. An expert no
         token chose gets a zero gradient.
 
-    Backends: the Triton path runs the fused-LoRA kernels as one LoRA of rank num_experts * rank with
-    a per-token gate (padfree/kernels/lora_mixture.py), for num_experts * rank <= 256; beyond that the
-    reference (a loop over experts) runs, with a warning naming the reason.
+    Backends: the Triton path (padfree/kernels/lora_mixture.py) runs the fused-LoRA kernels as one
+    LoRA of rank num_experts * rank with a per-token gate when num_experts * rank <= 256, and beyond
+    that segmented low-rank GEMMs over the token-expert pairs sorted by expert (`padfree.moe_align`),
+    with no host sync in either.
     """
     x, weight, bias, lora_a, lora_b = _autocast.cast_inputs(x, weight, bias, lora_a, lora_b)
     _validate(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, check)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import padfree
-from padfree import _backend
 from padfree.kernels import lora as lora_kernels
+from padfree.kernels import lora_mixture as mixture_kernels
+from padfree.kernels import moe as moe_kernels
 from padfree.ops import lora_mixture as mixture_ops
 from padfree.ops.lora_mixture import lora_mixture_linear, lora_per_sequence_linear, sequence_routing
 from padfree.reference import lora_mixture as reference
@@ -62,7 +63,7 @@ def _loop(args, dropout_p, seed):
 
 def _check(args, dropout_p):
     """The op (on the active backend) against the float64 loop, with the loop in the input dtype
-    as the baseline."""
+    as the baseline; returns the op's gradients."""
     dtype = args["x"].dtype
     dy = torch.randn(args["x"].shape[0], args["weight"].shape[0]).to(dtype)
     torch.manual_seed(SEED)
@@ -81,6 +82,7 @@ def _check(args, dropout_p):
         # the routing weights are fp32 but their gradient is a sum of products of 16-bit values: it
         # is held to the rule of the input dtype (both it and the baseline's rounded to that dtype)
         assert_close(f"d{name}", grads[name].to(dtype), oracle_grads[name], base_grads[name].to(dtype), factor=3)
+    return grads
 
 
 class Counter:
@@ -215,12 +217,92 @@ def test_no_tokens(request, backend):
     assert torch.equal(grads["lora_b"], torch.zeros_like(grads["lora_b"]))
 
 
-def test_many_experts_fall_back_to_the_reference_with_a_warning(triton_cpu, monkeypatch, kernel_calls):
-    monkeypatch.setattr(_backend, "_warned", set())
-    args = _inputs(10, 16, 8, 64, 8, 2, torch.float32)
-    with pytest.warns(_backend.PadfreeFallbackWarning, match="num_experts \\* rank = 64 \\* 8 exceeds 256"):
-        _check(args, 0.0)
-    assert all(c.count == 0 for c in kernel_calls.values())
+# ----------------------------------------------------------------------------- many experts (E * r > 256)
+SEGMENTED_KERNELS = ("lora_mixture_shrink_kernel", "lora_mixture_grad_h_kernel", "lora_mixture_grad_b_kernel",
+                     "lora_mixture_grad_a_kernel", "lora_mixture_grad_x_kernel")
+
+
+class LaunchCounter:
+    """Counts launches (kernel[grid](...)) of module.<name> for one test."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.count = 0
+        kernel = getattr(module, name)
+        counter = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                counter.count += 1
+                return kernel[grid]
+
+        monkeypatch.setattr(module, name, Counted())
+
+
+@pytest.fixture
+def segmented_launches(monkeypatch):
+    """Launch counters on the many-experts kernels and the MoE down kernel their forward reuses."""
+    counters = {name: LaunchCounter(monkeypatch, mixture_kernels, name) for name in SEGMENTED_KERNELS}
+    counters["moe_down_kernel"] = LaunchCounter(monkeypatch, moe_kernels, "moe_down_kernel")
+    return counters
+
+
+def _launch_counts(counters):
+    return {name: c.count for name, c in counters.items()}
+
+
+def _assert_unchosen_experts_get_zero(args, grads):
+    chosen = set(args["top_k_index"].flatten().tolist())
+    for expert in range(args["lora_a"].shape[0]):
+        for name in ("lora_a", "lora_b"):
+            grad = grads[name][expert]
+            assert (grad.abs().sum() > 0) == (expert in chosen), (name, expert)
+            if expert not in chosen:
+                assert torch.equal(grad, torch.zeros_like(grad)), (name, expert)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts, rank, top_k, dtype, bias, dropout_p", [
+    (64, 16, 2, torch.float32, True, 0.0),
+    (64, 16, 2, torch.float16, False, 0.25),
+    (64, 16, 2, torch.bfloat16, True, 0.25),
+    (20, 16, 2, torch.float32, False, 0.25),
+    (20, 16, 3, torch.bfloat16, False, 0.0),
+])
+def test_many_experts_kernels_match_float64(triton_cpu, kernel_calls, segmented_launches, experts, rank, top_k, dtype,
+                                            bias, dropout_p):
+    # K = 40, N = 36: past one 32-wide fp32 tile, inside one 64-wide 16-bit tile (masked)
+    args = _inputs(12, 40, 36, experts, rank, top_k, dtype, bias)
+    grads = _check(args, dropout_p)
+    assert _launch_counts(segmented_launches) == dict.fromkeys([*SEGMENTED_KERNELS, "moe_down_kernel"], 1)
+    assert all(c.count == 0 for c in kernel_calls.values())  # not the gated single-LoRA path
+    _assert_unchosen_experts_get_zero(args, grads)
+
+
+def test_many_experts_rank_tiles_and_an_expert_over_several_blocks(triton_cpu, segmented_launches):
+    """E * r = 4 * 80: several rank tiles (d top_k_weights adds their partial sums; a rank past a
+    multiple of 16); expert 0 is every token's first choice, 70 pairs over two 64-row pair blocks."""
+    args = _inputs(70, 24, 20, 4, 80, 2, torch.float32)
+    index = torch.stack([torch.zeros(70, dtype=torch.int64), torch.randint(1, 4, (70,))], dim=1)
+    args["top_k_index"] = index
+    _check(args, 0.2)
+    assert segmented_launches["lora_mixture_shrink_kernel"].count == 1
+
+
+def test_many_experts_frozen_input_skips_dx(triton_cpu, segmented_launches):
+    args = _inputs(12, 24, 20, 64, 16, 2, torch.float32)
+    args["x"] = args["x"].detach()
+    dy = torch.randn(12, 20)
+    torch.manual_seed(SEED)
+    _, grads = _run(lambda a: lora_mixture_linear(**a, dropout_p=0.3), args, dy)
+    torch.manual_seed(SEED)
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    _, oracle = _run(lambda a: _loop(a, 0.3, seed), _as(torch.float64, args, torch.float64), dy.double())
+    assert set(grads) == {"bias", "lora_a", "lora_b", "top_k_weights"}
+    for name in grads:
+        assert_close(f"d{name}", grads[name], oracle[name], None, factor=1)
+    assert segmented_launches["lora_mixture_grad_x_kernel"].count == 0
+    assert segmented_launches["lora_mixture_grad_a_kernel"].count == 1
+    _assert_unchosen_experts_get_zero(args, grads)
 
 
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16),
@@ -337,6 +419,15 @@ def test_opcheck_forward(dropout_p, bias):
 
 def test_opcheck_forward_triton(triton_cpu):
     torch.library.opcheck(mixture_ops._forward_op, _op_args(0.2, "triton"))
+
+
+def test_opcheck_forward_triton_many_experts(triton_cpu):
+    """The fake implementation gives the many-experts path's saved h its (capacity, r) shape."""
+    x, weight, bias, _, _, scaling, index, weights, dropout_p, seed, backend = _op_args(0.2, "triton")
+    lora_a, lora_b = torch.randn(20, 16, 16) / 4, torch.randn(20, 12, 16) / 4
+    index = torch.randint(0, 20, (9, 2))
+    torch.library.opcheck(mixture_ops._forward_op, (x, weight, bias, lora_a, lora_b, scaling, index, weights,
+                                                    dropout_p, seed, backend))
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
