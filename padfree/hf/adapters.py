@@ -1,0 +1,414 @@
+"""Several PEFT LoRA adapters on one frozen base, run in one padding-free pass.
+
+`multi_adapter(model, adapters)`: every packed sequence names its adapter. The model's forward
+takes `adapter_ids` (one adapter index per packed sequence, in the order of `adapters`; what
+`PaddingFreeCollator(adapter_key=...)` builds) and every LoRA Linear runs
+`padfree.lora_per_sequence_linear`, so one optimizer step trains each adapter from its own
+sequences only.
+
+`mixture_of_adapters(model, adapters, top_k, router, trainable)`: a mixture of LoRA experts. Every
+LoRA Linear gets a router (a `torch.nn.Linear(in_features, N)` beside the adapters) that picks each
+token's top-k adapters with `padfree.moe_route`, and runs `padfree.lora_mixture_linear`.
+`load_mixture_of_adapters` loads what the patched model's `save_pretrained` wrote.
+
+Both patch one model instance (PEFT's own modules keep their parameters; only the layers' `forward`
+changes) and `unpatch_adapters(model)` restores it. In every forward the adapters are stacked from
+their own PEFT parameters (`torch.stack`), so each adapter's gradient lands in its own Parameters
+and PEFT's `save_pretrained` saves them as usual. Each adapter keeps its own LoRA scale
+(alpha / r): when the adapters of a layer differ in it, each B is multiplied by its scale before
+stacking (the op then runs with scale 1; autograd carries the scale into B's gradient). Adapters
+of different ranks are zero-padded to the largest: a zero row of A and a zero column of B add
+nothing, and the padding's gradient is dropped by the pad's backward. An adapter that does not
+target a layer counts there as zeros.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from padfree import _checks
+from padfree.hf.lora import _dropout_p
+from padfree.ops import seqlens
+from padfree.ops.lora_mixture import lora_per_sequence_linear
+
+_STATE_ATTR = "_padfree_adapters_undo"
+
+
+def _peft_layer_classes():
+    try:
+        from peft.tuners.lora import layer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError as error:
+        raise ImportError("padfree.hf.multi_adapter and mixture_of_adapters need peft (pip install peft)") from error
+    return layer.Linear, layer.LoraLayer, AuxiliaryTrainingWrapper
+
+
+def _loaded_adapters(model) -> dict:
+    config = getattr(model, "peft_config", None)
+    return config if isinstance(config, dict) else {}
+
+
+def _load_adapter(model, path: str, name: str, trainable: bool):
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(path, adapter_name=name, is_trainable=trainable)
+        return model
+    _, layer_class, _ = _peft_layer_classes()
+    if any(isinstance(m, layer_class) for m in model.modules()):
+        raise ValueError(f"cannot load the adapter at {path!r}: the model holds LoRA layers but is not a "
+                         "peft.PeftModel; pass the PeftModel (or load the adapter yourself and pass its name)")
+    return PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=trainable)
+
+
+def _resolve_adapters(model, adapters, trainable: bool = True) -> tuple[torch.nn.Module, list[str]]:
+    """(the PEFT model, adapter names in order): names are taken as they are, paths are loaded (a
+    plain transformers model is wrapped by `PeftModel.from_pretrained` for the first one)."""
+    if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Sequence):
+        raise TypeError(f"adapters must be a list of adapter names or paths, got {type(adapters).__name__}")
+    if not adapters:
+        raise ValueError("adapters is empty: name at least one LoRA adapter (a loaded name or a saved adapter's path)")
+    names: list[str] = []
+    for i, entry in enumerate(adapters):
+        if not isinstance(entry, (str, os.PathLike)):
+            raise TypeError(f"adapters[{i}] must be an adapter name or a path, got {type(entry).__name__}")
+        loaded = _loaded_adapters(model)
+        if isinstance(entry, str) and entry in loaded:
+            name = entry
+        else:
+            path = os.fspath(entry)
+            if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise ValueError(f"adapters[{i}] = {entry!r} is neither an adapter loaded in the model (loaded: "
+                                 f"{sorted(loaded)}) nor a directory holding a saved PEFT adapter "
+                                 "(adapter_config.json)")
+            name = os.path.basename(os.path.normpath(path))
+            if name in loaded:
+                raise ValueError(f"adapters[{i}] = {entry!r} would load as adapter {name!r}, a name already loaded; "
+                                 "load it under another name with model.load_adapter(path, adapter_name=...) "
+                                 "and pass that name")
+            model = _load_adapter(model, path, name, trainable)
+        if name in names:
+            raise ValueError(f"adapters names {name!r} twice (adapters[{names.index(name)}] and adapters[{i}])")
+        names.append(name)
+    return model, names
+
+
+def _unsupported_reason(module, names: list[str], linear_class) -> str | None:
+    """Why a LoRA layer holding some of `names` cannot run the mixture op, or None."""
+    if not isinstance(module, linear_class):
+        return f"{type(module).__name__} is not a LoRA Linear layer (only Linear layers are supported)"
+    base = module.get_base_layer()
+    if type(base) is not torch.nn.Linear:
+        return f"base layer is {type(base).__name__}, not torch.nn.Linear (quantized or custom)"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out (transposed base weight)"
+    if module.merged:
+        return f"adapters {module.merged_adapters} are merged into the base weight (unmerge them first)"
+    held = [n for n in names if n in module.lora_A]
+    dropouts = set()
+    for name in held:
+        if name in module.lora_variant or module.use_dora.get(name, False):
+            return f"adapter {name!r} is a LoRA variant (DoRA or other), not plain LoRA"
+        if module.lora_B[name].bias is not None:
+            return f"adapter {name!r} has a LoRA bias (lora_bias=True)"
+        dropout = module.lora_dropout[name]
+        if type(dropout) not in (torch.nn.Dropout, torch.nn.Identity):
+            return f"adapter {name!r} has dropout module {type(dropout).__name__}, not nn.Dropout / nn.Identity"
+        dropouts.add(float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0)
+        dtypes = {module.lora_A[name].weight.dtype, module.lora_B[name].weight.dtype, base.weight.dtype}
+        if len(dtypes) != 1:
+            return f"adapter {name!r} and the base weight differ in dtype ({sorted(map(str, dtypes))})"
+    if len(dropouts) > 1:
+        return (f"the adapters have different LoRA dropout p {sorted(dropouts)} here; the op draws one mask "
+                "for all of them")
+    return None
+
+
+def _adapted_layers(model, names: list[str]) -> dict[str, torch.nn.Module]:
+    """Qualified name -> PEFT LoRA Linear holding at least one of `names`; raises ValueError listing
+    every layer or wrapper of those adapters that the op cannot run."""
+    linear_class, layer_class, wrapper_class = _peft_layer_classes()
+    layers, problems = {}, []
+    for qualified, module in model.named_modules():
+        if isinstance(module, layer_class):
+            if not set(names) & set(module._all_available_adapter_names()):
+                continue
+            reason = _unsupported_reason(module, names, linear_class)
+            if reason is None:
+                layers[qualified] = module
+            else:
+                problems.append(f"{qualified}: {reason}")
+        elif isinstance(module, wrapper_class):
+            per_adapter = sorted(set(names) & set(module._get_available_adapters()))
+            if per_adapter:
+                problems.append(f"{qualified}: {type(module).__name__} holds a whole copy of the module for "
+                                f"adapters {per_adapter} (modules_to_save / trainable tokens), which cannot be "
+                                "chosen per token or per sequence")
+    if problems:
+        raise ValueError("unsupported layers for the adapters " + ", ".join(map(repr, names)) + ":\n  "
+                         + "\n  ".join(problems))
+    if not layers:
+        raise ValueError(f"the model has no LoRA Linear layer holding the adapters {names}")
+    return layers
+
+
+def stack_adapters(module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(lora_a (N, r, in), lora_b (N, out, r), scaling) of one PEFT LoRA Linear, stacked from the
+    adapters' own Parameters in the order of `names` (see the module docstring for scales, ranks
+    and adapters missing from the layer)."""
+    base = module.get_base_layer()
+    held = [n for n in names if n in module.lora_A]
+    rank = max(module.lora_A[n].weight.shape[0] for n in held)
+    scalings = {float(module.scaling[n]) for n in held}
+    fold = len(scalings) > 1
+    lora_a, lora_b = [], []
+    for name in names:
+        if name not in module.lora_A:
+            lora_a.append(base.weight.new_zeros(rank, base.in_features))
+            lora_b.append(base.weight.new_zeros(base.out_features, rank))
+            continue
+        a, b = module.lora_A[name].weight, module.lora_B[name].weight
+        if fold:
+            b = b * float(module.scaling[name])
+        pad = rank - a.shape[0]
+        lora_a.append(torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
+        lora_b.append(torch.nn.functional.pad(b, (0, pad)) if pad else b)
+    return torch.stack(lora_a), torch.stack(lora_b), 1.0 if fold else scalings.pop()
+
+
+def _held_adapter(module, names: list[str]) -> str:
+    return next(n for n in names if n in module.lora_A)
+
+
+def _refuse_state(module, args, kwargs) -> None:
+    if args or kwargs:
+        raise TypeError(f"a LoRA layer patched by padfree's adapters takes only its input, got extra arguments "
+                        f"{len(args)} positional and {sorted(kwargs)} (adapter_names: use adapter_ids on the model)")
+    if module.merged:
+        raise ValueError("adapters were merged into the base weight after padfree patched the layer; "
+                         "unmerge them (model.unmerge_adapter()) or unpatch first")
+
+
+class _Batch:
+    """`adapter_ids` and `cu_seqlens` of the current forward, shared by every patched layer. Kept
+    after the forward so that gradient checkpointing's recomputation sees the same batch."""
+
+    def __init__(self):
+        self.adapter_ids: torch.Tensor | None = None
+        self.cu_seqlens: torch.Tensor | None = None
+        self.tokens = 0
+
+
+def _input_shape(args, kwargs) -> tuple[int, int, torch.device]:
+    inputs = kwargs.get("input_ids")
+    if inputs is None and args and isinstance(args[0], torch.Tensor):
+        inputs = args[0]
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError("adapter_ids needs the batch's input_ids (batch, seq_len) or inputs_embeds to go with them")
+    return inputs.shape[0], inputs.shape[1], inputs.device
+
+
+def _as_adapter_ids(adapter_ids, num_adapters: int, device: torch.device) -> torch.Tensor:
+    if isinstance(adapter_ids, (list, tuple)):
+        adapter_ids = torch.tensor(adapter_ids, dtype=torch.int64)
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in (torch.int32, torch.int64) \
+            or adapter_ids.dim() != 1:
+        described = (f"{adapter_ids.dtype} tensor of shape {tuple(adapter_ids.shape)}"
+                     if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__)
+        raise TypeError(f"adapter_ids must be a 1-D int32/int64 tensor (one adapter index per packed sequence), "
+                        f"got {described}")
+    if adapter_ids.numel() == 0:
+        raise ValueError("adapter_ids is empty: give one adapter index per packed sequence")
+    adapter_ids = adapter_ids.to(device)
+    if _checks.value_checks_enabled(None):
+        low, high = int(adapter_ids.min()), int(adapter_ids.max())
+        if low < 0 or high >= num_adapters:
+            raise ValueError(f"adapter_ids holds adapter {low if low < 0 else high}, outside 0..{num_adapters - 1} "
+                             f"(the {num_adapters} adapters given to multi_adapter)")
+    return adapter_ids
+
+
+def _sequence_offsets(kwargs, batch: int, length: int, device: torch.device, count: int) -> torch.Tensor:
+    """cu_seqlens (count + 1,) int32 of the batch's sequences: `cu_seq_lens_q`, else restarts of
+    `position_ids`, else one sequence per row. Raises when the batch has not `count` sequences."""
+    tokens = batch * length
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None:
+        if cu_seqlens.shape[0] - 1 != count:
+            raise ValueError(f"adapter_ids has {count} entries but cu_seq_lens_q holds {cu_seqlens.shape[0] - 1} "
+                             "sequences: give one adapter index per packed sequence")
+        return cu_seqlens.to(device=device, dtype=torch.int32)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        if count != batch:
+            raise ValueError(f"adapter_ids has {count} entries but the batch has {batch} rows and no "
+                             "cu_seq_lens_q / position_ids marking packed sequences: give one per row")
+        return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
+    starts = seqlens.cu_seqlens_from_position_ids(position_ids.reshape(-1, length).expand(batch, length).long())[0]
+    if count > tokens:
+        raise ValueError(f"adapter_ids has {count} entries, more than the batch's {tokens} tokens")
+    if _checks.value_checks_enabled(None):
+        found = int((starts < tokens).sum())
+        if found != count:
+            raise ValueError(f"adapter_ids has {count} entries but the batch's position_ids hold {found} sequences: "
+                             "give one adapter index per packed sequence")
+    return starts[:count + 1].to(device)
+
+
+def _batch_hook(batch_state: _Batch, num_adapters: int) -> Callable:
+    def take_adapter_ids(module, args, kwargs):
+        adapter_ids = kwargs.pop("adapter_ids", None)
+        batch_state.adapter_ids = batch_state.cu_seqlens = None
+        if adapter_ids is not None:
+            batch, length, device = _input_shape(args, kwargs)
+            adapter_ids = _as_adapter_ids(adapter_ids, num_adapters, device)
+            batch_state.cu_seqlens = _sequence_offsets(kwargs, batch, length, device, adapter_ids.shape[0])
+            batch_state.adapter_ids = adapter_ids
+            batch_state.tokens = batch * length
+        return args, kwargs
+
+    return take_adapter_ids
+
+
+def _per_sequence_forward(module, names: list[str], batch_state: _Batch) -> Callable:
+    def forward(x, *args, **kwargs):
+        if module.disable_adapters:
+            return module.base_layer(x, *args, **kwargs)
+        _refuse_state(module, args, kwargs)
+        if batch_state.adapter_ids is None:
+            raise ValueError("this model runs several LoRA adapters per sequence (padfree.hf.multi_adapter): its "
+                             "forward needs adapter_ids, one adapter index per packed sequence (e.g. from "
+                             "PaddingFreeCollator(adapter_key='adapter_id'))")
+        tokens = x.numel() // x.shape[-1]
+        if tokens != batch_state.tokens:
+            raise ValueError(f"a LoRA layer got {tokens} tokens but the model's forward had {batch_state.tokens}: "
+                             "a layer patched by multi_adapter runs only inside the model's forward")
+        base = module.get_base_layer()
+        lora_a, lora_b, scaling = stack_adapters(module, names)
+        return lora_per_sequence_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, batch_state.adapter_ids,
+                                        batch_state.cu_seqlens, _dropout_p(module, _held_adapter(module, names)),
+                                        check=False)
+
+    return forward
+
+
+def _replace(obj, attribute: str, value, undo: list[Callable[[], None]]) -> None:
+    """Set an instance attribute and append the closure restoring exactly what was there."""
+    had = attribute in obj.__dict__
+    previous = obj.__dict__.get(attribute)
+
+    def restore():
+        if had:
+            obj.__dict__[attribute] = previous
+        else:
+            obj.__dict__.pop(attribute, None)
+
+    obj.__dict__[attribute] = value
+    undo.append(restore)
+
+
+def _keep_requires_grad(parameters: list[torch.nn.Parameter], undo: list[Callable[[], None]]) -> None:
+    previous = [(p, p.requires_grad) for p in parameters]
+
+    def restore():
+        for p, flag in previous:
+            p.requires_grad_(flag)
+
+    undo.append(restore)
+
+
+def _adapter_parameters(layers: dict[str, torch.nn.Module], names: list[str]) -> list[torch.nn.Parameter]:
+    return [p for module in layers.values() for name in names if name in module.lora_A
+            for p in (*module.lora_A[name].parameters(), *module.lora_B[name].parameters())]
+
+
+def _activate_all(model, names: list[str], undo: list[Callable[[], None]]) -> None:
+    """Make every adapter active in PEFT's sense, so that `padfree.patch(model, lora=True)` sees
+    several active adapters and leaves these layers alone; undo restores the previous ones."""
+    tuner = getattr(model, "base_model", None)
+    if not hasattr(tuner, "set_adapter") or not hasattr(tuner, "active_adapter"):
+        return
+    previous = tuner.active_adapter
+    tuner.set_adapter(list(names))
+    undo.append(lambda: tuner.set_adapter(previous))
+
+
+def _install(model, undo: list[Callable[[], None]]) -> None:
+    if getattr(model, _STATE_ATTR, None) is not None:
+        unpatch_adapters(model)
+    object.__setattr__(model, _STATE_ATTR, undo)
+
+
+def _patch(model, names, layers, make_forward, trainable_parameters, frozen_parameters, extra=None):
+    undo: list[Callable[[], None]] = []
+    try:
+        # restored last: PEFT's set_adapter in the undo of _activate_all sets flags of its own
+        _keep_requires_grad([p for module in layers.values() for p in module.parameters()], undo)
+        _activate_all(model, names, undo)
+        if extra is not None:
+            extra(undo)
+        for p in frozen_parameters:
+            p.requires_grad_(False)
+        for p in trainable_parameters:
+            p.requires_grad_(True)
+        for module in layers.values():
+            _replace(module, "forward", make_forward(module), undo)
+    except BaseException:
+        for restore in reversed(undo):
+            restore()
+        raise
+    _install(model, undo)
+
+
+def multi_adapter(model: torch.nn.Module, adapters: Sequence[str | os.PathLike], trainable: bool = True
+                  ) -> torch.nn.Module:
+    """Run N PEFT LoRA adapters on one base, one adapter per packed sequence.
+
+    Args:
+        model: a `peft.PeftModel` (or a transformers model, when every adapter is given as a path).
+        adapters: adapter names loaded in `model`, or paths of saved PEFT adapters (loaded under
+            their directory's name); adapter i of the list is adapter index i in `adapter_ids`.
+        trainable: make every adapter's LoRA weights require grad (PEFT trains only the active one);
+            False leaves them frozen.
+
+    Returns the model (the PeftModel the paths were loaded into, when `model` was not one). Its
+    forward takes `adapter_ids` (B,) int, one adapter index per packed sequence: the sequences come
+    from `cu_seq_lens_q`, else from where `position_ids` restart, else one per row, so this works
+    with `PaddingFreeCollator(adapter_key="adapter_id")`, with packed `position_ids` and with plain
+    (B, S) batches. Every adapted Linear runs `padfree.lora_per_sequence_linear`; each adapter's
+    gradient comes only from its own sequences, and an adapter no sequence uses gets zero.
+
+    The adapters of a layer may differ in rank, alpha and target modules but must share the LoRA
+    dropout p. Raises ValueError listing the layers it cannot run (Embedding / Conv LoRA, DoRA,
+    quantized or merged base layers, modules_to_save), and at forward time for missing adapter_ids,
+    an adapter index out of range, or a sequence count that does not match. Patch attention with
+    `padfree.patch(model, lora=False)`; `unpatch_adapters(model)` restores the layers.
+    """
+    model, names = _resolve_adapters(model, adapters)
+    layers = _adapted_layers(model, names)
+    batch_state = _Batch()
+    parameters = _adapter_parameters(layers, names)
+
+    def hook(undo):
+        undo.append(model.register_forward_pre_hook(_batch_hook(batch_state, len(names)), with_kwargs=True).remove)
+
+    _patch(model, names, layers, lambda m: _per_sequence_forward(m, names, batch_state),
+           parameters if trainable else [], [] if trainable else parameters, hook)
+    return model
+
+
+def unpatch_adapters(model: torch.nn.Module) -> None:
+    """Undo `multi_adapter` / `mixture_of_adapters` on `model` (layers' forward, routers, hooks,
+    requires_grad flags, PEFT's active adapters, save_pretrained); the adapters keep their trained
+    weights. A model not patched by them is left as is."""
+    undo = getattr(model, _STATE_ATTR, None)
+    if undo is None:
+        return
+    for restore in reversed(undo):
+        restore()
+    object.__delattr__(model, _STATE_ATTR)
