@@ -1,13 +1,13 @@
 """Adapters that switch a transformers / PEFT model instance to padfree (see patch.py).
 
-    multi_adapter, unpatch_adapters
+    multi_adapter, mixture_of_adapters, load_mixture_of_adapters, unpatch_adapters
         several PEFT LoRA adapters on one base in one pass (see adapters.py)
 """
 
 from importlib import import_module
 
 _LAZY = {name: "padfree.hf.adapters"
-         for name in ("multi_adapter", "unpatch_adapters")}
+         for name in ("multi_adapter", "mixture_of_adapters", "load_mixture_of_adapters", "unpatch_adapters")}
 
 __all__ = list(_LAZY)
 

@@ -24,17 +24,23 @@ target a layer counts there as zeros.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from padfree import _checks
 from padfree.hf.lora import _dropout_p
 from padfree.ops import seqlens
-from padfree.ops.lora_mixture import lora_per_sequence_linear
+from padfree.ops.lora_mixture import lora_mixture_linear, lora_per_sequence_linear
+from padfree.ops.moe import moe_route
 
 _STATE_ATTR = "_padfree_adapters_undo"
+ROUTER_ATTR = "padfree_router"
+MIXTURE_CONFIG = "padfree_mixture.json"
+ROUTER_WEIGHTS = "padfree_router.safetensors"
 
 
 def _peft_layer_classes():
@@ -399,6 +405,135 @@ def multi_adapter(model: torch.nn.Module, adapters: Sequence[str | os.PathLike],
 
     _patch(model, names, layers, lambda m: _per_sequence_forward(m, names, batch_state),
            parameters if trainable else [], [] if trainable else parameters, hook)
+    return model
+
+
+def _mixture_forward(module, names: list[str], top_k: int) -> Callable:
+    def forward(x, *args, **kwargs):
+        if module.disable_adapters:
+            return module.base_layer(x, *args, **kwargs)
+        _refuse_state(module, args, kwargs)
+        base = module.get_base_layer()
+        logits = getattr(module, ROUTER_ATTR)(x).reshape(-1, len(names))
+        top_k_weights, top_k_index = moe_route(logits, top_k)
+        lora_a, lora_b, scaling = stack_adapters(module, names)
+        # moe_route's experts are in range by construction: skip the op's host-side index check
+        return lora_mixture_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, top_k_index, top_k_weights,
+                                   _dropout_p(module, _held_adapter(module, names)), check=False)
+
+    return forward
+
+
+def routers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Qualified name -> router of every layer `mixture_of_adapters` patched in `model`."""
+    return {name: m for name, m in model.named_modules() if name.rpartition(".")[2] == ROUTER_ATTR}
+
+
+def _saving_routers(model, names: list[str], top_k: int, router: str, original: Callable) -> Callable:
+    def save_pretrained(save_directory, *args, **kwargs):
+        """PEFT's save_pretrained (each adapter as a PEFT adapter), then the routers beside them."""
+        result = original(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from safetensors.torch import save_file
+
+            directory = Path(save_directory)
+            weights = {f"{name}.weight": m.weight.detach().contiguous() for name, m in routers(model).items()}
+            save_file(weights, directory / ROUTER_WEIGHTS)
+            (directory / MIXTURE_CONFIG).write_text(json.dumps(
+                {"adapters": names, "top_k": top_k, "router": router}, indent=2) + "\n")
+        return result
+
+    return save_pretrained
+
+
+def _check_mixture_options(top_k, router, trainable, num_adapters: int | None = None) -> None:
+    if router == "sequence":
+        raise ValueError("router='sequence' (one routing per packed sequence) is not built yet; use router='token' "
+                         "(a router per adapted layer choosing each token's adapters)")
+    if router != "token":
+        raise ValueError(f"router must be 'token', got {router!r}")
+    if trainable not in ("router", "all"):
+        raise ValueError(f"trainable must be 'router' (adapters frozen) or 'all' (router and adapters), "
+                         f"got {trainable!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if num_adapters is not None and top_k > num_adapters:
+        raise ValueError(f"top_k={top_k} is more than the {num_adapters} adapters")
+
+
+def mixture_of_adapters(model: torch.nn.Module, adapters: Sequence[str | os.PathLike], top_k: int = 2,
+                        router: str = "token", trainable: str = "router") -> torch.nn.Module:
+    """Make N PEFT LoRA adapters on one base a mixture of LoRA experts with a router per layer.
+
+    Args:
+        model: a `peft.PeftModel` (or a transformers model, when every adapter is given as a path).
+        adapters: adapter names loaded in `model`, or paths of saved PEFT adapters (loaded under
+            their directory's name); they are the experts 0..N-1 of every router.
+        top_k: adapters mixed per token, 1..N.
+        router: "token": every adapted Linear gets a router `torch.nn.Linear(in_features, N,
+            bias=False)` (torch's default init, in the base weight's dtype and device) scoring the
+            layer's input; `padfree.moe_route` takes the softmax's top-k, renormalised, and the
+            layer runs `padfree.lora_mixture_linear`:
+                y = base(x) + sum_j w_j * scale_{e_j} * B_{e_j} A_{e_j} dropout(x)
+            "sequence" is not built yet (ValueError).
+        trainable: "router": only the routers train, the adapters are frozen; "all": routers and
+            adapters train.
+
+    Returns the model (the PeftModel the paths were loaded into, when `model` was not one). Its
+    `save_pretrained(directory)` (what HF `Trainer` calls) saves each adapter as a PEFT adapter
+    (the "default" adapter in `directory`, the others in `directory/<name>`, PEFT's layout), the
+    routers in `padfree_router.safetensors` and the mixture's settings in `padfree_mixture.json`;
+    `load_mixture_of_adapters` loads it back, `unpatch_adapters` removes the routers and restores
+    PEFT's layers. The adapters of a layer may differ in rank, alpha and target modules (see
+    `multi_adapter` for what is refused).
+    """
+    _check_mixture_options(top_k, router, trainable)
+    model, names = _resolve_adapters(model, adapters)
+    _check_mixture_options(top_k, router, trainable, len(names))
+    layers = _adapted_layers(model, names)
+
+    def attach_routers(undo):
+        for module in layers.values():
+            base = module.get_base_layer()
+            module.add_module(ROUTER_ATTR, torch.nn.Linear(base.in_features, len(names), bias=False,
+                                                           device=base.weight.device, dtype=base.weight.dtype))
+            undo.append(lambda m=module: delattr(m, ROUTER_ATTR))
+        _replace(model, "save_pretrained", _saving_routers(model, names, top_k, router, model.save_pretrained), undo)
+
+    parameters = _adapter_parameters(layers, names)
+    _patch(model, names, layers, lambda m: _mixture_forward(m, names, top_k),
+           parameters if trainable == "all" else [], [] if trainable == "all" else parameters, attach_routers)
+    return model
+
+
+def load_mixture_of_adapters(model: torch.nn.Module, directory: str | os.PathLike, trainable: str = "router"
+                             ) -> torch.nn.Module:
+    """Load what a mixture's `save_pretrained(directory)` wrote onto `model` (the base model, a
+    transformers model with none of these adapters loaded, or a PeftModel of that base): the
+    adapters, the mixture (same adapters, top_k and router) and the router weights. `trainable`
+    as in `mixture_of_adapters`. Returns the PeftModel."""
+    directory = Path(directory)
+    if not (directory / MIXTURE_CONFIG).is_file() or not (directory / ROUTER_WEIGHTS).is_file():
+        raise ValueError(f"{str(directory)!r} holds no saved mixture of adapters ({MIXTURE_CONFIG} and "
+                         f"{ROUTER_WEIGHTS}, written by the save_pretrained of a mixture_of_adapters model)")
+    settings = json.loads((directory / MIXTURE_CONFIG).read_text())
+    names = settings["adapters"]
+    for name in names:
+        if name in _loaded_adapters(model):
+            raise ValueError(f"adapter {name!r} is already loaded in the model; load the mixture onto the base model")
+        model = _load_adapter(model, str(directory if name == "default" else directory / name), name, True)
+    model = mixture_of_adapters(model, names, settings["top_k"], settings["router"], trainable)
+    from safetensors.torch import load_file
+
+    saved = load_file(directory / ROUTER_WEIGHTS)
+    found = {f"{name}.weight": m.weight for name, m in routers(model).items()}
+    if saved.keys() != found.keys():
+        unpatch_adapters(model)
+        raise ValueError(f"the saved routers do not fit this model: missing {sorted(found.keys() - saved.keys())}, "
+                         f"unexpected {sorted(saved.keys() - found.keys())} (another base model?)")
+    with torch.no_grad():
+        for key, weight in found.items():
+            weight.copy_(saved[key])
     return model
 
 
