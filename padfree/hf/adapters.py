@@ -344,12 +344,6 @@ def _activate_all(model, names: list[str], undo: list[Callable[[], None]]) -> No
     undo.append(lambda: tuner.set_adapter(previous))
 
 
-def _install(model, undo: list[Callable[[], None]]) -> None:
-    if getattr(model, _STATE_ATTR, None) is not None:
-        unpatch_adapters(model)
-    object.__setattr__(model, _STATE_ATTR, undo)
-
-
 def _patch(model, names, layers, make_forward, trainable_parameters, frozen_parameters, extra=None):
     undo: list[Callable[[], None]] = []
     try:
@@ -368,7 +362,7 @@ def _patch(model, names, layers, make_forward, trainable_parameters, frozen_para
         for restore in reversed(undo):
             restore()
         raise
-    _install(model, undo)
+    object.__setattr__(model, _STATE_ATTR, undo)
 
 
 def multi_adapter(model: torch.nn.Module, adapters: Sequence[str | os.PathLike], trainable: bool = True
@@ -393,8 +387,10 @@ def multi_adapter(model: torch.nn.Module, adapters: Sequence[str | os.PathLike],
     dropout p. Raises ValueError listing the layers it cannot run (Embedding / Conv LoRA, DoRA,
     quantized or merged base layers, modules_to_save), and at forward time for missing adapter_ids,
     an adapter index out of range, or a sequence count that does not match. Patch attention with
-    `padfree.patch(model, lora=False)`; `unpatch_adapters(model)` restores the layers.
+    `padfree.patch(model, lora=False)`; `unpatch_adapters(model)` restores the layers. A model
+    already patched by `multi_adapter` / `mixture_of_adapters` is unpatched first.
     """
+    unpatch_adapters(model)
     model, names = _resolve_adapters(model, adapters)
     layers = _adapted_layers(model, names)
     batch_state = _Batch()
@@ -485,9 +481,11 @@ def mixture_of_adapters(model: torch.nn.Module, adapters: Sequence[str | os.Path
     routers in `padfree_router.safetensors` and the mixture's settings in `padfree_mixture.json`;
     `load_mixture_of_adapters` loads it back, `unpatch_adapters` removes the routers and restores
     PEFT's layers. The adapters of a layer may differ in rank, alpha and target modules (see
-    `multi_adapter` for what is refused).
+    `multi_adapter` for what is refused). A model already patched by `multi_adapter` /
+    `mixture_of_adapters` is unpatched first.
     """
     _check_mixture_options(top_k, router, trainable)
+    unpatch_adapters(model)
     model, names = _resolve_adapters(model, adapters)
     _check_mixture_options(top_k, router, trainable, len(names))
     layers = _adapted_layers(model, names)

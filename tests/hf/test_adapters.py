@@ -99,7 +99,7 @@ def alone_step(model, name, batch):
     return total.detach(), {n: p.grad.clone() for n, p in adapter_parameters(model, name).items()}
 
 
-def test_multi_adapter_packed_training_equals_each_adapter_alone():
+def test_multi_adapter_packed_training_equals_each_adapter_alone(backend):
     reference = peft_model()
     model = hf_adapters.multi_adapter(copy.deepcopy(reference), NAMES)
     padfree.patch(model, attention=True, lora=False, moe=False)
@@ -256,7 +256,7 @@ def mixture(trainable="all", top_k=2):
     return hf_adapters.mixture_of_adapters(model, NAMES, top_k=top_k, trainable=trainable)
 
 
-def test_mixture_equals_plain_pytorch_mixture_of_peft_adapters():
+def test_mixture_equals_plain_pytorch_mixture_of_peft_adapters(backend):
     model, oracle = mixture(), mixture()
     for name, module in oracle.named_modules():
         if hasattr(module, "padfree_router"):
@@ -327,3 +327,10 @@ def test_mixture_errors():
         hf_adapters.mixture_of_adapters(model, NAMES, top_k=4)
     with pytest.raises(ValueError, match="holds no saved mixture of adapters"):
         hf_adapters.load_mixture_of_adapters(model, ".")
+
+    hf_adapters.multi_adapter(model, NAMES)
+    hf_adapters.mixture_of_adapters(model, NAMES[:2], top_k=1)  # replaces the multi-adapter patch
+    calls = PadfreeOpCalls()
+    with calls, torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))  # no adapter_ids needed any more
+    assert calls.calls["lora_mixture_fwd"] == ADAPTED_LAYERS and len(hf_adapters.routers(model)) == ADAPTED_LAYERS
