@@ -7,8 +7,9 @@ takes `adapter_ids` (one adapter index per packed sequence, in the order of `ada
 sequences only.
 
 `mixture_of_adapters(model, adapters, top_k, router, trainable)`: a mixture of LoRA experts. Every
-LoRA Linear gets a router (a `torch.nn.Linear(in_features, N)` beside the adapters) that picks each
-token's top-k adapters with `padfree.moe_route`, and runs `padfree.lora_mixture_linear`.
+LoRA Linear gets a router (a `torch.nn.Linear(in_features, N)` beside the adapters) that picks the
+top-k adapters of each token (or of each packed sequence, from the mean of its tokens) with
+`padfree.moe_route`, and runs `padfree.lora_mixture_linear`.
 `load_mixture_of_adapters` loads what the patched model's `save_pretrained` wrote.
 
 Both patch one model instance (PEFT's own modules keep their parameters; only the layers' `forward`
@@ -199,7 +200,7 @@ def _refuse_state(module, args, kwargs) -> None:
 
 
 class _Batch:
-    """`adapter_ids` and `cu_seqlens` of the current forward, shared by every patched layer. Kept
+    """`cu_seqlens` (and `adapter_ids`) of the current forward, shared by every patched layer. Kept
     after the forward so that gradient checkpointing's recomputation sees the same batch."""
 
     def __init__(self):
@@ -215,7 +216,7 @@ def _input_shape(args, kwargs) -> tuple[int, int, torch.device]:
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-        raise ValueError("adapter_ids needs the batch's input_ids (batch, seq_len) or inputs_embeds to go with them")
+        raise ValueError("padfree's adapters need the batch's input_ids (batch, seq_len) or inputs_embeds")
     return inputs.shape[0], inputs.shape[1], inputs.device
 
 
@@ -239,31 +240,49 @@ def _as_adapter_ids(adapter_ids, num_adapters: int, device: torch.device) -> tor
     return adapter_ids
 
 
-def _sequence_offsets(kwargs, batch: int, length: int, device: torch.device, count: int) -> torch.Tensor:
-    """cu_seqlens (count + 1,) int32 of the batch's sequences: `cu_seq_lens_q`, else restarts of
-    `position_ids`, else one sequence per row. Raises when the batch has not `count` sequences."""
-    tokens = batch * length
+def _all_offsets(kwargs, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, str]:
+    """(cu_seqlens int32, where from) of the batch's sequences, without a host sync: `cu_seq_lens_q`,
+    else where `position_ids` restart (then (tokens + 1,) offsets, the sequences past the last one
+    empty), else one sequence per row."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is not None:
-        if cu_seqlens.shape[0] - 1 != count:
-            raise ValueError(f"adapter_ids has {count} entries but cu_seq_lens_q holds {cu_seqlens.shape[0] - 1} "
-                             "sequences: give one adapter index per packed sequence")
-        return cu_seqlens.to(device=device, dtype=torch.int32)
+        return cu_seqlens.to(device=device, dtype=torch.int32), "cu_seq_lens_q"
     position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        if count != batch:
-            raise ValueError(f"adapter_ids has {count} entries but the batch has {batch} rows and no "
-                             "cu_seq_lens_q / position_ids marking packed sequences: give one per row")
-        return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
-    starts = seqlens.cu_seqlens_from_position_ids(position_ids.reshape(-1, length).expand(batch, length).long())[0]
-    if count > tokens:
-        raise ValueError(f"adapter_ids has {count} entries, more than the batch's {tokens} tokens")
-    if _checks.value_checks_enabled(None):
-        found = int((starts < tokens).sum())
-        if found != count:
-            raise ValueError(f"adapter_ids has {count} entries but the batch's position_ids hold {found} sequences: "
-                             "give one adapter index per packed sequence")
-    return starts[:count + 1].to(device)
+    if position_ids is not None:
+        position_ids = position_ids.reshape(-1, length).expand(batch, length).long()
+        return seqlens.cu_seqlens_from_position_ids(position_ids)[0].to(device), "position_ids"
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length, "rows"
+
+
+def _sequence_offsets(kwargs, batch: int, length: int, device: torch.device, count: int) -> torch.Tensor:
+    """cu_seqlens (count + 1,) int32 of the batch's sequences (see `_all_offsets`). Raises when the
+    batch has not `count` sequences (one host sync for `position_ids`, unless value checks are off)."""
+    tokens = batch * length
+    cu_seqlens, source = _all_offsets(kwargs, batch, length, device)
+    if source == "position_ids":
+        if count > tokens:
+            raise ValueError(f"adapter_ids has {count} entries, more than the batch's {tokens} tokens")
+        if _checks.value_checks_enabled(None):
+            found = int((cu_seqlens < tokens).sum())
+            if found != count:
+                raise ValueError(f"adapter_ids has {count} entries but the batch's position_ids hold {found} "
+                                 "sequences: give one adapter index per packed sequence")
+        return cu_seqlens[:count + 1]
+    if cu_seqlens.shape[0] - 1 != count:
+        where = ("cu_seq_lens_q holds" if source == "cu_seq_lens_q" else
+                 "the batch has no cu_seq_lens_q / position_ids marking packed sequences and has")
+        raise ValueError(f"adapter_ids has {count} entries but {where} {cu_seqlens.shape[0] - 1} sequences: "
+                         "give one adapter index per packed sequence (per row of a plain batch)")
+    return cu_seqlens
+
+
+def _boundaries_hook(batch_state: _Batch) -> Callable:
+    def take_boundaries(module, args, kwargs):
+        batch, length, device = _input_shape(args, kwargs)
+        batch_state.cu_seqlens = _all_offsets(kwargs, batch, length, device)[0]
+        batch_state.tokens = batch * length
+
+    return take_boundaries
 
 
 def _batch_hook(batch_state: _Batch, num_adapters: int) -> Callable:
@@ -281,6 +300,13 @@ def _batch_hook(batch_state: _Batch, num_adapters: int) -> Callable:
     return take_adapter_ids
 
 
+def _check_tokens(x: torch.Tensor, batch_state: _Batch) -> None:
+    tokens = x.numel() // x.shape[-1]
+    if tokens != batch_state.tokens:
+        raise ValueError(f"a LoRA layer got {tokens} tokens but the model's forward had {batch_state.tokens}: "
+                         "a layer patched by padfree's adapters runs only inside the model's forward")
+
+
 def _per_sequence_forward(module, names: list[str], batch_state: _Batch) -> Callable:
     def forward(x, *args, **kwargs):
         if module.disable_adapters:
@@ -290,10 +316,7 @@ def _per_sequence_forward(module, names: list[str], batch_state: _Batch) -> Call
             raise ValueError("this model runs several LoRA adapters per sequence (padfree.hf.multi_adapter): its "
                              "forward needs adapter_ids, one adapter index per packed sequence (e.g. from "
                              "PaddingFreeCollator(adapter_key='adapter_id'))")
-        tokens = x.numel() // x.shape[-1]
-        if tokens != batch_state.tokens:
-            raise ValueError(f"a LoRA layer got {tokens} tokens but the model's forward had {batch_state.tokens}: "
-                             "a layer patched by multi_adapter runs only inside the model's forward")
+        _check_tokens(x, batch_state)
         base = module.get_base_layer()
         lora_a, lora_b, scaling = stack_adapters(module, names)
         return lora_per_sequence_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, batch_state.adapter_ids,
@@ -404,14 +427,34 @@ def multi_adapter(model: torch.nn.Module, adapters: Sequence[str | os.PathLike],
     return model
 
 
-def _mixture_forward(module, names: list[str], top_k: int) -> Callable:
+def _sequence_routing(router: torch.nn.Module, x2d: torch.Tensor, cu_seqlens: torch.Tensor, top_k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route every packed sequence by the mean of its tokens' inputs; each token takes its sequence's
+    (weights, experts). Tokens past cu_seqlens[-1] (padding) get weight 0. No host sync."""
+    num_tokens, sequences = x2d.shape[0], cu_seqlens.shape[0] - 1
+    positions = torch.arange(num_tokens, device=x2d.device, dtype=cu_seqlens.dtype)
+    sequence = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    inside = sequence < sequences
+    sequence = sequence.clamp_max(sequences - 1)
+    sums = x2d.new_zeros(sequences, x2d.shape[1]).index_add(0, sequence, x2d * inside[:, None].to(x2d.dtype))
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp_min(1)  # an empty sequence routes no token
+    top_k_weights, top_k_index = moe_route(router(sums / lengths[:, None].to(x2d.dtype)), top_k)
+    return top_k_weights[sequence] * inside[:, None], top_k_index[sequence]
+
+
+def _mixture_forward(module, names: list[str], top_k: int, batch_state: _Batch | None) -> Callable:
     def forward(x, *args, **kwargs):
         if module.disable_adapters:
             return module.base_layer(x, *args, **kwargs)
         _refuse_state(module, args, kwargs)
         base = module.get_base_layer()
-        logits = getattr(module, ROUTER_ATTR)(x).reshape(-1, len(names))
-        top_k_weights, top_k_index = moe_route(logits, top_k)
+        router = getattr(module, ROUTER_ATTR)
+        if batch_state is None:
+            top_k_weights, top_k_index = moe_route(router(x).reshape(-1, len(names)), top_k)
+        else:
+            _check_tokens(x, batch_state)
+            top_k_weights, top_k_index = _sequence_routing(router, x.reshape(-1, x.shape[-1]),
+                                                           batch_state.cu_seqlens, top_k)
         lora_a, lora_b, scaling = stack_adapters(module, names)
         # moe_route's experts are in range by construction: skip the op's host-side index check
         return lora_mixture_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, top_k_index, top_k_weights,
@@ -443,11 +486,9 @@ def _saving_routers(model, names: list[str], top_k: int, router: str, original: 
 
 
 def _check_mixture_options(top_k, router, trainable, num_adapters: int | None = None) -> None:
-    if router == "sequence":
-        raise ValueError("router='sequence' (one routing per packed sequence) is not built yet; use router='token' "
-                         "(a router per adapted layer choosing each token's adapters)")
-    if router != "token":
-        raise ValueError(f"router must be 'token', got {router!r}")
+    if router not in ("token", "sequence"):
+        raise ValueError(f"router must be 'token' (each token routed) or 'sequence' (each packed sequence routed), "
+                         f"got {router!r}")
     if trainable not in ("router", "all"):
         raise ValueError(f"trainable must be 'router' (adapters frozen) or 'all' (router and adapters), "
                          f"got {trainable!r}")
@@ -466,12 +507,16 @@ def mixture_of_adapters(model: torch.nn.Module, adapters: Sequence[str | os.Path
         adapters: adapter names loaded in `model`, or paths of saved PEFT adapters (loaded under
             their directory's name); they are the experts 0..N-1 of every router.
         top_k: adapters mixed per token, 1..N.
-        router: "token": every adapted Linear gets a router `torch.nn.Linear(in_features, N,
-            bias=False)` (torch's default init, in the base weight's dtype and device) scoring the
-            layer's input; `padfree.moe_route` takes the softmax's top-k, renormalised, and the
-            layer runs `padfree.lora_mixture_linear`:
+        router: every adapted Linear gets a router `torch.nn.Linear(in_features, N, bias=False)`
+            (torch's default init, in the base weight's dtype and device); `padfree.moe_route`
+            takes the softmax's top-k of its scores, renormalised, and the layer runs
+            `padfree.lora_mixture_linear`:
                 y = base(x) + sum_j w_j * scale_{e_j} * B_{e_j} A_{e_j} dropout(x)
-            "sequence" is not built yet (ValueError).
+            "token": the router scores each token's input x. "sequence": it scores the mean of x
+            over each packed sequence (sequences as `multi_adapter` finds them: `cu_seq_lens_q`,
+            `position_ids` restarts or rows), and every token of the sequence takes that choice.
+            The mean is over the tokens of the current forward, so a sequence router is for
+            whole-sequence forwards (training, scoring), not for generation with a KV cache.
         trainable: "router": only the routers train, the adapters are frozen; "all": routers and
             adapters train.
 
@@ -489,6 +534,7 @@ def mixture_of_adapters(model: torch.nn.Module, adapters: Sequence[str | os.Path
     model, names = _resolve_adapters(model, adapters)
     _check_mixture_options(top_k, router, trainable, len(names))
     layers = _adapted_layers(model, names)
+    batch_state = _Batch() if router == "sequence" else None
 
     def attach_routers(undo):
         for module in layers.values():
@@ -497,9 +543,11 @@ def mixture_of_adapters(model: torch.nn.Module, adapters: Sequence[str | os.Path
                                                            device=base.weight.device, dtype=base.weight.dtype))
             undo.append(lambda m=module: delattr(m, ROUTER_ATTR))
         _replace(model, "save_pretrained", _saving_routers(model, names, top_k, router, model.save_pretrained), undo)
+        if batch_state is not None:
+            undo.append(model.register_forward_pre_hook(_boundaries_hook(batch_state), with_kwargs=True).remove)
 
     parameters = _adapter_parameters(layers, names)
-    _patch(model, names, layers, lambda m: _mixture_forward(m, names, top_k),
+    _patch(model, names, layers, lambda m: _mixture_forward(m, names, top_k, batch_state),
            parameters if trainable == "all" else [], [] if trainable == "all" else parameters, attach_routers)
     return model
 

@@ -183,7 +183,7 @@ def test_multi_adapter_errors_and_unpatch():
         model(input_ids=ids)
     with pytest.raises(ValueError, match=r"adapter 3, outside 0..2"):
         model(input_ids=ids, adapter_ids=torch.tensor([3]))
-    with pytest.raises(ValueError, match="adapter_ids has 2 entries but the batch has 1 rows"):
+    with pytest.raises(ValueError, match="adapter_ids has 2 entries but the batch has no cu_seq_lens_q .* has 1 seq"):
         model(input_ids=ids, adapter_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="position_ids hold 2 sequences"):
         model(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1]]), adapter_ids=torch.tensor([0]))
@@ -234,11 +234,13 @@ def test_multi_adapter_loads_adapters_from_paths(tmp_path):
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
-def oracle_mixture_forward(module, names, top_k):
-    """The mixture in plain PyTorch from PEFT's own modules: softmax top-k of the router, renormalised."""
+def oracle_mixture_forward(module, names, top_k, router):
+    """The mixture in plain PyTorch from PEFT's own modules: softmax top-k of the router, renormalised;
+    a sequence router scores the mean over a row (x is (batch, seq_len, in), one sequence per row)."""
     def forward(x):
         result = module.base_layer(x)
-        probs = module.padfree_router(x).float().softmax(-1)
+        scored = x if router == "token" else x.mean(dim=1, keepdim=True)
+        probs = module.padfree_router(scored).float().softmax(-1)
         weights, index = probs.topk(top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
         for expert, name in enumerate(names):
@@ -250,17 +252,18 @@ def oracle_mixture_forward(module, names, top_k):
     return forward
 
 
-def mixture(trainable="all", top_k=2):
+def mixture(trainable="all", top_k=2, router="token"):
     model = peft_model()
     torch.manual_seed(1)  # the routers' init
-    return hf_adapters.mixture_of_adapters(model, NAMES, top_k=top_k, trainable=trainable)
+    return hf_adapters.mixture_of_adapters(model, NAMES, top_k=top_k, router=router, trainable=trainable)
 
 
-def test_mixture_equals_plain_pytorch_mixture_of_peft_adapters(backend):
-    model, oracle = mixture(), mixture()
+@pytest.mark.parametrize("router", ["token", "sequence"])
+def test_mixture_equals_plain_pytorch_mixture_of_peft_adapters(backend, router):
+    model, oracle = mixture(router=router), mixture(router=router)
     for name, module in oracle.named_modules():
         if hasattr(module, "padfree_router"):
-            module.forward = oracle_mixture_forward(module, NAMES, top_k=2)
+            module.forward = oracle_mixture_forward(module, NAMES, top_k=2, router=router)
     input_ids = torch.randint(3, TINY["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(4))
     results = []
     for m in (model, oracle):
@@ -276,8 +279,10 @@ def test_mixture_equals_plain_pytorch_mixture_of_peft_adapters(backend):
     routers = [n for n in grads if "padfree_router" in n]
     assert len(routers) == ADAPTED_LAYERS and len(grads) > len(routers) and grads.keys() == oracle_grads.keys()
     for n, g in grads.items():
-        assert g.any(), n
+        # with a sequence router, an adapter no sequence chose in a layer has a zero gradient there
+        assert g.any() or (router == "sequence" and n not in routers), n
         assert_same(n, g, oracle_grads[n])
+    assert sum(bool(g.any()) for g in grads.values()) > len(routers)
 
 
 def test_mixture_trains_router_only_under_trainer_saves_and_reloads(tmp_path):
@@ -319,8 +324,8 @@ def test_mixture_trains_router_only_under_trainer_saves_and_reloads(tmp_path):
 
 def test_mixture_errors():
     model = peft_model()
-    with pytest.raises(ValueError, match="router='sequence' .* is not built yet"):
-        hf_adapters.mixture_of_adapters(model, NAMES, router="sequence")
+    with pytest.raises(ValueError, match="router must be 'token' .* or 'sequence'"):
+        hf_adapters.mixture_of_adapters(model, NAMES, router="batch")
     with pytest.raises(ValueError, match="trainable must be 'router'"):
         hf_adapters.mixture_of_adapters(model, NAMES, trainable="adapters")
     with pytest.raises(ValueError, match="top_k=4 is more than the 3 adapters"):
@@ -334,3 +339,18 @@ def test_mixture_errors():
     with calls, torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))  # no adapter_ids needed any more
     assert calls.calls["lora_mixture_fwd"] == ADAPTED_LAYERS and len(hf_adapters.routers(model)) == ADAPTED_LAYERS
+
+
+@torch.no_grad()
+def test_sequence_router_routes_packed_sequences_as_rows():
+    """A packed row of two sequences (boundaries from cu_seq_lens_q, padding tail after them) gives
+    each sequence the logits it gets as one row of a plain batch: the routing is per sequence."""
+    model = mixture(router="sequence")
+    padfree.patch(model, attention=True, lora=False, moe=False)
+    rows = torch.randint(3, TINY["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(5))
+    packed = PaddingFreeCollator(pad_to_multiple_of=16)([{"input_ids": r.tolist()} for r in rows])
+    calls = PadfreeOpCalls()
+    with calls:
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+    assert calls.calls["lora_mixture_fwd"] == ADAPTED_LAYERS
+    torch.testing.assert_close(logits[:12].view(2, 6, -1), model(input_ids=rows).logits, rtol=1e-5, atol=1e-5)
