@@ -370,8 +370,9 @@ def _activate_all(model, names: list[str], undo: list[Callable[[], None]]) -> No
 def _patch(model, names, layers, make_forward, trainable_parameters, frozen_parameters, extra=None):
     undo: list[Callable[[], None]] = []
     try:
-        # restored last: PEFT's set_adapter in the undo of _activate_all sets flags of its own
-        _keep_requires_grad([p for module in layers.values() for p in module.parameters()], undo)
+        # restored last: PEFT's set_adapter (here and in the undo of _activate_all) sets the flags
+        # of every adapter in the model, these ones or not
+        _keep_requires_grad(list(model.parameters()), undo)
         _activate_all(model, names, undo)
         if extra is not None:
             extra(undo)
