@@ -7,8 +7,9 @@ SGD steps, and an exactly-zero gradient for the adapter no sequence of the secon
 `PadfreeOpCalls` proves the padfree op ran in every adapted layer.
 
 mixture_of_adapters: the patched model equals a plain-PyTorch mixture of PEFT's adapter modules
-(logits, router and adapter gradients; token and sequence routers, the latter also packed vs rows); it trains under HF `Trainer` on packed batches (router only:
-the adapters stay exactly as they were), saves through the Trainer, loads back with the same logits.
+(logits, router and adapter gradients; token and sequence routers, the latter also packed vs rows);
+it trains under HF `Trainer` on packed batches (router only: the adapters stay exactly as they
+were), saves through the Trainer, loads back with the same logits.
 """
 
 from __future__ import annotations
