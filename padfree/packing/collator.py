@@ -35,7 +35,8 @@ class PaddingFreeCollator:
 
     Each example is a mapping with ``input_ids`` (list of ints, 1-D tensor or array) and optionally
     ``labels`` of the same length (e.g. completion-only labels with -100 on the prompt; without
-    ``labels`` the input ids are the labels). Other keys (e.g. ``attention_mask``) are ignored.
+    ``labels`` the input ids are the labels), and with ``adapter_key`` set, that key (an int).
+    Other keys (e.g. ``attention_mask``) are ignored.
     The result, for B examples of lengths ``n_1..n_B`` and ``T = sum(n_i)``:
 
     * ``input_ids`` (1, T) int64: the sequences one after the other;
@@ -44,7 +45,9 @@ class PaddingFreeCollator:
       sequence (HF models shift ``labels`` inside their loss: the label at t is predicted at t-1);
     * ``position_ids`` (1, T) int64: 0..n_i-1 for each sequence;
     * ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (B+1,) int32: sequence offsets 0, n_1, n_1+n_2, ..., T;
-    * ``max_length_q`` / ``max_length_k`` python int: the longest ``n_i``.
+    * ``max_length_q`` / ``max_length_k`` python int: the longest ``n_i``;
+    * with ``adapter_key``: ``adapter_ids`` (B,) int64, each example's adapter index, in order (what
+      a model patched by ``padfree.hf.multi_adapter`` takes, one adapter per packed sequence).
 
     There is no ``attention_mask``: the boundaries travel in ``cu_seq_lens_*`` (read by padfree's
     and transformers' flash attention paths) and in the restarting ``position_ids``. The keys and
@@ -63,6 +66,10 @@ class PaddingFreeCollator:
         pad_token_id: the token id of the padding tail.
         max_tokens: when set, a row longer than this (padding tail included) raises ValueError
             instead of running out of memory later.
+        adapter_key: the example key holding the index of the LoRA adapter that example trains
+            (e.g. ``"adapter_id"``); None: no ``adapter_ids`` in the batch. With HF ``Trainer`` and a
+            ``datasets.Dataset``, pass ``remove_unused_columns=False`` so that the column reaches the
+            collator.
 
     >>> collate = PaddingFreeCollator()
     >>> batch = collate([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])
@@ -70,10 +77,13 @@ class PaddingFreeCollator:
     (tensor([[5, 6, 7, 8, 9]]), tensor([[-100,    6,    7, -100,    9]]), tensor([[0, 1, 2, 0, 1]]))
     >>> batch["cu_seq_lens_q"], batch["max_length_q"]
     (tensor([0, 3, 5], dtype=torch.int32), 3)
+    >>> PaddingFreeCollator(adapter_key="adapter_id")([{"input_ids": [5, 6], "adapter_id": 2},
+    ...                                                {"input_ids": [7], "adapter_id": 0}])["adapter_ids"]
+    tensor([2, 0])
     """
 
     def __init__(self, return_flash_attn_kwargs: bool = True, pad_to_multiple_of: int | None = None,
-                 pad_token_id: int = 0, max_tokens: int | None = None):
+                 pad_token_id: int = 0, max_tokens: int | None = None, adapter_key: str | None = None):
         if pad_to_multiple_of is not None:
             pad_to_multiple_of = self._positive_int("pad_to_multiple_of", pad_to_multiple_of)
         if max_tokens is not None:
@@ -84,6 +94,9 @@ class PaddingFreeCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = pad_token_id
         self.max_tokens = max_tokens
+        if adapter_key is not None and not isinstance(adapter_key, str):
+            raise TypeError(f"adapter_key must be a str (an example key) or None, got {type(adapter_key).__name__}")
+        self.adapter_key = adapter_key
 
     @staticmethod
     def _positive_int(name: str, value) -> int:
@@ -97,7 +110,7 @@ class PaddingFreeCollator:
     def __repr__(self) -> str:
         return (f"PaddingFreeCollator(return_flash_attn_kwargs={self.return_flash_attn_kwargs}, "
                 f"pad_to_multiple_of={self.pad_to_multiple_of}, pad_token_id={self.pad_token_id}, "
-                f"max_tokens={self.max_tokens})")
+                f"max_tokens={self.max_tokens}, adapter_key={self.adapter_key!r})")
 
     def _sequences(self, features) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if isinstance(features, Mapping) or not isinstance(features, Sequence):
@@ -148,4 +161,20 @@ class PaddingFreeCollator:
             max_length = int(lengths.max())
             batch.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens.clone(),
                          max_length_q=max_length, max_length_k=max_length)
+        if self.adapter_key is not None:
+            batch["adapter_ids"] = self._adapter_ids(features)
         return batch
+
+    def _adapter_ids(self, features) -> torch.Tensor:
+        ids = []
+        for i, example in enumerate(features):
+            if self.adapter_key not in example:
+                raise ValueError(f"features[{i}] has no {self.adapter_key!r} (adapter_key; keys: {sorted(example)})")
+            value = example[self.adapter_key]
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+                value = value.item()
+            if isinstance(value, bool) or not hasattr(value, "__index__"):
+                raise TypeError(f"features[{i}][{self.adapter_key!r}] must be an int adapter index, "
+                                f"got {type(value).__name__}")
+            ids.append(operator.index(value))
+        return torch.tensor(ids, dtype=torch.int64)
