@@ -368,6 +368,13 @@ def _activate_all(model, names: list[str], undo: list[Callable[[], None]]) -> No
 
 
 def _patch(model, names, layers, make_forward, trainable_parameters, frozen_parameters, extra=None):
+    # A forward already set on the instance is someone else's patch (padfree.patch(lora=True) sets
+    # one); replacing it would let that patch's undo restore it over ours later.
+    replaced = [name for name, module in layers.items() if "forward" in module.__dict__]
+    if replaced:
+        raise ValueError(f"the forward of {', '.join(replaced[:3])}{' ...' if len(replaced) > 3 else ''} is already "
+                         "replaced (e.g. by padfree.patch(model, lora=True)): call padfree.unpatch(model) first; "
+                         "padfree.patch after this call leaves these layers alone")
     undo: list[Callable[[], None]] = []
     try:
         # restored last: PEFT's set_adapter (here and in the undo of _activate_all) sets the flags

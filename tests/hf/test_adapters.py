@@ -355,3 +355,20 @@ def test_sequence_router_routes_packed_sequences_as_rows():
         logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
     assert calls.calls["lora_mixture_fwd"] == ADAPTED_LAYERS
     torch.testing.assert_close(logits[:12].view(2, 6, -1), model(input_ids=rows).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_adapter_refuses_layers_padfree_patch_replaced_first():
+    """padfree.patch(lora=True) before multi_adapter would later restore PEFT's forward over
+    multi_adapter's: refused with the order that works, and that order works."""
+    model = peft_model()
+    padfree.patch(model, attention=False, lora=True, moe=False)
+    with pytest.raises(ValueError, match=r"already replaced .* call padfree.unpatch\(model\) first"):
+        hf_adapters.multi_adapter(model, NAMES)
+    padfree.unpatch(model)
+    hf_adapters.multi_adapter(model, NAMES)
+    ours = {n: m.__dict__["forward"] for n, m in model.named_modules() if "forward" in m.__dict__}
+    assert ours
+    padfree.patch(model, attention=False, lora=True, moe=False, strict=False)
+    padfree.unpatch(model)
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules() if n in ours} == ours
+    hf_adapters.unpatch_adapters(model)
