@@ -165,13 +165,19 @@ def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R
     row_ok = rows < M
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K),
-                    other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K),
-                    other=0.0)
-        acc = _dot(x, w, acc, IEEE)
+    # Whole BLOCK_K steps, then the partial one; rows past M and columns past N read row M - 1 and
+    # column N - 1 (their results are never stored): the main loop's loads need no masks.
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + tl.minimum(rows, M - 1)[:, None] * stride_xm + ks[None, :]
+    w_tile = w_ptr + tl.minimum(cols, N - 1)[None, :] * stride_wn + ks[:, None]
+    whole = K - K % BLOCK_K
+    for _ in range(0, whole, BLOCK_K):
+        acc = _dot(tl.load(x_tile), tl.load(w_tile), acc, IEEE)
+        x_tile += BLOCK_K
+        w_tile += BLOCK_K
+    if whole < K:
+        acc = _dot(tl.load(x_tile, mask=ks[None, :] < K - whole, other=0.0),
+                   tl.load(w_tile, mask=ks[:, None] < K - whole, other=0.0), acc, IEEE)
     if scaling != 0.0:
         # One fp32 accumulator for both sums (a second one costs registers, spills wide tiles):
         # acc / s + xa B^T, times s. The two fp32 roundings are far below the 16-bit inputs' own.

@@ -204,6 +204,24 @@ def test_textbook_gemm_matches_float64(triton_cpu):
     assert_close("c", c, a.double() @ b.double().t(), (a @ b.t()), factor=2)
 
 
+def test_textbook_dropout_gemm_applies_the_lora_mask(triton_cpu):
+    """The dropout yardstick computes (a * keep) @ b^T with the mask padfree.reference.lora.keep_mask
+    defines (stream 0): a mask that differed from the LoRA kernels' would fail here."""
+    from padfree.reference import lora as lora_reference
+
+    a, b = torch.randn(32, 48, dtype=torch.float16), torch.randn(16, 48, dtype=torch.float16)
+    c = torch.empty(32, 16, dtype=torch.float16)
+    seed, dropout_p = 1234, 0.3
+    textbook.textbook_dropout_gemm_kernel[(2, 1)](a, b, c, torch.tensor([seed]), 32, 16, 48, a.stride(0), b.stride(0),
+                                                  c.stride(0), lora_reference.keep_threshold(dropout_p),
+                                                  BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    keep = lora_reference.keep_mask(seed, 0, 32, 48, dropout_p)
+    assert 0.6 < keep.double().mean().item() < 0.8
+    dropped = a * keep.to(a.dtype)
+    assert_close("c", c, dropped.double() @ b.double().t(), dropped @ b.t(), factor=2)
+    assert (c.double() - a.double() @ b.double().t()).abs().max() > 0.5  # the mask did drop something
+
+
 # ---- the performance model -------------------------------------------------------------------------
 
 def _visited_pairs(length, block_rows, block_cols, causal, keys_side):
