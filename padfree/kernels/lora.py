@@ -7,9 +7,11 @@ keep_p (M, K) the keep-mask of stream p (`dropout_keep`, bit-identical to padfre
 Forward, two kernels and nothing formed at (N, K) size (B_p @ A_p is never built):
 
     lora_shrink_kernel   xa = (x * keep_p) @ A_p^T / (1 - q)  for all p at once    (M, R)
-                         one program owns a row tile of x and all R columns (R <= 128), so x is
-                         read once for every projection's shrink; with dropout the x tile is
-                         masked per stream in registers.
+                         without dropout one program owns a row tile of x and all R columns
+                         (R <= 128), so x is read once for every projection's shrink; with
+                         dropout one program per row tile and stream masks the x tile in
+                         registers with that stream's mask (the programs of one row tile run
+                         together, so x comes from L2 after the first).
     lora_forward_kernel  y_p = x @ W_p^T + s_p * xa_p @ B_p^T + bias_p
                          the base K-loop is followed by a short loop over r_p in the same
                          accumulator; y is stored once.
@@ -371,7 +373,8 @@ def _stream_blocks(rank_ends: list[int], dropout: bool, choices: tuple[int, ...]
     widest = max(end - start for start, end in zip([0, *ends[:-1]], ends))
     block_r = _block_r(widest, choices)
     blocks = triton.cdiv(widest, block_r)
-    return block_r, {"blocks_per_stream": blocks, "num_blocks": blocks * len(ends), **_rank_end_args(ends, rank_ends[-1])}
+    return block_r, {"blocks_per_stream": blocks, "num_blocks": blocks * len(ends),
+                     **_rank_end_args(ends, rank_ends[-1])}
 
 
 def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p: float,
