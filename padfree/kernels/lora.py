@@ -27,7 +27,7 @@ Backward. With y_p = x W_p^T + s_p (D_p(x) A_p^T) B_p^T + b_p, where D_p(x) = ke
 
 lora_dx_kernel computes one (BLOCK_M, BLOCK_K) tile of dx from up to three (dy_p, W_p) pairs
 followed by the r-loop over t A, and applies keep_p in the epilogue of each stream's r-loop: the
-mask is regenerated from (seed, stream, row * K + col), never loaded. Only xa (M, R) and the seed
+mask is regenerated from (seed, stream, row, column), never loaded. Only xa (M, R) and the seed
 are saved for backward. The seed is an int64 device tensor the kernels load (`seed_ptr`), drawn by
 the device's generator, so a captured CUDA graph draws a new mask on every replay.
 

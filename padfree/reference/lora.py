@@ -4,7 +4,7 @@ For projections p = 0..P-1 that read the same input x (M, K) (P = 1 for a single
 
     xa      = dropout(x) @ A_cat^T / (1 - dropout_p)       (M, R),  A_cat = cat(A_p) (R, K)
     y_p     = x @ W_p^T + bias_p + scaling_p * xa_p @ B_p^T   xa_p = xa[:, start_p:end_p]
-    dropout(x)_p = x * keep_p                              keep_p = keep(seed, p, row * K + col)
+    dropout(x)_p = x * keep_p                              keep_p = keep(seed, p, row, col)
 
 Projection p's columns of xa use its own mask stream p, so the projections of a shared group are
 dropped out independently, as PEFT does with one dropout module per layer.
