@@ -140,16 +140,16 @@ def _shrink_step(acc, x_tile, a_tile, rows, k0, ks, K, seed, stream, threshold, 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
 def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stride_xam, rank_end0, rank_end1,
-                       blocks_per_stream, num_blocks, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
+                       blocks_per_stream, rank_blocks, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """xa[m, r] = sum_k x[m, k] keep_p(m, k) A_cat[r, k] / (1 - q), p the stream owning column r.
 
     Program (row tile, column block), column blocks innermost so that the programs reading one x
     tile run together (L2). With dropout a column block lies in one stream, so a program draws
     one mask and runs one dot; without, the blocks tile all R columns (one 'stream')."""
-    tile_m = tl.program_id(0) // num_blocks
+    tile_m = tl.program_id(0) // rank_blocks
     rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    stream, cols, col_ok = _stream_block(tl.program_id(0) % num_blocks, rank_end0, rank_end1, R, blocks_per_stream,
+    stream, cols, col_ok = _stream_block(tl.program_id(0) % rank_blocks, rank_end0, rank_end1, R, blocks_per_stream,
                                          BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     seed = 0
@@ -410,7 +410,7 @@ def _stream_blocks(rank_ends: list[int], dropout: bool, choices: tuple[int, ...]
     widest = max(end - start for start, end in zip([0, *ends[:-1]], ends))
     block_r = _block_r(widest, choices)
     blocks = triton.cdiv(widest, block_r)
-    return block_r, {"blocks_per_stream": blocks, "num_blocks": blocks * len(ends),
+    return block_r, {"blocks_per_stream": blocks, "rank_blocks": blocks * len(ends),
                      **_rank_end_args(ends, rank_ends[-1])}
 
 
@@ -422,7 +422,7 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p
     xa = runtime.empty((m, rank), x.dtype, x.device)
     block_r, blocks = _stream_blocks(rank_ends, dropout_p > 0, _SHRINK_BLOCK_R)
     block_m, block_k = _SHRINK_TILE[_elem(x.dtype)]
-    grid = (triton.cdiv(m, block_m) * blocks["num_blocks"],)
+    grid = (triton.cdiv(m, block_m) * blocks["rank_blocks"],)
     args = dict(x_ptr=x, a_ptr=a_cat, xa_ptr=xa, M=m, K=k, R=rank, stride_xm=x.stride(0), stride_ar=a_cat.stride(0),
                 stride_xam=xa.stride(0), **blocks, **_dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0,
                 IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
@@ -503,7 +503,7 @@ def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
     da = runtime.empty((rank, k), x.dtype, x.device)
     block_r, blocks = _stream_blocks(rank_ends, True, _DA_BLOCK_R)
     block_m, block_k = _DA_TILE[_elem(x.dtype)]
-    grid = (blocks.pop("num_blocks"), triton.cdiv(k, block_k))
+    grid = (blocks.pop("rank_blocks"), triton.cdiv(k, block_k))
     args = dict(t_ptr=t, x_ptr=x, da_ptr=da, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_xm=x.stride(0),
                 stride_dar=da.stride(0), **blocks, **_dropout_args(dropout_p, seed), IEEE=_is_ieee(x.dtype),
                 BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m)
