@@ -249,6 +249,9 @@ def reference_for(name: str, launch):
               "lora_mixture_grad_x_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_R")}
     if short in shapes:
         m, n, k = (c[key] for key in shapes[short])
+        # the kernels that drop out their operand in the main loop are held to a GEMM doing the same
+        if short == "lora_da_kernel" or (short == "lora_shrink_kernel" and c["DROPOUT"]):
+            return textbook.textbook_dropout_gemm_kernel, textbook.dropout_gemm_launch("bf16", m, n, k, warps, stages)
     elif name.startswith("padfree.kernels.moe."):
         m, n, k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
     else:

@@ -2,14 +2,16 @@
 
 Notation: x (M, K) the input, projections p = 0..P-1 (P <= 3: q/k/v or gate/up read the same x),
 W_p (N_p, K) frozen, A_cat = cat(A_p) (R, K), B_p (N_p, r_p), s_p the scaling, q = dropout_p and
-keep_p (M, K) the keep-mask of stream p (`_keep`, bit-identical to padfree.reference.lora).
+keep_p (M, K) the keep-mask of stream p (`dropout_keep`, bit-identical to padfree.reference.lora).
 
 Forward, two kernels and nothing formed at (N, K) size (B_p @ A_p is never built):
 
     lora_shrink_kernel   xa = (x * keep_p) @ A_p^T / (1 - q)  for all p at once    (M, R)
-                         one program owns a row tile of x and all R columns (R <= 128), so x is
-                         read once for every projection's shrink; with dropout the x tile is
-                         masked per stream in registers.
+                         without dropout one program owns a row tile of x and all R columns
+                         (R <= 128), so x is read once for every projection's shrink; with
+                         dropout one program per row tile and stream masks the x tile in
+                         registers with that stream's mask (the programs of one row tile run
+                         together, so x comes from L2 after the first).
     lora_forward_kernel  y_p = x @ W_p^T + s_p * xa_p @ B_p^T + bias_p
                          the base K-loop is followed by a short loop over r_p in the same
                          accumulator; y is stored once.
@@ -25,13 +27,17 @@ Backward. With y_p = x W_p^T + s_p (D_p(x) A_p^T) B_p^T + b_p, where D_p(x) = ke
 
 lora_dx_kernel computes one (BLOCK_M, BLOCK_K) tile of dx from up to three (dy_p, W_p) pairs
 followed by the r-loop over t A, and applies keep_p in the epilogue of each stream's r-loop: the
-mask is regenerated from (seed, stream, row * K + col), never loaded. Only xa (M, R) and the seed
+mask is regenerated from (seed, stream, row, column), never loaded. Only xa (M, R) and the seed
 are saved for backward. The seed is an int64 device tensor the kernels load (`seed_ptr`), drawn by
 the device's generator, so a captured CUDA graph draws a new mask on every replay.
 
-Dropout mask: h = mix32(mix32(lo32(o) ^ key_p) + hi32(o)), o = row * K + col (int64),
-key_p = mix32(seed + p * 0x9E3779B9), keep when (h >> 8) >= round(q * 2^24). All uint32
-arithmetic, so the kernels and the torch reference produce the same bits.
+Dropout mask: one 32-bit hash per pair of columns (2j, 2j + 1) of a row, 16 bits per element:
+c = row * ceil(K / 2) + col // 2 (int64), h = mix32(lo32(c) ^ key_p ^ (hi32(c) * 0x85EBCA6B)),
+key_p = mix32(seed + p * 0x9E3779B9); the even column takes h & 0xFFFF, the odd one h >> 16, and
+an element is kept when its 16 bits >= round(q * 2^16). All uint32 arithmetic, so the kernels and
+the torch reference produce the same bits. Every tile starts at an even column, so a tile's pairs
+are its own: a (BLOCK_M, BLOCK_K) mask costs BLOCK_M * BLOCK_K / 2 hashes (the mixer, two
+multiplies and three xor-shifts, is most of the mask's price in the shrink and dA main loops).
 """
 
 from __future__ import annotations
@@ -60,13 +66,16 @@ def _mix32(h):
 
 
 @triton.jit
-def _keep(seed, stream: tl.constexpr, offsets, threshold):
-    """Keep-mask of dropout stream `stream` for int64 element offsets (row * K + col)."""
-    key = _mix32(seed.to(tl.uint32) + ((stream * 0x9E3779B9) & 0xFFFFFFFF))
-    low = (offsets & 0xFFFFFFFF).to(tl.uint32)
-    high = (offsets >> 32).to(tl.uint32)
-    h = _mix32(_mix32(low ^ key) + high)
-    return (h >> 8).to(tl.int32) >= threshold
+def dropout_keep(seed, stream, rows, k0, half_k, threshold, BLOCK_K: tl.constexpr):
+    """Keep-mask (len(rows), BLOCK_K) of dropout stream `stream` on columns k0 .. k0 + BLOCK_K (k0 even) of
+    rows `rows` (int64): one hash per pair of columns, its low 16 bits for the even column, its high 16
+    bits for the odd one (see padfree.reference.lora.keep_mask)."""
+    key = _mix32(seed.to(tl.uint32) + tl.cast(stream, tl.uint32) * 0x9E3779B9)
+    pairs = rows[:, None] * half_k + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+    low = (pairs & 0xFFFFFFFF).to(tl.uint32)
+    high = (pairs >> 32).to(tl.uint32)
+    h = _mix32(low ^ key ^ (high * 0x85EBCA6B))
+    return tl.interleave(h & 0xFFFF, h >> 16).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -103,39 +112,68 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return tile_m, tile_n
 
 
+@triton.jit
+def _stream_block(pid, rank_end0, rank_end1, R, blocks_per_stream, BLOCK_R: tl.constexpr):
+    """Stream and rank indices (BLOCK_R, with their bounds mask) of column block `pid` of the
+    shrink / row block of the dA kernel: blocks_per_stream blocks of each stream in turn."""
+    stream = pid // blocks_per_stream
+    start = tl.where(stream == 0, 0, tl.where(stream == 1, rank_end0, rank_end1))
+    end = tl.where(stream == 0, rank_end0, tl.where(stream == 1, rank_end1, R))
+    ranks = start + (pid % blocks_per_stream) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return stream, ranks, ranks < end
+
+
+@triton.jit
+def _shrink_step(acc, x_tile, a_tile, rows, k0, ks, K, seed, stream, threshold, DROPOUT: tl.constexpr,
+                 IEEE: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr):
+    """acc += D(x)[rows, k0 + ks] @ A[:, k0 + ks]^T from the tiles' pointers (masked at K when PARTIAL)."""
+    if PARTIAL:
+        x = tl.load(x_tile, mask=ks[None, :] < K - k0, other=0.0)
+        a = tl.load(a_tile, mask=ks[:, None] < K - k0, other=0.0)
+    else:
+        x = tl.load(x_tile)
+        a = tl.load(a_tile)
+    if DROPOUT:
+        x = tl.where(dropout_keep(seed, stream, rows, k0, (K + 1) // 2, threshold, BLOCK_K), x, 0.0).to(x.dtype)
+    return _dot(x, a, acc, IEEE)
+
+
 @triton.jit(do_not_specialize=_PER_BATCH)
 def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stride_xam, rank_end0, rank_end1,
-                       seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr, NUM_STREAMS: tl.constexpr,
+                       blocks_per_stream, rank_blocks, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """xa[m, r] = sum_k x[m, k] keep_p(m, k) A_cat[r, k] / (1 - q), p the stream owning column r.
 
-    With dropout every one of the NUM_STREAMS masks is applied to the x tile and multiplied with A's
-    columns of its stream (the others zeroed): a branch-free loop body, which Triton pipelines."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    Program (row tile, column block), column blocks innermost so that the programs reading one x
+    tile run together (L2). With dropout a column block lies in one stream, so a program draws
+    one mask and runs one dot; without, the blocks tile all R columns (one 'stream')."""
+    tile_m = tl.program_id(0) // rank_blocks
+    rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    stream, cols, col_ok = _stream_block(tl.program_id(0) % rank_blocks, rank_end0, rank_end1, R, blocks_per_stream,
+                                         BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
-                    other=0.0)
-        a = tl.load(a_ptr + cols[None, :] * stride_ar + ks[:, None], mask=(cols[None, :] < R) & (ks[:, None] < K),
-                    other=0.0)
-        if DROPOUT:
-            offsets = rows[:, None] * K + ks[None, :]
-            for stream in tl.static_range(NUM_STREAMS):
-                start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
-                kept = tl.where(_keep(seed, stream, offsets, threshold), x, 0.0).to(x.dtype)
-                in_stream = (cols >= start) & (cols < end)
-                acc = _dot(kept, tl.where(in_stream[None, :], a, 0.0).to(a.dtype), acc, IEEE)
-        else:
-            acc = _dot(x, a, acc, IEEE)
+    # Whole BLOCK_K steps, then the partial one; rows past M and ranks past R read row M - 1 and
+    # rank R - 1 (their results, like those of the next stream's ranks, are never stored): the
+    # main loop's loads need no masks.
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + tl.minimum(rows, M - 1)[:, None] * stride_xm + ks[None, :]
+    a_tile = a_ptr + tl.minimum(cols, R - 1)[None, :] * stride_ar + ks[:, None]
+    whole = K - K % BLOCK_K
+    for k0 in range(0, whole, BLOCK_K):
+        acc = _shrink_step(acc, x_tile, a_tile, rows, k0, ks, K, seed, stream, threshold, DROPOUT, IEEE, BLOCK_K,
+                           False)
+        x_tile += BLOCK_K
+        a_tile += BLOCK_K
+    if whole < K:
+        acc = _shrink_step(acc, x_tile, a_tile, rows, whole, ks, K, seed, stream, threshold, DROPOUT, IEEE, BLOCK_K,
+                           True)
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(xa_ptr + rows[:, None] * stride_xam + cols[None, :], acc.to(xa_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < R))
+             mask=(rows[:, None] < M) & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -150,13 +188,19 @@ def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R
     row_ok = rows < M
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K),
-                    other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K),
-                    other=0.0)
-        acc = _dot(x, w, acc, IEEE)
+    # Whole BLOCK_K steps, then the partial one; rows past M and columns past N read row M - 1 and
+    # column N - 1 (their results are never stored): the main loop's loads need no masks.
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + tl.minimum(rows, M - 1)[:, None] * stride_xm + ks[None, :]
+    w_tile = w_ptr + tl.minimum(cols, N - 1)[None, :] * stride_wn + ks[:, None]
+    whole = K - K % BLOCK_K
+    for _ in range(0, whole, BLOCK_K):
+        acc = _dot(tl.load(x_tile), tl.load(w_tile), acc, IEEE)
+        x_tile += BLOCK_K
+        w_tile += BLOCK_K
+    if whole < K:
+        acc = _dot(tl.load(x_tile, mask=ks[None, :] < K - whole, other=0.0),
+                   tl.load(w_tile, mask=ks[:, None] < K - whole, other=0.0), acc, IEEE)
     if scaling != 0.0:
         # One fp32 accumulator for both sums (a second one costs registers, spills wide tiles):
         # acc / s + xa B^T, times s. The two fp32 roundings are far below the 16-bit inputs' own.
@@ -178,13 +222,21 @@ def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R
 @triton.jit
 def _accumulate_dy_w(acc, dy_ptr, w_ptr, N, stride_dym, stride_wn, rows, ks, M, K, IEEE: tl.constexpr,
                      BLOCK_N: tl.constexpr):
-    """acc += dy[rows, :] @ W[:, ks] over the N reduction (dy (M, N), W (N, K))."""
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :], mask=(rows[:, None] < M) & (ns[None, :] < N),
-                     other=0.0)
-        w = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks[None, :],
-                    mask=(ns[:, None] < N) & (ks[None, :] < K), other=0.0)
+    """acc += dy[rows, :] @ W[:, ks] over the N reduction (dy (M, N), W (N, K)). Whole BLOCK_N steps
+    first, then the partial one, and rows past M read row M - 1 (their results are never stored):
+    the main loop masks W's columns only, with a mask that does not change from step to step."""
+    ns = tl.arange(0, BLOCK_N)
+    dy_tile = dy_ptr + tl.minimum(rows, M - 1)[:, None] * stride_dym + ns[None, :]
+    w_tile = w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    k_ok = ks[None, :] < K
+    whole = N - N % BLOCK_N
+    for _ in range(0, whole, BLOCK_N):
+        acc = _dot(tl.load(dy_tile), tl.load(w_tile, mask=k_ok, other=0.0), acc, IEEE)
+        dy_tile += BLOCK_N
+        w_tile += BLOCK_N * stride_wn
+    if whole < N:
+        dy = tl.load(dy_tile, mask=ns[None, :] < N - whole, other=0.0)
+        w = tl.load(w_tile, mask=(ns[:, None] < N - whole) & k_ok, other=0.0)
         acc = _dot(dy, w, acc, IEEE)
     return acc
 
@@ -220,46 +272,59 @@ def lora_dx_kernel(dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, t_ptr, a_p
     acc = _accumulate_dy_w(acc, dy2_ptr, w2_ptr, N2, stride_dy2, stride_w2, rows, ks, M, K, IEEE, BLOCK_N)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-        offsets = rows[:, None] * K + ks[None, :]
         for stream in tl.static_range(3):
             start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
             if start < end:
                 lora = _t_times_a(t_ptr, a_ptr, start, end, stride_tm, stride_ar, rows, ks, M, K, IEEE,
                                   BLOCK_M, BLOCK_K, BLOCK_R)
-                acc += tl.where(_keep(seed, stream, offsets, threshold), lora * keep_scale, 0.0)
+                keep = dropout_keep(seed, stream, rows, tile_k * BLOCK_K, (K + 1) // 2, threshold, BLOCK_K)
+                acc += tl.where(keep, lora * keep_scale, 0.0)
     else:
         acc += _t_times_a(t_ptr, a_ptr, 0, R, stride_tm, stride_ar, rows, ks, M, K, IEEE, BLOCK_M, BLOCK_K, BLOCK_R)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (ks[None, :] < K))
 
 
+@triton.jit
+def _da_step(acc, x_ptr, t_ptr, m0, ks, rs, rs_ok, M, K, stride_xm, stride_tm, seed, stream, threshold,
+             IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr):
+    """acc += D(x)[rows, ks]^T t[rows, rs] for rows m0 .. m0 + BLOCK_M (masked at M when PARTIAL)."""
+    rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    x_ok = ks[None, :] < K
+    t_ok = rs_ok[None, :]
+    if PARTIAL:
+        x_ok = x_ok & (rows[:, None] < M)
+        t_ok = t_ok & (rows[:, None] < M)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=x_ok, other=0.0)
+    t = tl.load(t_ptr + rows[:, None] * stride_tm + rs[None, :], mask=t_ok, other=0.0)
+    keep = dropout_keep(seed, stream, rows, tl.program_id(1) * BLOCK_K, (K + 1) // 2, threshold, BLOCK_K)
+    return _dot(tl.trans(tl.where(keep, x, 0.0).to(x.dtype)), t, acc, IEEE)
+
+
 @triton.jit(do_not_specialize=_PER_BATCH)
-def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_dar, rank_end0, rank_end1, seed_ptr,
-                   threshold, keep_scale, NUM_STREAMS: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_dar, rank_end0, rank_end1,
+                   blocks_per_stream, seed_ptr, threshold, keep_scale, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r
-    (branch-free over the NUM_STREAMS masks, as in lora_shrink_kernel). Computed transposed,
-    dA^T = D(x)^T t, so that the MMA rows are BLOCK_K columns of x, not the rank (16-64), which
-    is too few rows for Hopper's wgmma."""
-    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """dA_cat[r, k] = sum_m t[m, r] keep_p(m, k) x[m, k] / (1 - q), p the stream owning row r.
+
+    Program (row block of one stream, as in lora_shrink_kernel, column tile): one mask, one dot.
+    Computed transposed, dA^T = D(x)^T t, so that the MMA rows are BLOCK_K columns of x, not the
+    rank (16-64), which is too few rows for Hopper's wgmma."""
+    stream, rs, rs_ok = _stream_block(tl.program_id(0), rank_end0, rank_end1, R, blocks_per_stream, BLOCK_R)
     ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     seed = tl.load(seed_ptr)
-    for m0 in range(0, M, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        x_t = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None], mask=(rows[None, :] < M) & (ks[:, None] < K),
-                      other=0.0)
-        t = tl.load(t_ptr + rows[:, None] * stride_tm + rs[None, :], mask=(rows[:, None] < M) & (rs[None, :] < R),
-                    other=0.0)
-        offsets = rows[None, :] * K + ks[:, None]
-        for stream in tl.static_range(NUM_STREAMS):
-            start, end = _stream_bounds(stream, rank_end0, rank_end1, R)
-            kept_t = tl.where(_keep(seed, stream, offsets, threshold), x_t, 0.0).to(x_t.dtype)
-            in_stream = (rs >= start) & (rs < end)
-            acc = _dot(kept_t, tl.where(in_stream[None, :], t, 0.0).to(t.dtype), acc, IEEE)
+    # whole BLOCK_M steps, then the partial one: the main loop's load masks do not change
+    whole = M - M % BLOCK_M
+    for m0 in range(0, whole, BLOCK_M):
+        acc = _da_step(acc, x_ptr, t_ptr, m0, ks, rs, rs_ok, M, K, stride_xm, stride_tm, seed, stream, threshold,
+                       IEEE, BLOCK_M, BLOCK_K, False)
+    if whole < M:
+        acc = _da_step(acc, x_ptr, t_ptr, whole, ks, rs, rs_ok, M, K, stride_xm, stride_tm, seed, stream, threshold,
+                       IEEE, BLOCK_M, BLOCK_K, True)
     acc = acc * keep_scale
     tl.store(da_ptr + rs[None, :] * stride_dar + ks[:, None], acc.to(da_ptr.dtype.element_ty),
-             mask=(rs[None, :] < R) & (ks[:, None] < K))
+             mask=rs_ok[None, :] & (ks[:, None] < K))
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -338,19 +403,29 @@ def _rank_end_args(rank_ends: list[int], rank: int) -> dict:
     return {"rank_end0": padded[0], "rank_end1": padded[1]}
 
 
+def _stream_blocks(rank_ends: list[int], dropout: bool, choices: tuple[int, ...]) -> tuple[int, dict]:
+    """(BLOCK_R, the stream/block arguments) of the shrink and dA kernels: with dropout each stream
+    gets blocks of its own (a program draws one mask), without one 'stream' spans all R ranks."""
+    ends = rank_ends if dropout else rank_ends[-1:]
+    widest = max(end - start for start, end in zip([0, *ends[:-1]], ends))
+    block_r = _block_r(widest, choices)
+    blocks = triton.cdiv(widest, block_r)
+    return block_r, {"blocks_per_stream": blocks, "rank_blocks": blocks * len(ends),
+                     **_rank_end_args(ends, rank_ends[-1])}
+
+
 def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p: float,
            seed: torch.Tensor) -> torch.Tensor:
     """xa (M, R) in x's dtype; see lora_shrink_kernel."""
     m, k = x.shape
     rank = a_cat.shape[0]
     xa = runtime.empty((m, rank), x.dtype, x.device)
-    block_r = _block_r(rank, _SHRINK_BLOCK_R)
+    block_r, blocks = _stream_blocks(rank_ends, dropout_p > 0, _SHRINK_BLOCK_R)
     block_m, block_k = _SHRINK_TILE[_elem(x.dtype)]
-    grid = (triton.cdiv(m, block_m), triton.cdiv(rank, block_r))
+    grid = (triton.cdiv(m, block_m) * blocks["rank_blocks"],)
     args = dict(x_ptr=x, a_ptr=a_cat, xa_ptr=xa, M=m, K=k, R=rank, stride_xm=x.stride(0), stride_ar=a_cat.stride(0),
-                stride_xam=xa.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
-                DROPOUT=dropout_p > 0, NUM_STREAMS=len(rank_ends) if dropout_p > 0 else 1, IEEE=_is_ieee(x.dtype),
-                BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+                stride_xam=xa.stride(0), **blocks, **_dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0,
+                IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     _run(lora_shrink_kernel, grid, args, num_warps=_warps_for_shrink(block_r), num_stages=3)
     return xa
 
@@ -426,12 +501,12 @@ def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
     m, k = x.shape
     rank = t.shape[1]
     da = runtime.empty((rank, k), x.dtype, x.device)
-    block_r = _block_r(rank, _DA_BLOCK_R)
+    block_r, blocks = _stream_blocks(rank_ends, True, _DA_BLOCK_R)
     block_m, block_k = _DA_TILE[_elem(x.dtype)]
-    grid = (triton.cdiv(rank, block_r), triton.cdiv(k, block_k))
+    grid = (blocks.pop("rank_blocks"), triton.cdiv(k, block_k))
     args = dict(t_ptr=t, x_ptr=x, da_ptr=da, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_xm=x.stride(0),
-                stride_dar=da.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
-                NUM_STREAMS=len(rank_ends), IEEE=_is_ieee(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m)
+                stride_dar=da.stride(0), **blocks, **_dropout_args(dropout_p, seed), IEEE=_is_ieee(x.dtype),
+                BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m)
     _run(lora_da_kernel, grid, args, num_warps=4, num_stages=3)
     return da
 
@@ -445,17 +520,23 @@ def _signature(kernel, dtype: str) -> dict[str, str]:
     return registry.signature(kernel, {**types, "seed_ptr": "*i64", "scaling": "fp32", "keep_scale": "fp32"})
 
 
+# Stream boundaries and the total rank are multiples of 16 for the usual ranks (16, 32, 64, ...), and
+# the JIT specializes them as such: the dA kernel's mask `rank < end` on its rank-contiguous t tile
+# then changes only at 16-column boundaries, so the tile loads as 16-byte vectors (with other
+# ranks, element by element: 1.24x the dropout GEMM's instructions per MFLOP at rank 64 on sm_90).
+_RANK_ALIGNED = ("K", "R", "rank_end0", "rank_end1")
+
+
 def _shrink_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         block_m, block_k = _SHRINK_TILE[elem]
-        for dropout, streams in ((False, 1), (True, 1), (True, 2), (True, 3)):
+        for dropout in (False, True):
             for block_r in _SHRINK_BLOCK_R:
-                sig = _signature(lora_shrink_kernel, dtype)
                 yield registry.Launch(
-                    f"{dtype} r{block_r}{f' dropout x{streams}' if dropout else ''}", sig,
-                    {"DROPOUT": dropout, "NUM_STREAMS": streams, "IEEE": elem == 4, "BLOCK_M": block_m,
-                     "BLOCK_K": block_k, "BLOCK_R": block_r}, num_warps=_warps_for_shrink(block_r), num_stages=3,
-                    aligned=("K",), pipelined=True, extended=dtype == "fp16")
+                    f"{dtype} r{block_r}{' dropout' if dropout else ''}", _signature(lora_shrink_kernel, dtype),
+                    {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
+                     "BLOCK_R": block_r}, num_warps=_warps_for_shrink(block_r), num_stages=3,
+                    aligned=_RANK_ALIGNED, pipelined=True, extended=dtype == "fp16")
 
 
 def _gemm_configs(elem: int, large: tuple):
@@ -488,13 +569,10 @@ def _da_launches():
     for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
         block_m, block_k = _DA_TILE[elem]
         for block_r in _DA_BLOCK_R:
-            for streams in range(1, MAX_STREAMS + 1):
-                sig = _signature(lora_da_kernel, dtype)
-                yield registry.Launch(f"{dtype} r{block_r} x{streams}", sig,
-                                      {"NUM_STREAMS": streams, "IEEE": elem == 4, "BLOCK_R": block_r,
-                                       "BLOCK_K": block_k, "BLOCK_M": block_m},
-                                      num_warps=4, num_stages=3, aligned=("K",), pipelined=True,
-                                      extended=dtype == "fp16")
+            yield registry.Launch(f"{dtype} r{block_r}", _signature(lora_da_kernel, dtype),
+                                  {"IEEE": elem == 4, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_M": block_m},
+                                  num_warps=4, num_stages=3, aligned=_RANK_ALIGNED, pipelined=True,
+                                  extended=dtype == "fp16")
 
 
 registry.register(lora_shrink_kernel, _shrink_launches)

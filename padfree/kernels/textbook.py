@@ -8,6 +8,10 @@ kernel is compared with the count the same tile costs in a kernel that does noth
 (The tests run them in the interpreter against float64, so the yardstick computes what it claims.)
 
 GEMM: c = a @ b^T with a (M, K) and b (N, K) row-major (the nn.Linear layout: y = x W^T).
+Dropout GEMM: c = (a * keep) @ b^T with keep the stream-0 mask of padfree's LoRA dropout
+(`lora.dropout_keep`, the same hash and bit split): the yardstick of the LoRA kernels that drop
+out their operand in the main loop (shrink with dropout, dA), whose random bits are work a plain
+GEMM does not do.
 
 Attention, scores s = scale q k^T, base-2 softmax with log2(e) folded into the scale:
 
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from padfree.kernels.lora import dropout_keep
 
 LOG2E = 1.4426950408889634
 
@@ -37,6 +43,25 @@ def textbook_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, str
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K, BLOCK_K):
         acc = tl.dot(tl.load(a_tile), tl.load(b_tile), acc)
+        a_tile += BLOCK_K
+        b_tile += BLOCK_K
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty))
+
+
+@triton.jit
+def textbook_dropout_gemm_kernel(a_ptr, b_ptr, c_ptr, seed_ptr, M, N, K, stride_am, stride_bn, stride_cm, threshold,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """textbook_gemm_kernel with each a tile dropped out (kept where its 16 mask bits >= threshold)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_tile = a_ptr + rows[:, None] * stride_am + ks[None, :]
+    b_tile = b_ptr + cols[None, :] * stride_bn + ks[:, None]
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        keep = dropout_keep(seed, 0, rows.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K)
+        acc = tl.dot(tl.where(keep, tl.load(a_tile), 0.0), tl.load(b_tile), acc)
         a_tile += BLOCK_K
         b_tile += BLOCK_K
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty))
@@ -138,6 +163,16 @@ def gemm_launch(dtype: str, block_m: int, block_n: int, block_k: int, num_warps:
                            num_stages=num_stages, aligned=("M", "N", "K"), pipelined=True)
 
 
+def dropout_gemm_launch(dtype: str, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int):
+    from padfree.kernels import registry
+
+    signature = registry.signature(textbook_dropout_gemm_kernel,
+                                   {**{name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "c_ptr")}, "seed_ptr": "*i64"})
+    return registry.Launch(f"{dtype} {block_m}x{block_n}x{block_k} w{num_warps}s{num_stages}", signature,
+                           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+                           num_warps=num_warps, num_stages=num_stages, aligned=("M", "N", "K"), pipelined=True)
+
+
 def attention_launch(kernel, dtype: str, block_m: int, block_n: int, head_dim: int, num_warps: int,
                      num_stages: int):
     from padfree.kernels import registry
@@ -153,6 +188,7 @@ def _register():
     from padfree.kernels import registry
 
     registry.register(textbook_gemm_kernel, lambda: [gemm_launch("bf16", 128, 128, 64, 8, 3)])
+    registry.register(textbook_dropout_gemm_kernel, lambda: [dropout_gemm_launch("bf16", 64, 64, 64, 4, 3)])
     for kernel, tile in ((textbook_attention_fwd_kernel, (128, 64, 8, 3)),
                          (textbook_attention_dkdv_kernel, (32, 128, 8, 2)),
                          (textbook_attention_dq_kernel, (128, 32, 8, 2))):

@@ -21,7 +21,7 @@ The backend ("triton" or "reference") is chosen in Python before the op is calle
 an argument, so a compiled graph records the choice and the backward uses the same one.
 Dropout: a seed is drawn on x's device from torch's default generator per call when dropout_p > 0
 (an int64 tensor the kernels read, so a CUDA graph replay draws a new one); the mask is
-a hash of (seed, projection index, element offset), identical in the kernels and the reference
+a hash of (seed, projection index, element position), identical in the kernels and the reference
 (`padfree.reference.lora.keep_mask`), and regenerated in backward.
 """
 

@@ -4,12 +4,12 @@ For projections p = 0..P-1 that read the same input x (M, K) (P = 1 for a single
 
     xa      = dropout(x) @ A_cat^T / (1 - dropout_p)       (M, R),  A_cat = cat(A_p) (R, K)
     y_p     = x @ W_p^T + bias_p + scaling_p * xa_p @ B_p^T   xa_p = xa[:, start_p:end_p]
-    dropout(x)_p = x * keep_p                              keep_p = keep(seed, p, row * K + col)
+    dropout(x)_p = x * keep_p                              keep_p = keep(seed, p, row, col)
 
 Projection p's columns of xa use its own mask stream p, so the projections of a shared group are
 dropped out independently, as PEFT does with one dropout module per layer.
 
-The mask is a counter-based integer hash of (seed, stream, element offset), computed here with
+The mask is a counter-based integer hash of (seed, stream, row, column pair), computed here with
 int64 tensor arithmetic and in the Triton kernels with uint32 arithmetic; the two are bit-identical,
 so the reference and the kernels drop the same elements and tests compare them directly. The
 mask is regenerated in backward from the seed, never saved.
@@ -28,12 +28,14 @@ _MASK32 = 0xFFFFFFFF
 _MIX_1 = 0x21F0AAAD
 _MIX_2 = 0x735A2D97
 _STREAM_STEP = 0x9E3779B9
-# keep an element when the top 24 bits of its hash, as an integer, reach this many 2^-24 steps
-KEEP_BITS = 24
+_HIGH_STEP = 0x85EBCA6B
+# an element owns 16 bits of its column pair's 32-bit hash and is kept when they, as an integer,
+# reach this many 2^-16 steps
+KEEP_BITS = 16
 
 
 def keep_threshold(dropout_p: float) -> int:
-    """Integer threshold on the 24-bit hash: an element is kept when hash >> 8 >= threshold."""
+    """Integer threshold on an element's 16 hash bits: the element is kept when they are >= it."""
     return int(round(dropout_p * (1 << KEEP_BITS)))
 
 
@@ -56,15 +58,18 @@ def keep_mask(seed: int, stream: int, rows: int, cols: int, dropout_p: float,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean (rows, cols) keep-mask of dropout stream `stream` for a row-major (rows, cols) input.
 
-    Element (m, k) has offset m * cols + k (int64); its hash is
-    mix32(mix32(lo32(offset) ^ key) + hi32(offset)) with key = mix32(seed + stream * 0x9E3779B9),
-    and it is kept when hash >> 8 >= round(dropout_p * 2^24).
+    Columns 2j and 2j + 1 of row m share the hash of pair c = m * ceil(cols / 2) + j (int64):
+    h = mix32(lo32(c) ^ key ^ (hi32(c) * 0x85EBCA6B)) with key = mix32(seed + stream * 0x9E3779B9).
+    The even column takes h & 0xFFFF, the odd one h >> 16, and an element is kept when its 16 bits
+    are >= round(dropout_p * 2^16): a keep probability within 2^-17 of 1 - dropout_p, with one
+    hash for two elements (the kernels' mask is most of the shrink's and dA's work).
     """
-    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
-    key = stream_key(seed, stream)
-    h = _mix32((offsets & _MASK32) ^ key)
-    h = _mix32((h + (offsets >> 32)) & _MASK32)
-    return (h >> (32 - KEEP_BITS)) >= keep_threshold(dropout_p)
+    row = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
+    col = torch.arange(cols, dtype=torch.int64, device=device)[None, :]
+    pairs = row * ((cols + 1) // 2) + col // 2
+    h = _mix32((pairs & _MASK32) ^ stream_key(seed, stream) ^ (((pairs >> 32) * _HIGH_STEP) & _MASK32))
+    bits = torch.where(col % 2 == 1, h >> KEEP_BITS, h & ((1 << KEEP_BITS) - 1))
+    return bits >= keep_threshold(dropout_p)
 
 
 def _stream_bounds(rank_ends: list[int]) -> list[tuple[int, int]]:

@@ -65,8 +65,10 @@ def test_replication_and_mma_kind_of_known_kernels():
 
 
 # Representative hot launches: the attention defaults at head dim 128 (sm_90's own forward tile,
-# the dq on both archs) and the LoRA forward's large default and widest tile. The dk/dv default
-# passes every rule but the last: its main loop issues 1.22x the textbook's instructions per MFLOP
+# the dq on both archs), the LoRA forward's large default and widest tile, and the LoRA launches
+# the dropout and tile changes fixed: the rank-128 dropout shrink (once replicated 1.67x) and the dA
+# kernel (once 7-12x the plain GEMM), both against the dropout GEMM, and the large dx (once 1.33x).
+# The dk/dv default passes every rule but the last: its main loop issues 1.22x the textbook's instructions per MFLOP
 # at the same tile (docs/efficiency.md), so it is checked for what its tile fixed. (MoE joins when
 # compile-check specializes its unit weight stride as the JIT does: compiled with an i32 stride its
 # weight loads are scalar, a kernel that never runs.)
@@ -81,6 +83,9 @@ wanted = [("attention_fwd_kernel", "bf16 d128 128x128 w8s3 plain", 90),
           ("attention_bwd_dq_kernel", "bf16 d128 128x32 w8s2 plain", 80),
           ("lora_forward_kernel", "bf16 large 128x128x64 w8s3", 90),
           ("lora_forward_kernel", "bf16 large 128x256x64 w8s3 has_bias", 80),
+          ("lora_shrink_kernel", "bf16 r128 dropout", 90),
+          ("lora_da_kernel", "bf16 r16", 90),
+          ("lora_dx_kernel", "bf16 large 128x128x64 w8s3 dropout", 90),
           ("attention_bwd_dkdv_kernel", "bf16 d128 16x128 w8s2 has_right", 90)]
 launches = []
 for short, label, arch in wanted:
@@ -96,7 +101,7 @@ for row in efficiency.evaluate(launches, jobs=2):
 @pytest.mark.slow
 def test_gate_passes_on_representative_hot_launches():
     rows = _compiled(_GATE)
-    assert len(rows) == 6
+    assert len(rows) == 9
     *gated, dkdv = rows
     for row in gated:
         assert row["flags"] == [], (row["kernel"], row["label"], row["arch"], row["flags"])
@@ -202,6 +207,24 @@ def test_textbook_gemm_matches_float64(triton_cpu):
     textbook.textbook_gemm_kernel[(2, 1)](a, b, c, 32, 16, 48, a.stride(0), b.stride(0), c.stride(0),
                                           BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     assert_close("c", c, a.double() @ b.double().t(), (a @ b.t()), factor=2)
+
+
+def test_textbook_dropout_gemm_applies_the_lora_mask(triton_cpu):
+    """The dropout yardstick computes (a * keep) @ b^T with the mask padfree.reference.lora.keep_mask
+    defines (stream 0): a mask that differed from the LoRA kernels' would fail here."""
+    from padfree.reference import lora as lora_reference
+
+    a, b = torch.randn(32, 48, dtype=torch.float16), torch.randn(16, 48, dtype=torch.float16)
+    c = torch.empty(32, 16, dtype=torch.float16)
+    seed, dropout_p = 1234, 0.3
+    textbook.textbook_dropout_gemm_kernel[(2, 1)](a, b, c, torch.tensor([seed]), 32, 16, 48, a.stride(0), b.stride(0),
+                                                  c.stride(0), lora_reference.keep_threshold(dropout_p),
+                                                  BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    keep = lora_reference.keep_mask(seed, 0, 32, 48, dropout_p)
+    assert 0.6 < keep.double().mean().item() < 0.8
+    dropped = a * keep.to(a.dtype)
+    assert_close("c", c, dropped.double() @ b.double().t(), dropped @ b.t(), factor=2)
+    assert (c.double() - a.double() @ b.double().t()).abs().max() > 0.5  # the mask did drop something
 
 
 # ---- the performance model -------------------------------------------------------------------------

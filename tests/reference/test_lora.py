@@ -22,14 +22,14 @@ def mix32(h: int) -> int:
 def spec_keep(seed: int, stream: int, rows: int, cols: int, dropout_p: float) -> list[list[bool]]:
     """The mask exactly as the module docstring states it, one Python int at a time."""
     key = mix32((seed + stream * 0x9E3779B9) & MASK32)
-    threshold = round(dropout_p * (1 << 24))
+    threshold = round(dropout_p * (1 << 16))
     keep = []
     for m in range(rows):
         row = []
         for k in range(cols):
-            offset = m * cols + k
-            h = mix32((mix32((offset & MASK32) ^ key) + (offset >> 32)) & MASK32)
-            row.append((h >> 8) >= threshold)
+            pair = m * ((cols + 1) // 2) + k // 2
+            h = mix32((pair & MASK32) ^ key ^ (((pair >> 32) * 0x85EBCA6B) & MASK32))
+            row.append(((h >> 16) if k % 2 else (h & 0xFFFF)) >= threshold)
         keep.append(row)
     return keep
 
@@ -73,7 +73,7 @@ def test_keep_mask_regenerates_from_the_seed():
     assert not torch.equal(first, reference.keep_mask(5, 1, 64, 50, 0.25))
     assert 0.72 < first.double().mean().item() < 0.78
     assert reference.keep_mask(5, 0, 64, 50, 0.0).all()
-    # a row-major element's mask depends only on its offset: more rows extend the mask, never reshuffle it
+    # an element's mask depends only on its row and column: more rows extend the mask, never reshuffle it
     assert torch.equal(reference.keep_mask(5, 0, 80, 50, 0.25)[:64], first)
 
 
