@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import lora, moe, registry, runtime
-from padfree.kernels.lora import _dot, _keep
+from padfree.kernels.lora import _dot, dropout_keep
 from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
@@ -148,7 +148,8 @@ def lora_mixture_shrink_kernel(x_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr,
         x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & (ks[None, :] < K),
                     other=0.0)
         if DROPOUT:
-            x = tl.where(_keep(seed, 0, tokens[:, None] * K + ks[None, :], threshold), x, 0.0).to(x.dtype)
+            x = tl.where(dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), x,
+                         0.0).to(x.dtype)
         a = tl.load(a_base + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K), other=0.0)
         acc = _dot(x, a, acc, IEEE)
     if DROPOUT:
@@ -238,7 +239,9 @@ def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_p
         x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & k_ok[None, :],
                     other=0.0)
         if DROPOUT:
-            x = tl.where(_keep(seed, 0, tokens[:, None] * K + ks[None, :], threshold), x, 0.0).to(x.dtype)
+            keep = dropout_keep(seed, 0, tokens.to(tl.int64), tl.program_id(1) * BLOCK_K, (K + 1) // 2, threshold,
+                                BLOCK_K)
+            x = tl.where(keep, x, 0.0).to(x.dtype)
         dh = tl.load(dh_ptr + (r0 + rows)[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0)
         acc = _dot(tl.trans(x), dh, acc, IEEE)
     if DROPOUT:
@@ -269,7 +272,9 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
         acc = _dot(dh, a, acc, IEEE)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-        acc = tl.where(_keep(seed, 0, tokens[:, None] * K + ks[None, :], threshold), acc * keep_scale, 0.0)
+        keep = dropout_keep(seed, 0, tokens.to(tl.int64), tl.program_id(1) * BLOCK_K, (K + 1) // 2, threshold,
+                            BLOCK_K)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
     safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
     tl.store(dx_pairs_ptr + safe_pairs[:, None] * K + ks[None, :], acc.to(dx_pairs_ptr.dtype.element_ty),
              mask=valid[:, None] & k_ok[None, :])
