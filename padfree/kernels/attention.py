@@ -651,7 +651,7 @@ _TILES = {
     ("fwd", 64, 2): Tiles(128, 64, 8, 3), ("fwd", 128, 2): Tiles(128, 64, 8, 3),
     ("fwd", 256, 2): Tiles(64, 32, 8, 2),
     ("dkdv", 16, 2): Tiles(32, 128, 4, 3), ("dkdv", 32, 2): Tiles(32, 128, 4, 3),
-    ("dkdv", 64, 2): Tiles(32, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 128, 8, 2),
+    ("dkdv", 64, 2): Tiles(16, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 128, 8, 2),
     ("dkdv", 256, 2): Tiles(16, 32, 8, 2),
     ("dq", 16, 2): Tiles(128, 32, 4, 3), ("dq", 32, 2): Tiles(128, 32, 4, 3),
     ("dq", 64, 2): Tiles(128, 32, 8, 2), ("dq", 128, 2): Tiles(128, 32, 8, 2),
@@ -662,21 +662,24 @@ for (_kind, _pad, _size), _t in list(_TILES.items()):
 
 # A different default on one arch, where the compile check shows the base tile leaves speed on the
 # table. Hopper: 228 KiB of shared memory and wgmma fit the 128x128 forward without spills (sm_80
-# spills it). At head dim 256 its wgmma needs 64 rows a warpgroup, whose fp32 (64, 256) accumulator
-# alone takes 128 registers a thread: the forward and dq run 128 rows on 8 warps 16 keys at a time
+# spills it), and the head-dim-64 dk/dv steps 32 queries at a time (sm_80 spills that). At head
+# dim 256 its wgmma needs 64 rows a warpgroup, whose fp32 (64, 256) accumulator alone takes 128
+# registers a thread: the forward and dq run 128 rows on 8 warps 16 keys at a time
 # (64-row tiles on 4 warps spill: each thread then holds twice the load addresses), and dk/dv runs
 # 128 keys in two passes (dv, then dk: one accumulator each; the score GEMM K Q^T is computed in both,
 # 5 GEMMs for 4). On sm_80 the same tiles replicate their mma.sync work (Triton spreads the warps of
 # the 16-wide score GEMMs over columns), so it keeps the base tiles. See docs/efficiency.md.
-_ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("fwd", 256, 2): Tiles(128, 16, 8, 3),
+_ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("dkdv", 64, 2): Tiles(32, 128, 8, 2),
+                       ("fwd", 256, 2): Tiles(128, 16, 8, 3),
                        ("dq", 256, 2): Tiles(128, 16, 8, 2), ("dkdv", 256, 2): Tiles(16, 128, 8, 2, passes=2)}}
 # Tiles registered and picked only on some archs (they spill or replicate on the others).
 # The 128x64 4-stage forward needs 128 KB of shared memory, over the 99 KB of sm_86/sm_89
 # (runtime.launch_tuned also skips a candidate the GPU refuses).
-# Hopper's head-dim-256 tiles are its only ones: the base tiles replicate (forward, dk/dv) or spill
-# (dq) there.
+# Where Hopper has its own dk/dv or head-dim-256 tile it runs only that one: the base tiles
+# replicate (forward, dk/dv) or spill (dq) at head dim 256 there.
 _ONLY_ON = {**{(kind, pad, 2, tile): (90,) for (kind, pad, _), tile in _ARCH_DEFAULTS[90].items()},
-            **{(kind, 256, 2, _TILES[kind, 256, 2]): (80, 86, 89) for kind in ("fwd", "dq", "dkdv")},
+            **{(kind, pad, 2, _TILES[kind, pad, 2]): (80, 86, 89)
+               for kind, pad in (("dkdv", 64), ("fwd", 256), ("dq", 256), ("dkdv", 256))},
             ("fwd", 128, 2, Tiles(128, 64, 8, 4)): registry.BIG_SHARED_MEMORY_ARCHS}
 
 
@@ -694,11 +697,10 @@ _tile_override: Tiles | None = None
 # More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
 # with PADFREE_AUTOTUNE=1 (runtime.pick; the default is used otherwise). Each compiles for its archs
 # without spills or replicated MMAs in the plain and causal kernels (`compile-check --efficiency`);
-# larger ones (32x128 dk/dv, 64x64 w4 dq; 128x64 dq causal) spill, and 64x32 w4 dq issues 1.2x
-# the instructions per MFLOP of the textbook dq at that tile.
+# larger ones (32x128 dk/dv, 64x64 w4 dq; 128x64 dq causal) and the 3-stage 16x128 dk/dv spill, and
+# 64x32 w4 dq issues 1.2x the instructions per MFLOP of the textbook dq at that tile.
 _CANDIDATES = {
     ("fwd", 128, 2): (Tiles(128, 128, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)),
-    ("dkdv", 128, 2): (Tiles(16, 128, 8, 3),),
     ("dq", 128, 2): (Tiles(128, 32, 8, 3),),
 }
 

@@ -134,14 +134,14 @@ def test_production_tiles(triton_cpu):
     check_against_reference(q, k, v, cu_q, cu_k, scale=0.125, window=(-1, 0))
 
 
-@pytest.mark.parametrize("kind, index", [(kind, i) for kind, count in (("fwd", 4), ("dkdv", 2), ("dq", 2))
+@pytest.mark.parametrize("kind, index", [(kind, i) for kind, count in (("fwd", 4), ("dkdv", 1), ("dq", 2))
                                          for i in range(count)])
 def test_every_tuning_candidate_at_head_dim_128(triton_cpu, kind, index):
     """On a GPU the head-dim-128 tiles are picked by timing; each candidate must be right."""
     from padfree.kernels import attention as kernels
     from padfree.kernels import runtime
 
-    assert len(kernels.tile_candidates(kind, 128, torch.float16)) == {"fwd": 4, "dkdv": 2, "dq": 2}[kind]
+    assert len(kernels.tile_candidates(kind, 128, torch.float16)) == {"fwd": 4, "dkdv": 1, "dq": 2}[kind]
     q, k, v, cu_q, cu_k = packed([130, 1, 70], [130, 1, 70], heads_q=2, heads_k=1, dim=128, dtype=torch.float16)
     with runtime.force_choice(f"attention_{kind}", index):
         check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0))
