@@ -36,8 +36,9 @@ Backward, from P = exp(s - lse) (recomputed), D_i = sum_d dO_id O_id = sum_j P_i
 
 D_i equals sum_j P_ij dP_ij because O_i = sum_j P_ij Z_ij v_j. Two kernels share the work without
 atomics: `attention_bwd_dkdv_kernel` owns a key block of one key/value head and loops over every
-query head of its GQA group and every query block that can see it; `attention_bwd_dq_kernel` owns a
-query block and loops over key blocks. Every element is written by exactly one program in a fixed
+query head of its GQA group and every query block that can see it (or twice, for dv and then dk,
+with a two-pass tile: `Tiles.passes`); `attention_bwd_dq_kernel` owns a query block and loops over
+key blocks. Every element is written by exactly one program in a fixed
 order, so the backward is bitwise reproducible run to run.
 
 Dropout draws `tl.rand(seed + ((b * Hq + h) << 32), i * sk + j)` (Philox, int64 offsets): the
@@ -496,7 +497,7 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
         # more table entries than programs (position_ids give a slot per token): the programs
         # stride over the entries with work, whose count the table ends with. disable_licm: hoisted
         # out of this loop, the entry-invariant index vectors and offsets would stay live across the
-        # inner loops and spill (sm_90, head dim 128: 304 B at 128x128, 56 B at 128x64)
+        # inner loops and spill (sm_90, head dim 128: 72-240 B at 16x128)
         for entry in tl.range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0),
                               disable_licm=True):
             _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
@@ -587,7 +588,7 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
         # more table entries than programs (position_ids give a slot per token): the programs
         # stride over the entries with work, whose count the table ends with. disable_licm: hoisted
         # out of this loop, the entry-invariant index vectors and offsets would stay live across the
-        # inner loops and spill (sm_90, head dim 128: 304 B at 128x128, 56 B at 128x64)
+        # inner loops and spill (sm_90, head dim 128: 8 B at 128x32)
         for entry in tl.range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0),
                               disable_licm=True):
             _dq_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
