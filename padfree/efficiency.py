@@ -236,7 +236,7 @@ def reference_for(name: str, launch):
                "attention_bwd_dkdv_kernel": textbook.textbook_attention_dkdv_kernel}
     if short in kernels:
         return kernels[short], textbook.attention_launch(kernels[short], "bf16", c["BLOCK_M"], c["BLOCK_N"],
-                                                         c["HEAD_DIM_PAD"], warps, stages)
+                                                         c["HEAD_DIM_PAD"], warps, stages, c.get("OUTPUT", "dkdv"))
     # (rows, columns, reduction) of the output tile of each GEMM-shaped kernel
     shapes = {"lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
               "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),

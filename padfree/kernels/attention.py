@@ -36,8 +36,9 @@ Backward, from P = exp(s - lse) (recomputed), D_i = sum_d dO_id O_id = sum_j P_i
 
 D_i equals sum_j P_ij dP_ij because O_i = sum_j P_ij Z_ij v_j. Two kernels share the work without
 atomics: `attention_bwd_dkdv_kernel` owns a key block of one key/value head and loops over every
-query head of its GQA group and every query block that can see it; `attention_bwd_dq_kernel` owns a
-query block and loops over key blocks. Every element is written by exactly one program in a fixed
+query head of its GQA group and every query block that can see it (or twice, for dv and then dk,
+with a two-pass tile: `Tiles.passes`); `attention_bwd_dq_kernel` owns a query block and loops over
+key blocks. Every element is written by exactly one program in a fixed
 order, so the backward is bitwise reproducible run to run.
 
 Dropout draws `tl.rand(seed + ((b * Hq + h) << 32), i * sk + j)` (Philox, int64 offsets): the
@@ -160,11 +161,12 @@ def _unmasked_keys(lo, hi, block_start, BLOCK: tl.constexpr, diagonal, window_le
 @triton.jit
 def _unmasked_queries(lo, hi, block_start, BLOCK: tl.constexpr, sk, diagonal, window_left, window_right,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Split queries [lo, hi) for the key block [block_start, block_start + BLOCK) like
+    """Split queries [lo, hi) (hi <= sq) for the key block [block_start, block_start + BLOCK) like
     `_unmasked_keys`: rows in [full_lo, full_hi) see every key of the block (none when the block
-    runs past sk). Rows past sq inside a block are harmless: their lse is +inf, so p = 0."""
+    runs past sk) and, full_hi being block-aligned, are all < sq, so their loads need no row mask.
+    Rows past sq in the masked blocks are harmless: their lse is loaded as +inf, so p = 0."""
     full_lo = lo
-    full_hi = hi
+    full_hi = (tl.maximum(hi, 0) // BLOCK_M) * BLOCK_M
     if HAS_RIGHT:
         need = tl.maximum(block_start + BLOCK - 1 - diagonal - window_right, 0)
         full_lo = tl.maximum(full_lo, (need + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
@@ -296,8 +298,11 @@ def attention_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, 
         seed = tl.load(Seed)
     if STRIDED:
         # more table entries than programs (position_ids give a slot per token): the programs
-        # stride over the entries with work, whose count the table ends with
-        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+        # stride over the entries with work, whose count the table ends with. disable_licm: hoisted
+        # out of this loop, the entry-invariant index vectors and offsets would stay live across the
+        # inner loops and spill (sm_90, head dim 128: 304 B at 128x128, 56 B at 128x64)
+        for entry in tl.range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0),
+                              disable_licm=True):
             _fwd_entry(entry, seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh, stride_kt,
                        stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_alibi, num_blocks, total_q,
                        num_seqs, num_heads, group, head_dim, softmax_scale, softcap, window_left, window_right,
@@ -359,33 +364,48 @@ def _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, start, stop, head,
                   stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk, diagonal, softmax_scale, softcap, slope,
                   window_left, window_right, dropout_p, seed, seq, num_heads, BLOCK_M: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """dk (unscaled) and dv of one key block accumulated over query head `head`'s blocks in [start, stop)."""
+                  DROPOUT: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, OUTPUT: tl.constexpr):
+    """dk (unscaled) and dv of one key block accumulated over query head `head`'s blocks in [start, stop);
+    OUTPUT "dk" or "dv" computes only that one (dv needs neither dO V^T nor D).
+    MASKED=False blocks lie below sq (`_unmasked_queries`): their loads take no row mask."""
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tile_m
-        row_ok = offs_m < sq
-        q_ok = row_ok[:, None] & d_ok[None, :]
+        lse_rows = Lse + head.to(tl.int64) * total_q + q_start + offs_m
+        delta_rows = Delta + head.to(tl.int64) * total_q + q_start + offs_m
+        if MASKED:
+            row_ok = offs_m < sq
+            q_ok = row_ok[:, None] & d_ok[None, :]
+            lse = tl.load(lse_rows, mask=row_ok, other=float("inf"))
+            if OUTPUT != "dv":
+                delta = tl.load(delta_rows, mask=row_ok, other=0.0)
+        else:
+            q_ok = d_ok[None, :]
+            lse = tl.load(lse_rows)
+            if OUTPUT != "dv":
+                delta = tl.load(delta_rows)
         q = tl.load(_tile(Q, q_start + start_m, stride_qt, head, stride_qh, tile_m, offs_d), mask=q_ok, other=0.0)
         dout = tl.load(_tile(DOut, q_start + start_m, stride_dot, head, stride_doh, tile_m, offs_d), mask=q_ok,
                        other=0.0)
-        lse = tl.load(Lse + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + head.to(tl.int64) * total_q + q_start + offs_m, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         scores_t, capped_t = _scores(qk_t, offs_m[None, :], offs_n[:, None], sk, diagonal, softmax_scale, softcap,
                                      slope, window_left, window_right, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASKED)
         p_t = tl.math.exp2(scores_t - (lse * LOG2E)[None, :])
-        dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
+        if OUTPUT != "dv":
+            dp_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
         if DROPOUT:
             keep_t = _dropout_keep(seed, seq, head, num_heads, offs_m[None, :], offs_n[:, None], sk, dropout_p)
             dropped_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
-            dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
+            if OUTPUT != "dv":
+                dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
         else:
             dropped_t = p_t
-        dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - capped_t * capped_t)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if OUTPUT != "dk":
+            dv += tl.dot(dropped_t.to(dout.dtype), dout, input_precision=PRECISION)
+        if OUTPUT != "dv":
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - capped_t * capped_t)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -395,8 +415,10 @@ def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks
                 stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group, head_dim,
                 softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """dk and dv of one block-table entry: a key block of one key/value head, or a tail block of zeros."""
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                OUTPUT: tl.constexpr):
+    """dk and dv (OUTPUT "dkdv"), or one of them ("dk", "dv"), of one block-table entry: a key block of
+    one key/value head, or a tail block of zeros."""
     kv_head = tl.program_id(1)
     tile_m = tl.arange(0, BLOCK_M)
     tile_n = tl.arange(0, BLOCK_N)
@@ -408,10 +430,12 @@ def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks
     if seq == num_seqs:
         first = tl.load(CuK + num_seqs) + block_start
         ok = (first + tile_n < total_k)[:, None] & d_ok[None, :]
-        tl.store(_tile(DK, first, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
-                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
-        tl.store(_tile(DV, first, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
-                 tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
+        if OUTPUT != "dv":
+            tl.store(_tile(DK, first, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
+                     tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DK.dtype.element_ty), mask=ok)
+        if OUTPUT != "dk":
+            tl.store(_tile(DV, first, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
+                     tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=DV.dtype.element_ty), mask=ok)
     elif seq < num_seqs:
         q_start, sq = _sequence(CuQ, seq)
         k_start, sk = _sequence(CuK, seq)
@@ -419,6 +443,7 @@ def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks
         kv_ok = (offs_n < sk)[:, None] & d_ok[None, :]
         k = tl.load(_tile(K, k_start + block_start, stride_kt, kv_head, stride_kh, tile_n, offs_d), mask=kv_ok,
                     other=0.0)
+        # (the dv pass never reads v: the compiler drops the load)
         v = tl.load(_tile(V, k_start + block_start, stride_vt, kv_head, stride_vh, tile_n, offs_d), mask=kv_ok,
                     other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
@@ -436,21 +461,23 @@ def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks
                                    stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
                                    diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
                                    seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   PRECISION, True)
+                                   PRECISION, True, OUTPUT)
             dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
                                    stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
                                    diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
                                    seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   PRECISION, False)
+                                   PRECISION, False, OUTPUT)
             dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt,
                                    stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
                                    diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
                                    seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   PRECISION, True)
-        tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
-                 (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
-                 dv.to(DV.dtype.element_ty), mask=kv_ok)
+                                   PRECISION, True, OUTPUT)
+        if OUTPUT != "dv":
+            tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
+                     (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
+        if OUTPUT != "dk":
+            tl.store(_tile(DV, k_start + block_start, stride_dvt, kv_head, stride_dvh, tile_n, offs_d),
+                     dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -461,27 +488,30 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Block
                               Seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                               ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                              STRIDED: tl.constexpr):
+                              STRIDED: tl.constexpr, OUTPUT: tl.constexpr):
     # the seed is read on the device (drawn there), so a CUDA graph replay uses the new one
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
     if STRIDED:
         # more table entries than programs (position_ids give a slot per token): the programs
-        # stride over the entries with work, whose count the table ends with
-        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+        # stride over the entries with work, whose count the table ends with. disable_licm: hoisted
+        # out of this loop, the entry-invariant index vectors and offsets would stay live across the
+        # inner loops and spill (sm_90, head dim 128: 72-240 B at 16x128)
+        for entry in tl.range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0),
+                              disable_licm=True):
             _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
                         stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh,
                         stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads, group,
                         head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M, BLOCK_N,
-                        HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
+                        HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, OUTPUT)
     else:
         # one entry per program: no outer loop, which would keep more tiles live (registers)
         _dkdv_entry(tl.program_id(0), seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks, Alibi, stride_qt,
                     stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
                     stride_dkh, stride_dvt, stride_dvh, stride_alibi, num_blocks, total_q, total_k, num_seqs, num_heads,
                     group, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, BLOCK_M, BLOCK_N,
-                    HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION)
+                    HEAD_DIM_PAD, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, OUTPUT)
 
 
 @triton.jit
@@ -556,8 +586,11 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Ali
         seed = tl.load(Seed)
     if STRIDED:
         # more table entries than programs (position_ids give a slot per token): the programs
-        # stride over the entries with work, whose count the table ends with
-        for entry in range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0)):
+        # stride over the entries with work, whose count the table ends with. disable_licm: hoisted
+        # out of this loop, the entry-invariant index vectors and offsets would stay live across the
+        # inner loops and spill (sm_90, head dim 128: 8 B at 128x32)
+        for entry in tl.range(tl.program_id(0), tl.load(Blocks + 2 * num_blocks), tl.num_programs(0),
+                              disable_licm=True):
             _dq_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alibi, stride_qt, stride_qh,
                       stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
                       stride_alibi, num_blocks, total_q, num_seqs, num_heads, group, head_dim, softmax_scale, softcap,
@@ -591,6 +624,14 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int
+    # dk/dv kernel only: 2 = dv, then dk, in two launches, each with one fp32 accumulator (head dim
+    # 256: dk and dv of the 64 key rows a wgmma needs take 2 x 128 registers a thread together)
+    passes: int = 1
+
+
+def dkdv_outputs(tile: Tiles) -> tuple[str, ...]:
+    """The OUTPUT of each dk/dv launch of `tile`: both in one, or dv then dk."""
+    return ("dv", "dk") if tile.passes == 2 else ("dkdv",)
 
 
 def head_dim_pad(head_dim: int) -> int:
@@ -611,26 +652,35 @@ _TILES = {
     ("fwd", 64, 2): Tiles(128, 64, 8, 3), ("fwd", 128, 2): Tiles(128, 64, 8, 3),
     ("fwd", 256, 2): Tiles(64, 32, 8, 2),
     ("dkdv", 16, 2): Tiles(32, 128, 4, 3), ("dkdv", 32, 2): Tiles(32, 128, 4, 3),
-    ("dkdv", 64, 2): Tiles(32, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 128, 8, 2),
+    ("dkdv", 64, 2): Tiles(16, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 128, 8, 2),
     ("dkdv", 256, 2): Tiles(16, 32, 8, 2),
     ("dq", 16, 2): Tiles(128, 32, 4, 3), ("dq", 32, 2): Tiles(128, 32, 4, 3),
     ("dq", 64, 2): Tiles(128, 32, 8, 2), ("dq", 128, 2): Tiles(128, 32, 8, 2),
     ("dq", 256, 2): Tiles(64, 32, 4, 2),
 }
 for (_kind, _pad, _size), _t in list(_TILES.items()):
-    _TILES[(_kind, _pad, 4)] = Tiles(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2)
+    _TILES[(_kind, _pad, 4)] = Tiles(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2, _t.passes)
 
 # A different default on one arch, where the compile check shows the base tile leaves speed on the
-# table: Hopper's 228 KiB of shared memory and wgmma fit the 128x128 forward without spills (sm_80
-# spills it); its wgmma needs 64 rows, which a head-dim-256 dq tile has in registers only 16 keys
-# wide (on sm_80 that tile replicates its MMAs, 64x32 does not). Head dim 256 spills or replicates
-# in every tile of the forward and dk/dv kernels (dk and dv alone take 256 fp32 registers a
-# thread when a warp owns 16 rows): see docs/efficiency.md.
-_ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("dq", 256, 2): Tiles(64, 16, 4, 2)}}
+# table. Hopper: 228 KiB of shared memory and wgmma fit the 128x128 forward without spills (sm_80
+# spills it), and the head-dim-64 dk/dv steps 32 queries at a time (sm_80 spills that). At head
+# dim 256 its wgmma needs 64 rows a warpgroup, whose fp32 (64, 256) accumulator alone takes 128
+# registers a thread: the forward and dq run 128 rows on 8 warps 16 keys at a time
+# (64-row tiles on 4 warps spill: each thread then holds twice the load addresses), and dk/dv runs
+# 128 keys in two passes (dv, then dk: one accumulator each; the score GEMM K Q^T is computed in both,
+# 5 GEMMs for 4). On sm_80 the same tiles replicate their mma.sync work (Triton spreads the warps of
+# the 16-wide score GEMMs over columns), so it keeps the base tiles. See docs/efficiency.md.
+_ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("dkdv", 64, 2): Tiles(32, 128, 8, 2),
+                       ("fwd", 256, 2): Tiles(128, 16, 8, 3),
+                       ("dq", 256, 2): Tiles(128, 16, 8, 2), ("dkdv", 256, 2): Tiles(16, 128, 8, 2, passes=2)}}
 # Tiles registered and picked only on some archs (they spill or replicate on the others).
 # The 128x64 4-stage forward needs 128 KB of shared memory, over the 99 KB of sm_86/sm_89
 # (runtime.launch_tuned also skips a candidate the GPU refuses).
-_ONLY_ON = {("fwd", 128, 2, Tiles(128, 128, 8, 3)): (90,), ("dq", 256, 2, Tiles(64, 16, 4, 2)): (90,),
+# Where Hopper has its own dk/dv or head-dim-256 tile it runs only that one: the base tiles
+# replicate (forward, dk/dv) or spill (dq) at head dim 256 there.
+_ONLY_ON = {**{(kind, pad, 2, tile): (90,) for (kind, pad, _), tile in _ARCH_DEFAULTS[90].items()},
+            **{(kind, pad, 2, _TILES[kind, pad, 2]): (80, 86, 89)
+               for kind, pad in (("dkdv", 64), ("fwd", 256), ("dq", 256), ("dkdv", 256))},
             ("fwd", 128, 2, Tiles(128, 64, 8, 4)): registry.BIG_SHARED_MEMORY_ARCHS}
 
 
@@ -648,11 +698,10 @@ _tile_override: Tiles | None = None
 # More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
 # with PADFREE_AUTOTUNE=1 (runtime.pick; the default is used otherwise). Each compiles for its archs
 # without spills or replicated MMAs in the plain and causal kernels (`compile-check --efficiency`);
-# larger ones (32x128 dk/dv, 64x64 w4 dq; 128x64 dq causal) spill, and 64x32 w4 dq issues 1.2x
-# the instructions per MFLOP of the textbook dq at that tile.
+# larger ones (32x128 dk/dv, 64x64 w4 dq; 128x64 dq causal) and the 3-stage 16x128 dk/dv spill, and
+# 64x32 w4 dq issues 1.2x the instructions per MFLOP of the textbook dq at that tile.
 _CANDIDATES = {
     ("fwd", 128, 2): (Tiles(128, 128, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)),
-    ("dkdv", 128, 2): (Tiles(16, 128, 8, 3),),
     ("dq", 128, 2): (Tiles(128, 32, 8, 3),),
 }
 
@@ -682,10 +731,11 @@ def _arch(tensor: torch.Tensor) -> int | None:
 
 
 class override_tiles:
-    """Context manager forcing one tile shape for every attention kernel (tests)."""
+    """Context manager forcing one tile shape for every attention kernel (tests); `passes=2` runs
+    the dk/dv kernel as two launches (dv, then dk) like the head-dim-256 tiles."""
 
-    def __init__(self, block_m: int, block_n: int):
-        self.tiles = Tiles(block_m, block_n, 4, 1)
+    def __init__(self, block_m: int, block_n: int, passes: int = 1):
+        self.tiles = Tiles(block_m, block_n, 4, 1, passes)
 
     def __enter__(self):
         global _tile_override
@@ -864,14 +914,15 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     def launch_dkdv(tile):
         blocks = block_table(cu_seqlens_k, total_k, tile.block_n, _table_order(flags, "keys"))
         entries, programs = _grid_size(blocks, total_k, tile.block_n)
-        attention_bwd_dkdv_kernel[(programs, num_kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            stride_alibi, entries, total_q, total_k, num_seqs, num_heads, group, head_dim,
-            softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
-            num_warps=tile.num_warps, num_stages=tile.num_stages)
+        for output in dkdv_outputs(tile):
+            attention_bwd_dkdv_kernel[(programs, num_kv_heads)](
+                q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                stride_alibi, entries, total_q, total_k, num_seqs, num_heads, group, head_dim,
+                softmax_scale, softcap, window_left, window_right, dropout_p, seed,
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
+                OUTPUT=output, num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     def launch_dq(tile):
         blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
@@ -937,18 +988,21 @@ def _extended(candidate: bool, dtype_name: str, pad: int, flags: dict, strided: 
 def _attention_launches(kind: str, kernel):
     for dtype, dtype_name in TRITON_DTYPES.items():
         for pad, tile in ((pad, tile) for pad in HEAD_DIM_PADS for tile in tile_candidates(kind, pad, dtype)):
-            for flags, strided in ((flags, strided) for flags in _flag_sets(dtype_name, pad)
-                                   for strided in (False, True)):
+            for flags, strided, output in ((flags, strided, output) for flags in _flag_sets(dtype_name, pad)
+                                           for strided in (False, True)
+                                           for output in (dkdv_outputs(tile) if kind == "dkdv" else (None,))):
                 data = {name: f"*{dtype_name}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
                 signature = registry.signature(kernel, {
                     **data, "Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32",
                     "Blocks": "*i32", "softmax_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32",
                     "Seed": "*i64"})
                 constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
-                                  PRECISION="ieee" if dtype == torch.float32 else "tf32", STRIDED=strided)
+                                  PRECISION="ieee" if dtype == torch.float32 else "tf32", STRIDED=strided,
+                                  **({"OUTPUT": output} if output else {}))
                 on = ("+".join(n.lower() for n, v in flags.items() if v) or "plain") + (" strided" if strided else "")
                 # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
                 shape = f"{tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
+                shape += f" {output} pass" if output in ("dk", "dv") else ""
                 archs = tile_archs(kind, pad, dtype, tile)
                 defaults = {tile_candidates(kind, pad, dtype, arch)[0] for arch in registry.ARCHS}
                 yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",

@@ -99,9 +99,12 @@ def textbook_attention_fwd_kernel(Q, K, V, Out, Lse, stride_t, stride_h, seqlen,
 
 @triton.jit
 def textbook_attention_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, stride_t, stride_h, seqlen, softmax_scale,
-                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                   OUTPUT: tl.constexpr):
     """Program (key block, head): dk and dv of BLOCK_N keys, streaming BLOCK_M queries at a time.
-    Works on the transposed scores (keys x queries) so that k and v stay the left operands."""
+    Works on the transposed scores (keys x queries) so that k and v stay the left operands.
+    OUTPUT "dkdv" computes both; "dv" or "dk" only that one (the yardstick of padfree's two-pass
+    dk/dv tiles)."""
     head = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -117,13 +120,18 @@ def textbook_attention_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, stride_t, 
         q = tl.load(Q + base + rows[:, None] * stride_t + offs_d[None, :])
         do = tl.load(DOut + base + rows[:, None] * stride_t + offs_d[None, :])
         lse = tl.load(Lse + head * seqlen + rows)
-        delta = tl.load(Delta + head * seqlen + rows)
+        if OUTPUT != "dv":
+            delta = tl.load(Delta + head * seqlen + rows)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - (lse * 1.4426950408889634)[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do)
-        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
-    tl.store(DK + base + offs_n[:, None] * stride_t + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty))
-    tl.store(DV + base + offs_n[:, None] * stride_t + offs_d[None, :], dv.to(DV.dtype.element_ty))
+        if OUTPUT != "dk":
+            dv += tl.dot(p_t.to(do.dtype), do)
+        if OUTPUT != "dv":
+            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+    if OUTPUT != "dv":
+        tl.store(DK + base + offs_n[:, None] * stride_t + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty))
+    if OUTPUT != "dk":
+        tl.store(DV + base + offs_n[:, None] * stride_t + offs_d[None, :], dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
@@ -174,14 +182,19 @@ def dropout_gemm_launch(dtype: str, block_m: int, block_n: int, block_k: int, nu
 
 
 def attention_launch(kernel, dtype: str, block_m: int, block_n: int, head_dim: int, num_warps: int,
-                     num_stages: int):
+                     num_stages: int, output: str = "dkdv"):
+    """A Launch of a textbook attention kernel; `output` ("dkdv", "dk", "dv") for the dk/dv kernel."""
     from padfree.kernels import registry
 
     data = {name: f"*{dtype}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
     signature = registry.signature(kernel, {**data, "Lse": "*fp32", "Delta": "*fp32", "softmax_scale": "fp32"})
-    return registry.Launch(f"{dtype} d{head_dim} {block_m}x{block_n} w{num_warps}s{num_stages}", signature,
-                           dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim), num_warps=num_warps,
-                           num_stages=num_stages, aligned=("seqlen",), pipelined=True)
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim)
+    label = f"{dtype} d{head_dim} {block_m}x{block_n} w{num_warps}s{num_stages}"
+    if "OUTPUT" in signature:
+        constexprs["OUTPUT"] = output
+        label += f" {output} pass" if output != "dkdv" else ""
+    return registry.Launch(label, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                           aligned=("seqlen",), pipelined=True)
 
 
 def _register():

@@ -134,14 +134,14 @@ def test_production_tiles(triton_cpu):
     check_against_reference(q, k, v, cu_q, cu_k, scale=0.125, window=(-1, 0))
 
 
-@pytest.mark.parametrize("kind, index", [(kind, i) for kind, count in (("fwd", 4), ("dkdv", 2), ("dq", 2))
+@pytest.mark.parametrize("kind, index", [(kind, i) for kind, count in (("fwd", 4), ("dkdv", 1), ("dq", 2))
                                          for i in range(count)])
 def test_every_tuning_candidate_at_head_dim_128(triton_cpu, kind, index):
     """On a GPU the head-dim-128 tiles are picked by timing; each candidate must be right."""
     from padfree.kernels import attention as kernels
     from padfree.kernels import runtime
 
-    assert len(kernels.tile_candidates(kind, 128, torch.float16)) == {"fwd": 4, "dkdv": 2, "dq": 2}[kind]
+    assert len(kernels.tile_candidates(kind, 128, torch.float16)) == {"fwd": 4, "dkdv": 1, "dq": 2}[kind]
     q, k, v, cu_q, cu_k = packed([130, 1, 70], [130, 1, 70], heads_q=2, heads_k=1, dim=128, dtype=torch.float16)
     with runtime.force_choice(f"attention_{kind}", index):
         check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0))
@@ -158,7 +158,11 @@ def test_tile_defaults_per_arch():
 
     assert shapes("fwd", 128, 90)[0] == (128, 128, 8) and shapes("fwd", 128, 80)[0] == (128, 64, 8)
     assert (128, 128, 8) not in shapes("fwd", 128, 80)
-    assert shapes("dq", 256, 90)[0] == (64, 16, 4) and shapes("dq", 256, 80) == [(64, 32, 4)]
+    # head dim 256: Hopper runs 128-row tiles on 8 warps (dk/dv in two passes), sm_80 the base tiles
+    assert [shapes(kind, 256, 90) for kind in ("fwd", "dq", "dkdv")] == [[(128, 16, 8)], [(128, 16, 8)],
+                                                                        [(16, 128, 8)]]
+    assert [shapes(kind, 256, 80) for kind in ("fwd", "dq", "dkdv")] == [[(64, 32, 8)], [(64, 32, 4)], [(16, 32, 8)]]
+    assert [t.passes for t in kernels.tile_candidates("dkdv", 256, torch.bfloat16, 90)] == [2]
     assert set(shapes("fwd", 128, None)) == set(shapes("fwd", 128, 90))
     entry = next(e for e in registry.all_kernels() if e.name.endswith(".attention_fwd_kernel"))
     archs = {launch.archs for launch in entry.launches() if " d128 128x128 " in launch.label}
@@ -166,16 +170,43 @@ def test_tile_defaults_per_arch():
 
 
 @pytest.mark.parametrize("index", range(2))
-def test_every_dq_tile_at_head_dim_256(triton_cpu, index):
-    """Head dim 256 runs dq on 64x32 w4 (sm_80) or 64x16 w4 (sm_90, wgmma): both must be right."""
+def test_every_tile_at_head_dim_256(triton_cpu, index):
+    """Head dim 256 has its own tiles on each arch (sm_80: the base ones; sm_90: 128-row tiles and
+    dk/dv in two passes): every kernel must be right with each (arch None lists all of them)."""
     from padfree.kernels import attention as kernels
     from padfree.kernels import runtime
 
-    tiles = kernels.tile_candidates("dq", 256, torch.float16)
-    assert {(t.block_m, t.block_n) for t in tiles} == {(64, 32), (64, 16)}
+    for kind in ("fwd", "dkdv", "dq"):
+        assert len(kernels.tile_candidates(kind, 256, torch.float16)) == 2
     q, k, v, cu_q, cu_k = packed([70, 1, 33], [70, 1, 33], heads_q=2, heads_k=1, dim=256, dtype=torch.float16)
-    with runtime.force_choice("attention_dq", index):
+    with runtime.force_choice("attention_fwd", index), runtime.force_choice("attention_dkdv", index), \
+            runtime.force_choice("attention_dq", index):
         check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0))
+
+
+class _DkdvOutputs:
+    """Stands in for the dk/dv kernel: records the OUTPUT of every launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.outputs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.outputs.append(kwargs["OUTPUT"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("name", ["plain", "causal", "window", "alibi", "causal_dropout_softcap"])
+def test_dk_and_dv_in_two_passes(triton_cpu, monkeypatch, name):
+    """A two-pass tile (head dim 256 on sm_90) launches the dk/dv kernel for dv, then for dk; with
+    every option, GQA, edge lengths and tail rows, the two launches together give dk and dv."""
+    spy = _DkdvOutputs(kernels.attention_bwd_dkdv_kernel)
+    monkeypatch.setattr(kernels, "attention_bwd_dkdv_kernel", spy)
+    q, k, v, cu_q, cu_k = packed(EDGE_LENGTHS_Q, EDGE_LENGTHS_K)
+    with kernels.override_tiles(16, 16, passes=2):
+        check_against_reference(q, k, v, cu_q, cu_k, **materialise(OPTIONS[name], 4, len(EDGE_LENGTHS_Q)))
+    assert spy.outputs == ["dv", "dk"]
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
