@@ -672,15 +672,19 @@ for (_kind, _pad, _size), _t in list(_TILES.items()):
 # the 16-wide score GEMMs over columns), so it keeps the base tiles. See docs/efficiency.md.
 _ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("dkdv", 64, 2): Tiles(32, 128, 8, 2),
                        ("fwd", 256, 2): Tiles(128, 16, 8, 3),
-                       ("dq", 256, 2): Tiles(128, 16, 8, 2), ("dkdv", 256, 2): Tiles(16, 128, 8, 2, passes=2)}}
-# Tiles registered and picked only on some archs (they spill or replicate on the others).
+                       ("dq", 256, 2): Tiles(128, 16, 8, 2), ("dkdv", 256, 2): Tiles(16, 128, 8, 2, passes=2)},
+                  # the base head-dim-256 dq tile needs 100 KB of shared memory, over their 99 KB
+                  86: {("dq", 256, 2): Tiles(32, 32, 4, 2)}, 89: {("dq", 256, 2): Tiles(32, 32, 4, 2)}}
+# Tiles registered and picked only on some archs (they spill, replicate or do not fit on the others).
 # The 128x64 4-stage forward needs 128 KB of shared memory, over the 99 KB of sm_86/sm_89
 # (runtime.launch_tuned also skips a candidate the GPU refuses).
-# Where Hopper has its own dk/dv or head-dim-256 tile it runs only that one: the base tiles
-# replicate (forward, dk/dv) or spill (dq) at head dim 256 there.
+# Where an arch has its own tile it runs only that one: at head dim 256 Hopper's base tiles
+# replicate (forward, dk/dv) or spill (dq), and the base dq does not fit sm_86/sm_89.
 _ONLY_ON = {**{(kind, pad, 2, tile): (90,) for (kind, pad, _), tile in _ARCH_DEFAULTS[90].items()},
+            ("dq", 256, 2, Tiles(32, 32, 4, 2)): (86, 89),
             **{(kind, pad, 2, _TILES[kind, pad, 2]): (80, 86, 89)
-               for kind, pad in (("dkdv", 64), ("fwd", 256), ("dq", 256), ("dkdv", 256))},
+               for kind, pad in (("dkdv", 64), ("fwd", 256), ("dkdv", 256))},
+            ("dq", 256, 2, _TILES["dq", 256, 2]): (80,),
             ("fwd", 128, 2, Tiles(128, 64, 8, 4)): registry.BIG_SHARED_MEMORY_ARCHS}
 
 
