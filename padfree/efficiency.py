@@ -245,7 +245,8 @@ def reference_for(name: str, launch):
     if short in shapes:
         m, n, k = (c[key] for key in shapes[short])
     elif name.startswith("padfree.kernels.moe."):
-        m, n, k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        # the gate_up kernel computes gate and up tiles of BLOCK_N columns from one row tile
+        m, n, k = c["BLOCK_M"], c["BLOCK_N"] * (2 if short == "moe_gate_up_kernel" else 1), c["BLOCK_K"]
     else:
         return None
     return textbook.textbook_gemm_kernel, textbook.gemm_launch("bf16", m, n, k, warps, stages)
