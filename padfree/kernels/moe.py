@@ -212,15 +212,16 @@ def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_
     end = tl.load(padded_offsets_ptr + expert + 1)
     ks = tl.arange(0, BLOCK_K)
     grad_cols = grad_out_ptr + out_rows[:, None]
-    hw_rows = hw_ptr + (start + ks)[:, None].to(tl.int64) * inter + cols[None, :]
+    hw_rows = hw_ptr + ks[:, None].to(tl.int64) * inter + cols[None, :]
+    hw_row_size = inter.to(tl.int64)
     row_size = hidden.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         # unsigned: token ids are >= 0, and a 32 x 32 -> 64-bit product is one instruction
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
-        acc = _step(grad_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_rows,
+        # an offset from fixed pointers: pointers advanced in the loop cost the pipelined loop more
+        acc = _step(grad_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_rows + r0 * hw_row_size,
                     (tokens < num_tokens)[None, :] & out_ok[:, None], col_ok[None, :], acc, IEEE)
-        hw_rows += BLOCK_K * inter
     out = grad_w2_ptr + expert.to(tl.int64) * hidden * inter + out_rows[:, None] * inter + cols[None, :]
     tl.store(out, acc.to(grad_w2_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
 
@@ -269,15 +270,15 @@ def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, p
     start = tl.load(padded_offsets_ptr + expert)
     end = tl.load(padded_offsets_ptr + expert + 1)
     ks = tl.arange(0, BLOCK_K)
-    grad_rows = grad_gate_up_ptr + (start + ks)[None, :].to(tl.int64) * (2 * inter) + out_rows[:, None]
+    grad_rows = grad_gate_up_ptr + ks[None, :].to(tl.int64) * (2 * inter) + out_rows[:, None]
+    grad_row_size = (2 * inter).to(tl.int64)
     x_cols = x_ptr + cols[None, :]
     row_size = stride_xn.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)  # unsigned: see the dW2 kernel
-        acc = _step(grad_rows, x_cols + tokens.to(tl.uint64)[:, None] * row_size, out_ok[:, None],
-                    (tokens < num_tokens)[:, None] & col_ok[None, :], acc, IEEE)
-        grad_rows += BLOCK_K * (2 * inter)
+        acc = _step(grad_rows + r0 * grad_row_size, x_cols + tokens.to(tl.uint64)[:, None] * row_size,
+                    out_ok[:, None], (tokens < num_tokens)[:, None] & col_ok[None, :], acc, IEEE)
     out = grad_w1_ptr + expert.to(tl.int64) * (2 * inter) * hidden + out_rows[:, None] * hidden + cols[None, :]
     tl.store(out, acc.to(grad_w1_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
 
