@@ -253,7 +253,8 @@ def reference_for(name: str, launch):
         if short == "lora_da_kernel" or (short == "lora_shrink_kernel" and c["DROPOUT"]):
             return textbook.textbook_dropout_gemm_kernel, textbook.dropout_gemm_launch("bf16", m, n, k, warps, stages)
     elif name.startswith("padfree.kernels.moe."):
-        m, n, k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+        # the gate_up kernel computes gate and up tiles of BLOCK_N columns from one row tile
+        m, n, k = c["BLOCK_M"], c["BLOCK_N"] * (2 if short == "moe_gate_up_kernel" else 1), c["BLOCK_K"]
     else:
         return None
     return textbook.textbook_gemm_kernel, textbook.gemm_launch("bf16", m, n, k, warps, stages)
@@ -419,8 +420,94 @@ def prediction_table(rows: list[Efficiency], max_length: int = 4096) -> str:
     return "\n".join(lines)
 
 
+# ---- MoE layer (static prediction; its grouped_mm comparison is conditional) ------------------------
+# The Qwen3-30B-A3B layer of the >= 1.5x grouped_mm target (docs/moe.md): 16k tokens, bf16.
+MOE_TARGET = dict(tokens=16384, experts=128, hidden=2048, inter=768, top_k=8)
+# padfree's MoE kernels: (FLOPs per pair in units of hidden * inter, which the padded rows multiply)
+MOE_KERNELS = {"moe_gate_up_kernel": 4, "moe_down_kernel": 2, "moe_down_backward_kernel": 2,
+               "moe_down_weight_grad_kernel": 2, "moe_gate_up_backward_input_kernel": 4,
+               "moe_gate_up_weight_grad_kernel": 4}
+
+
+def moe_layer(rows: dict[str, Efficiency], tokens: int, experts: int, hidden: int, inter: int, top_k: int,
+              block: int = 64) -> dict[str, float]:
+    """Predicted H100 milliseconds of padfree's MoE experts forward and backward, and what
+    transformers' `grouped_mm` path spends outside its GEMMs, from the sm_90 rows of the six MoE
+    kernels (`rows`: kernel short name -> its default launch's row).
+
+    A kernel takes max(FLOPs x padding / main-loop rate, compulsory bytes / 3.35 TB/s): the rows
+    cover the main loop; the bytes are each operand read and each output written once (bf16). The
+    block padding is its expectation under uniform routing, (P + E (block - 1) / 2) / P rows for
+    P = tokens x top_k pairs. grouped_mm's GEMMs are CUTLASS kernels the report cannot read; its
+    other passes (eager PyTorch, counted from transformers' `grouped_mm_experts_forward` and its
+    autograd) are charged at bandwidth: forward the x gather, SiLU and product, routing weights,
+    un-permute and sum over k; backward their gradients and the scatter into d hidden. Returns
+    per-kernel and total milliseconds, grouped_mm's memory milliseconds and its GEMM FLOPs."""
+    pairs, unit, size = tokens * top_k, hidden * inter, 2
+    padding = (pairs + experts * (block - 1) / 2) / pairs
+    capacity = pairs * padding
+    weights = experts * 3 * unit * size
+    byte_counts = {  # compulsory DRAM bytes of each kernel (and of its torch sum over k)
+        "moe_gate_up_kernel": (tokens * hidden + capacity * 3 * inter) * size + 2 * weights / 3,
+        "moe_down_kernel": (capacity * inter + 2 * pairs * hidden + tokens * hidden) * size + weights / 3,
+        "moe_down_backward_kernel": (tokens * hidden + capacity * 5 * inter) * size + weights / 3,
+        "moe_down_weight_grad_kernel": (pairs * hidden + capacity * inter) * size + weights / 3,
+        "moe_gate_up_backward_input_kernel": (capacity * 2 * inter + 2 * pairs * hidden + tokens * hidden) * size
+        + 2 * weights / 3,
+        "moe_gate_up_weight_grad_kernel": (capacity * 2 * inter + pairs * hidden) * size + 2 * weights / 3,
+    }
+    result = {}
+    for name, units in MOE_KERNELS.items():
+        compute = units * pairs * unit * padding / (predicted_tflops(rows[name]) * 1e12)
+        result[name] = 1e3 * max(compute, byte_counts[name] / (H100_BANDWIDTH_TBS * 1e12))
+    result["forward"] = result["moe_gate_up_kernel"] + result["moe_down_kernel"]
+    result["forward+backward"] = sum(result[name] for name in MOE_KERNELS)
+    forward_bytes = (7 * pairs * hidden + tokens * hidden + 5 * pairs * inter) * size
+    backward_bytes = (10 * pairs * hidden + tokens * hidden + 9 * pairs * inter) * size
+    result["grouped_mm memory forward"] = 1e3 * forward_bytes / (H100_BANDWIDTH_TBS * 1e12)
+    result["grouped_mm memory forward+backward"] = 1e3 * (forward_bytes + backward_bytes) / (H100_BANDWIDTH_TBS * 1e12)
+    result["gemm flop forward"] = 6 * pairs * unit
+    result["gemm flop forward+backward"] = 18 * pairs * unit
+    return result
+
+
+def grouped_mm_break_even(layer: dict[str, float], speedup: float = 1.5, part: str = "forward+backward") -> float:
+    """The grouped-GEMM rate (TFLOP/s) at or below which padfree is `speedup` x faster than the
+    grouped_mm path, by `moe_layer`'s prediction (inf: at any rate)."""
+    budget = speedup * layer[part] - layer[f"grouped_mm memory {part}"]
+    return float("inf") if budget <= 0 else layer[f"gemm flop {part}"] / (budget * 1e-3) / 1e12
+
+
+def moe_prediction_table(rows: list[Efficiency]) -> str:
+    """Markdown: `moe_layer` at MOE_TARGET from the sm_90 rows of the MoE kernels' sm_90 defaults."""
+    from padfree.kernels import moe
+
+    by_name = {}
+    for tile, kernel in moe.KERNELS.items():
+        label = moe.make_launch(kernel, moe.POINTERS[tile], "bf16", moe._candidates(tile, False, 90)[0],
+                                {"STORE_HW": True} if tile == "down_backward" else None).label
+        found = [r for r in rows if r.arch == 90 and r.kernel.endswith(kernel.fn.__name__) and r.label == label]
+        if not found or predicted_tflops(found[0]) is None:
+            return f"(no sm_90 row of {kernel.fn.__name__} {label} in the report)"
+        by_name[kernel.fn.__name__] = found[0]
+    layer = moe_layer(by_name, **MOE_TARGET)
+    lines = ["| kernel (sm_90 default) | launch | main loop TFLOP/s | predicted ms |", "|---|---|---|---|"]
+    for name, row in by_name.items():
+        lines.append(f"| {name} | {row.label} | {predicted_tflops(row):.0f} | {layer[name]:.3f} |")
+    for part in ("forward", "forward+backward"):
+        lines.append(f"| padfree {part} | | | {layer[part]:.3f} |")
+        lines.append(f"| grouped_mm {part}: passes outside its GEMMs | | | "
+                     f"{layer[f'grouped_mm memory {part}']:.3f} |")
+        lines.append(f"| grouped_mm {part}: GEMM rate for padfree >= 1.5x | | "
+                     f"<= {grouped_mm_break_even(layer, 1.5, part):.0f} | |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     # python -m padfree.efficiency REPORT.json: the model's predictions for a saved --json report
     with open(sys.argv[1]) as handle:
         saved = [Efficiency(**{k: v for k, v in row.items() if k != "ratio"}) for row in json.load(handle)]
     print(prediction_table(saved))
+    if any(".moe." in row.kernel and row.arch == 90 for row in saved):
+        print()
+        print(moe_prediction_table(saved))

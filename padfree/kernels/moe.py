@@ -15,21 +15,25 @@ Forward (per pair p, expert e, weight w_p):
     moe_down_kernel      z = h W2^T, y_p = w_p z, written to row p of a (N*k, H) buffer: each pair
                          owns one row, so no atomics; out = y.view(N, k, H).sum(1) (deterministic).
 
-Backward, dout (N, H) given; h is recomputed from the saved [g | u], never stored:
+Backward, dout (N, H) given; h is recomputed from the saved [g | u] (the forward keeps no h):
     moe_down_backward_kernel
         a = dout[t] W2_e (I,), a reduction over H;  dw_p = <dout[t], z> = <a, h>, written as one
         partial sum per I-tile (summed after, no atomics);  dh = w_p a;
         dg = dh * u * s * (1 + g (1 - s)) with s = sigmoid(g)   [d silu(g)/dg = s + g s (1 - s)]
-        du = dh * silu(g);  stores [dg | du].
-    moe_down_weight_grad_kernel   dW2_e = sum_{p in e} (w_p dout[t])^T h_p       (H, I)
+        du = dh * silu(g);  stores [dg | du], and (with expert gradients) w_p h_p for the next kernel.
+    moe_down_weight_grad_kernel   dW2_e = sum_{p in e} dout[t]^T (w_p h_p)       (H, I)
     moe_gate_up_backward_input_kernel   dx_p = [dg | du] [Wg; Wu]  -> row p of (N*k, H), then
                                          dx = sum over the k rows of each token.
     moe_gate_up_weight_grad_kernel      dW1_e = sum_{p in e} [dg | du]_p^T x[t]   (2I, H)
 Padding rows load x / dout as 0, so their g, u, h, dg, du are 0 and they add nothing to dW.
+The weight-gradient kernels are grouped GEMMs reducing over an expert's pair rows; they gather
+dout / x rows through `sorted_tokens` (sorted_pairs // k: padding rows get N, masked off).
 All products accumulate in fp32 (fp32 inputs: IEEE dot, no TF32).
 The pair counts (num_pairs, capacity) change every batch and only bound masks, so they are
 `do_not_specialize` (one compiled variant, not one per divisibility); the model dimensions and
 strides keep the JIT's specialization, which vectorises the loads (stride_wk = 1 is a constant).
+Main loops run whole BLOCK_K steps under loop-invariant masks and then one K-masked tail step: a
+K mask recomputed every step cost the main loop up to 30% more instructions (compile-check).
 """
 
 from __future__ import annotations
@@ -49,6 +53,24 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _step(a_ptrs, b_ptrs, a_mask, b_mask, acc, IEEE: tl.constexpr):
+    """acc + a b for one reduction step of masked tiles (0 outside the masks; no mask: None)."""
+    if a_mask is None:
+        a = tl.load(a_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    return _dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, IEEE)
+
+
+@triton.jit
+def _gate_up_step(a_ptrs, w_gate, w_up, a_mask, w_mask, acc_gate, acc_up, IEEE: tl.constexpr):
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    acc_gate = _dot(a, tl.load(w_gate, mask=w_mask, other=0.0), acc_gate, IEEE)
+    acc_up = _dot(a, tl.load(w_up, mask=w_mask, other=0.0), acc_up, IEEE)
+    return acc_gate, acc_up
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -72,18 +94,22 @@ def moe_gate_up_kernel(x_ptr, w1_ptr, sorted_pairs_ptr, block_expert_ptr, gate_u
     valid = pairs < num_pairs
     tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    w_base = w1_ptr + expert.to(tl.int64) * stride_we
+    a_ptrs = x_ptr + tokens[:, None] * stride_xn + ks[None, :]
+    w_gate = w1_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    w_up = w_gate + inter * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < hidden
-        a = tl.load(x_ptr + tokens[:, None] * stride_xn + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        w_gate = tl.load(w_base + cols[None, :] * stride_wn + k[:, None] * stride_wk, mask=w_mask, other=0.0)
-        w_up = tl.load(w_base + (cols[None, :] + inter) * stride_wn + k[:, None] * stride_wk, mask=w_mask, other=0.0)
-        acc_gate = _dot(a, w_gate, acc_gate, IEEE)
-        acc_up = _dot(a, w_up, acc_up, IEEE)
+    # Whole steps, then the ragged tail (module docstring). Offsets from fixed pointer tiles: pointers
+    # advanced in the loop and used again for the tail make the pipelined loop select every one.
+    whole = hidden - hidden % BLOCK_K
+    for k0 in range(0, whole, BLOCK_K):
+        acc_gate, acc_up = _gate_up_step(a_ptrs + k0, w_gate + k0 * stride_wk, w_up + k0 * stride_wk,
+                                         valid[:, None], col_ok[None, :], acc_gate, acc_up, IEEE)
+    if whole < hidden:
+        k_ok = whole + ks < hidden
+        acc_gate, acc_up = _gate_up_step(a_ptrs + whole, w_gate + whole * stride_wk, w_up + whole * stride_wk,
+                                         valid[:, None] & k_ok[None, :], k_ok[:, None] & col_ok[None, :],
+                                         acc_gate, acc_up, IEEE)
     out_mask = col_ok[None, :]
     tl.store(gate_up_rows, acc_gate.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
     tl.store(gate_up_rows + inter, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
@@ -105,15 +131,16 @@ def moe_down_kernel(h_ptr, w2_ptr, sorted_pairs_ptr, block_expert_ptr, weights_p
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
-    w_base = w2_ptr + expert.to(tl.int64) * stride_we
+    a_ptrs = h_ptr + rows[:, None] * inter + ks[None, :]
+    b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < inter
-        a = tl.load(h_ptr + rows[:, None] * inter + k[None, :], mask=k_ok[None, :], other=0.0)
-        b = tl.load(w_base + cols[None, :] * stride_wn + k[:, None] * stride_wk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+    whole = inter - inter % BLOCK_K  # whole steps, then the tail, as in moe_gate_up_kernel
+    for k0 in range(0, whole, BLOCK_K):
+        acc = _step(a_ptrs + k0, b_ptrs + k0 * stride_wk, None, col_ok[None, :], acc, IEEE)
+    if whole < inter:
+        k_ok = whole + ks < inter
+        acc = _step(a_ptrs + whole, b_ptrs + whole * stride_wk, k_ok[None, :], k_ok[:, None] & col_ok[None, :], acc,
+                    IEEE)
     weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
     acc = acc * weight[:, None]
     safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
@@ -123,10 +150,10 @@ def moe_down_kernel(h_ptr, w2_ptr, sorted_pairs_ptr, block_expert_ptr, weights_p
 
 @triton.jit(do_not_specialize=["num_pairs", "capacity"])
 def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr,
-                             grad_gate_up_ptr, grad_weight_partial_ptr, num_pairs, hidden, inter, top_k,
+                             grad_gate_up_ptr, grad_weight_partial_ptr, hw_ptr, num_pairs, hidden, inter, top_k,
                              capacity, stride_we, stride_wn, stride_wk,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             IEEE: tl.constexpr):
+                             STORE_HW: tl.constexpr, IEEE: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
@@ -139,16 +166,16 @@ def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
-    w_base = w2_ptr + expert.to(tl.int64) * stride_we
+    a_ptrs = grad_out_ptr + tokens[:, None] * hidden + ks[None, :]
+    b_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wn + cols[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < hidden
-        a = tl.load(grad_out_ptr + tokens[:, None] * hidden + k[None, :], mask=valid[:, None] & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(w_base + k[:, None] * stride_wn + cols[None, :] * stride_wk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+    whole = hidden - hidden % BLOCK_K  # whole steps, then the tail, as in moe_gate_up_kernel
+    for k0 in range(0, whole, BLOCK_K):
+        acc = _step(a_ptrs + k0, b_ptrs + k0 * stride_wn, valid[:, None], col_ok[None, :], acc, IEEE)
+    if whole < hidden:
+        k_ok = whole + ks < hidden
+        acc = _step(a_ptrs + whole, b_ptrs + whole * stride_wn, valid[:, None] & k_ok[None, :],
+                    k_ok[:, None] & col_ok[None, :], acc, IEEE)
     gate_up_rows = gate_up_ptr + rows[:, None] * (2 * inter) + cols[None, :]
     gate = tl.load(gate_up_rows, mask=col_ok[None, :], other=0.0).to(tl.float32)
     up = tl.load(gate_up_rows + inter, mask=col_ok[None, :], other=0.0).to(tl.float32)
@@ -156,6 +183,10 @@ def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr
     silu = gate * sig
     tl.store(grad_weight_partial_ptr + tile_n.to(tl.int64) * capacity + rows, tl.sum(silu * up * acc, axis=1))
     weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    if STORE_HW:
+        # w_p h_p, the right operand of moe_down_weight_grad_kernel (h recomputed once, here)
+        tl.store(hw_ptr + rows[:, None] * inter + cols[None, :],
+                 (silu * up * weight[:, None]).to(hw_ptr.dtype.element_ty), mask=col_ok[None, :])
     grad_h = acc * weight[:, None]
     grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
     grad_up = grad_h * silu
@@ -165,10 +196,13 @@ def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def moe_down_weight_grad_kernel(grad_out_ptr, gate_up_ptr, sorted_pairs_ptr, padded_offsets_ptr, weights_ptr,
-                                grad_w2_ptr, num_pairs, hidden, inter, top_k,
+def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets_ptr, grad_w2_ptr,
+                                num_tokens, hidden, inter,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 IEEE: tl.constexpr):
+    """dW2_e = sum over e's rows of dout[t]^T (w_p h_p): a grouped GEMM reducing over the pair rows,
+    with w_p h_p from moe_down_backward_kernel. BLOCK_K divides ALIGN_BLOCK, so every step lies in
+    one expert's rows and needs no K mask."""
     expert = tl.program_id(0)
     out_rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,21 +210,18 @@ def moe_down_weight_grad_kernel(grad_out_ptr, gate_up_ptr, sorted_pairs_ptr, pad
     col_ok = cols < inter
     start = tl.load(padded_offsets_ptr + expert)
     end = tl.load(padded_offsets_ptr + expert + 1)
+    ks = tl.arange(0, BLOCK_K)
+    grad_cols = grad_out_ptr + out_rows[:, None]
+    hw_rows = hw_ptr + ks[:, None].to(tl.int64) * inter + cols[None, :]
+    hw_row_size = inter.to(tl.int64)
+    row_size = hidden.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
-        rows = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        pairs = tl.load(sorted_pairs_ptr + rows)
-        valid = pairs < num_pairs
-        tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
-        weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
-        grad = tl.load(grad_out_ptr + tokens[None, :] * hidden + out_rows[:, None],
-                       mask=valid[None, :] & out_ok[:, None], other=0.0).to(tl.float32)
-        grad = (grad * weight[None, :]).to(grad_out_ptr.dtype.element_ty)
-        gate_up_rows = gate_up_ptr + rows[:, None] * (2 * inter) + cols[None, :]
-        gate = tl.load(gate_up_rows, mask=col_ok[None, :], other=0.0).to(tl.float32)
-        up = tl.load(gate_up_rows + inter, mask=col_ok[None, :], other=0.0).to(tl.float32)
-        h = (gate * tl.sigmoid(gate) * up).to(grad_out_ptr.dtype.element_ty)
-        acc = _dot(grad, h, acc, IEEE)
+        # unsigned: token ids are >= 0, and a 32 x 32 -> 64-bit product is one instruction
+        tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
+        # an offset from fixed pointers: pointers advanced in the loop cost the pipelined loop more
+        acc = _step(grad_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_rows + r0 * hw_row_size,
+                    (tokens < num_tokens)[None, :] & out_ok[:, None], col_ok[None, :], acc, IEEE)
     out = grad_w2_ptr + expert.to(tl.int64) * hidden * inter + out_rows[:, None] * inter + cols[None, :]
     tl.store(out, acc.to(grad_w2_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
 
@@ -210,25 +241,27 @@ def moe_gate_up_backward_input_kernel(grad_gate_up_ptr, w1_ptr, sorted_pairs_ptr
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
-    w_base = w1_ptr + expert.to(tl.int64) * stride_we
+    a_ptrs = grad_gate_up_ptr + rows[:, None] * (2 * inter) + ks[None, :]
+    b_ptrs = w1_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wn + cols[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, 2 * inter, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < 2 * inter
-        a = tl.load(grad_gate_up_ptr + rows[:, None] * (2 * inter) + k[None, :], mask=k_ok[None, :], other=0.0)
-        b = tl.load(w_base + k[:, None] * stride_wn + cols[None, :] * stride_wk,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+    whole = 2 * inter - 2 * inter % BLOCK_K  # whole steps, then the tail, as in moe_gate_up_kernel
+    for k0 in range(0, whole, BLOCK_K):
+        acc = _step(a_ptrs + k0, b_ptrs + k0 * stride_wn, None, col_ok[None, :], acc, IEEE)
+    if whole < 2 * inter:
+        k_ok = whole + ks < 2 * inter
+        acc = _step(a_ptrs + whole, b_ptrs + whole * stride_wn, k_ok[None, :], k_ok[:, None] & col_ok[None, :], acc,
+                    IEEE)
     safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
     tl.store(grad_x_pairs_ptr + safe_pairs[:, None] * hidden + cols[None, :],
              acc.to(grad_x_pairs_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_ptr, grad_w1_ptr,
-                                   num_pairs, hidden, inter, top_k, stride_xn,
+def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_ptr, grad_w1_ptr,
+                                   num_tokens, hidden, inter, stride_xn,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                    IEEE: tl.constexpr):
+    """dW1_e = sum over e's rows of [dg | du]_p^T x[t]; steps as in moe_down_weight_grad_kernel."""
     expert = tl.program_id(0)
     out_rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,54 +269,74 @@ def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_pairs_ptr, pa
     col_ok = cols < hidden
     start = tl.load(padded_offsets_ptr + expert)
     end = tl.load(padded_offsets_ptr + expert + 1)
+    ks = tl.arange(0, BLOCK_K)
+    grad_rows = grad_gate_up_ptr + ks[None, :].to(tl.int64) * (2 * inter) + out_rows[:, None]
+    grad_row_size = (2 * inter).to(tl.int64)
+    x_cols = x_ptr + cols[None, :]
+    row_size = stride_xn.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
-        rows = (r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        pairs = tl.load(sorted_pairs_ptr + rows)
-        valid = pairs < num_pairs
-        tokens = tl.where(valid, pairs // top_k, 0).to(tl.int64)
-        grad = tl.load(grad_gate_up_ptr + rows[None, :] * (2 * inter) + out_rows[:, None], mask=out_ok[:, None],
-                       other=0.0)
-        x = tl.load(x_ptr + tokens[:, None] * stride_xn + cols[None, :], mask=valid[:, None] & col_ok[None, :],
-                    other=0.0)
-        acc = _dot(grad, x, acc, IEEE)
+        tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)  # unsigned: see the dW2 kernel
+        acc = _step(grad_rows + r0 * grad_row_size, x_cols + tokens.to(tl.uint64)[:, None] * row_size,
+                    out_ok[:, None], (tokens < num_tokens)[:, None] & col_ok[None, :], acc, IEEE)
     out = grad_w1_ptr + expert.to(tl.int64) * (2 * inter) * hidden + out_rows[:, None] * hidden + cols[None, :]
     tl.store(out, acc.to(grad_w1_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
 
 
 # Tiles: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The row tile of the grouped kernels is
-# the alignment block. Chosen for H100 bf16/fp16 at Qwen3-30B-A3B / Mixtral sizes (tensor-core
-# tiles, no spills in compile-check); fp32 runs IEEE FMA dots (tests, not speed) on smaller tiles.
-# The down kernel's 4-warp 64x128 tile issues fewer main-loop instructions per MFLOP than 8 warps
-# (sm_90 423 vs 656, sm_80 797 vs 977, with the unit weight stride specialized as the JIT does).
+# the alignment block; the weight-gradient kernels reduce over pair rows, BLOCK_K of them a step, so
+# their BLOCK_K divides ALIGN_BLOCK. Chosen with `padfree compile-check --efficiency` (bf16, sm_80
+# and sm_90; docs/efficiency.md): tensor-core tiles without replicated MMAs or spills whose main
+# loops issue the fewest instructions per MFLOP, within 1.2x a plain GEMM at the same tile. The
+# gate_up kernel's 8-warp 64x64 tile replicates its MMAs on sm_80 (8 warps of 16 rows over 64
+# rows); 64x128 with 4 warps spills there but is sm_90's best (m64n128 wgmma, 299 instructions per
+# MFLOP). fp32 runs IEEE FMA dots (tests, not speed) on smaller tiles.
 TILES = {
-    "gate_up": (ALIGN_BLOCK, 64, 64, 8, 3),
+    "gate_up": (ALIGN_BLOCK, 128, 64, 8, 3),
     "down": (ALIGN_BLOCK, 128, 64, 4, 3),
-    "down_backward": (ALIGN_BLOCK, 64, 64, 8, 3),
-    "down_weight_grad": (64, 64, 64, 4, 3),
-    "gate_up_backward_input": (ALIGN_BLOCK, 128, 64, 8, 3),
-    "gate_up_weight_grad": (64, 128, 64, 8, 3),
+    "down_backward": (ALIGN_BLOCK, 64, 128, 8, 3),
+    "down_weight_grad": (64, 128, 64, 4, 3),
+    "gate_up_backward_input": (ALIGN_BLOCK, 128, 64, 4, 3),
+    "gate_up_weight_grad": (256, 128, 64, 8, 3),
 }
+# A different default on one arch.
+_ARCH_TILES = {90: {"gate_up": (ALIGN_BLOCK, 128, 64, 4, 3), "down_weight_grad": (64, 256, 64, 8, 3)}}
+# Tiles registered and picked only on some archs: the sm_90 gate_up tile spills on sm_80 (48 B);
+# the 128-row dW1 step issues 1.25x the plain GEMM's instructions per MFLOP on sm_90.
+_ONLY_ON = {("gate_up", (ALIGN_BLOCK, 128, 64, 4, 3)): (90,),
+            ("gate_up_weight_grad", (128, 64, 64, 4, 3)): (80, 86, 89)}
 FP32_TILE = (32, 32, 4, 2)  # BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M as above
-# More 16-bit tiles for the four grouped kernels, timed on the GPU on first use per shape with
-# PADFREE_AUTOTUNE=1 (runtime.pick; TILES holds the default, used otherwise). Every one compiles
-# for sm_80 and sm_90 pipelined and without spills.
+# More 16-bit tiles, timed on the GPU on first use per shape with PADFREE_AUTOTUNE=1 (runtime.pick;
+# the arch's default is used otherwise). Each passes the efficiency gate on its archs, and fits the
+# 99 KB of shared memory of sm_86/sm_89 (the largest, 64x256 w8s3, takes 80 KB there).
 CANDIDATES = {
-    "gate_up": ((ALIGN_BLOCK, 64, 64, 4, 4), (ALIGN_BLOCK, 128, 64, 8, 3)),
+    "gate_up": ((ALIGN_BLOCK, 64, 64, 4, 4),),
     "down": ((ALIGN_BLOCK, 128, 64, 8, 3), (ALIGN_BLOCK, 256, 64, 8, 3), (ALIGN_BLOCK, 64, 64, 4, 4),
              (ALIGN_BLOCK, 128, 32, 4, 4)),
-    "down_backward": ((ALIGN_BLOCK, 128, 64, 8, 3), (ALIGN_BLOCK, 64, 64, 4, 3), (ALIGN_BLOCK, 64, 128, 4, 3),
-                      (ALIGN_BLOCK, 64, 32, 4, 4)),
-    "gate_up_backward_input": ((ALIGN_BLOCK, 128, 64, 4, 3), (ALIGN_BLOCK, 256, 64, 8, 3),
+    "down_backward": ((ALIGN_BLOCK, 64, 64, 8, 3),),
+    "down_weight_grad": ((64, 128, 64, 4, 3),),
+    "gate_up_backward_input": ((ALIGN_BLOCK, 128, 64, 8, 3), (ALIGN_BLOCK, 256, 64, 8, 3),
                                (ALIGN_BLOCK, 64, 64, 4, 4), (ALIGN_BLOCK, 128, 32, 4, 4)),
+    "gate_up_weight_grad": ((128, 64, 64, 4, 3),),
 }
 
 
-def _candidates(tile: str, fp32: bool) -> tuple[tuple[int, int, int, int, int], ...]:
-    """Every tile the launcher of `tile` may pick, the default first."""
+def _candidates(tile: str, fp32: bool, arch: int | None = None) -> tuple[tuple[int, int, int, int, int], ...]:
+    """Every tile the launcher of `tile` may pick on sm_`arch` (None: any arch), the default first."""
     if fp32:
         return ((TILES[tile][0], *FP32_TILE),)
-    return (TILES[tile], *CANDIDATES.get(tile, ()))
+    default = _ARCH_TILES.get(arch, {}).get(tile, TILES[tile])
+    every = (TILES[tile], *(tiles[tile] for tiles in _ARCH_TILES.values() if tile in tiles), *CANDIDATES.get(tile, ()))
+    allowed = [config for config in every if config != default
+               and (arch is None or arch in _ONLY_ON.get((tile, config), (arch,)))]
+    return (default, *dict.fromkeys(allowed))
+
+
+def _arch(tensor: torch.Tensor) -> int | None:
+    if tensor.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return major * 10 + minor
 
 
 def _run_time_values(signature: dict[str, str]) -> dict[str, int]:
@@ -292,40 +345,63 @@ def _run_time_values(signature: dict[str, str]) -> dict[str, int]:
     return {"stride_wk": 1} if "stride_wk" in signature else {}
 
 
-def _launches(kernel, tile: str, pointer_args: dict[str, str]):
-    """One Launch per data dtype; pointer_args maps name -> "data" | "i32" | "fp32" | "i64"; the other
-    runtime arguments are i32."""
+def make_launch(kernel, pointer_args: dict[str, str], dtype_name: str, config: tuple[int, int, int, int, int],
+           flags: dict[str, bool] | None = None, archs: tuple[int, ...] = registry.ARCHS,
+           extended: bool = False) -> registry.Launch:
+    """The Launch of `kernel` at tile `config` for data of `dtype_name`; pointer_args maps name ->
+    "data" | "i32" | "fp32"; the other run-time arguments are i32. `flags`: constexpr flags, named
+    in the label when off."""
+    block_m, block_n, block_k, warps, stages = config
+    signature = registry.signature(kernel, {name: f"*{dtype_name if kind == 'data' else kind}"
+                                            for name, kind in pointer_args.items()})
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype_name == "fp32",
+                  **(flags or {})}
+    off = "".join(f" no {name.lower()}" for name, value in (flags or {}).items() if not value)
+    return registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}{off}", signature,
+                           constexprs, num_warps=warps, num_stages=stages, archs=archs,
+                           aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature),
+                           extended=extended)
+
+
+def _launches(kernel, tile: str, pointer_args: dict[str, str], flag_sets: tuple[dict[str, bool], ...] = ({},)):
+    """One Launch per data dtype, tile the launcher may pick and flag set (the first flag set is the
+    one `compile-check` compiles without --all)."""
     def launches():
-        for dtype_name, index, config in ((d, i, c) for d in DTYPES.values()
-                                          for i, c in enumerate(_candidates(tile, d == "fp32"))):
-            block_m, block_n, block_k, warps, stages = config
-            signature = registry.signature(kernel, {name: f"*{dtype_name if kind == 'data' else kind}"
-                                                    for name, kind in pointer_args.items()})
-            constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                          "IEEE": dtype_name == "fp32"}
-            yield registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}", signature,
-                                  constexprs, num_warps=warps, num_stages=stages,
-                                  aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature),
-                                  extended=index > 0 or dtype_name == "fp16")
+        for dtype_name in DTYPES.values():
+            fp32 = dtype_name == "fp32"
+            defaults = {_candidates(tile, fp32, arch)[0] for arch in registry.ARCHS}
+            for config in _candidates(tile, fp32):
+                for number, flags in enumerate(flag_sets):
+                    yield make_launch(kernel, pointer_args, dtype_name, config, flags,
+                                      archs=_ONLY_ON.get((tile, config), registry.ARCHS),
+                                      extended=config not in defaults or number > 0 or dtype_name == "fp16")
 
     registry.register(kernel, launches)
 
 
 _ALIGN_POINTERS = {"sorted_pairs_ptr": "i32", "block_expert_ptr": "i32", "padded_offsets_ptr": "i32"}
-_launches(moe_gate_up_kernel, "gate_up",
-          {"x_ptr": "data", "w1_ptr": "data", "gate_up_ptr": "data", "h_ptr": "data", **_ALIGN_POINTERS})
-_launches(moe_down_kernel, "down",
-          {"h_ptr": "data", "w2_ptr": "data", "weights_ptr": "fp32", "out_ptr": "data", **_ALIGN_POINTERS})
-_launches(moe_down_backward_kernel, "down_backward",
-          {"grad_out_ptr": "data", "w2_ptr": "data", "gate_up_ptr": "data", "weights_ptr": "fp32",
-           "grad_gate_up_ptr": "data", "grad_weight_partial_ptr": "fp32", **_ALIGN_POINTERS})
-_launches(moe_down_weight_grad_kernel, "down_weight_grad",
-          {"grad_out_ptr": "data", "gate_up_ptr": "data", "weights_ptr": "fp32", "grad_w2_ptr": "data",
-           **_ALIGN_POINTERS})
-_launches(moe_gate_up_backward_input_kernel, "gate_up_backward_input",
-          {"grad_gate_up_ptr": "data", "w1_ptr": "data", "grad_x_pairs_ptr": "data", **_ALIGN_POINTERS})
-_launches(moe_gate_up_weight_grad_kernel, "gate_up_weight_grad",
-          {"grad_gate_up_ptr": "data", "x_ptr": "data", "grad_w1_ptr": "data", **_ALIGN_POINTERS})
+POINTERS = {
+    "gate_up": {"x_ptr": "data", "w1_ptr": "data", "gate_up_ptr": "data", "h_ptr": "data", **_ALIGN_POINTERS},
+    "down": {"h_ptr": "data", "w2_ptr": "data", "weights_ptr": "fp32", "out_ptr": "data", **_ALIGN_POINTERS},
+    "down_backward": {"grad_out_ptr": "data", "w2_ptr": "data", "gate_up_ptr": "data", "weights_ptr": "fp32",
+                      "grad_gate_up_ptr": "data", "grad_weight_partial_ptr": "fp32", "hw_ptr": "data",
+                      **_ALIGN_POINTERS},
+    "down_weight_grad": {"grad_out_ptr": "data", "hw_ptr": "data", "grad_w2_ptr": "data", "sorted_tokens_ptr": "i32",
+                         **_ALIGN_POINTERS},
+    "gate_up_backward_input": {"grad_gate_up_ptr": "data", "w1_ptr": "data", "grad_x_pairs_ptr": "data",
+                               **_ALIGN_POINTERS},
+    "gate_up_weight_grad": {"grad_gate_up_ptr": "data", "x_ptr": "data", "grad_w1_ptr": "data",
+                            "sorted_tokens_ptr": "i32", **_ALIGN_POINTERS},
+}
+KERNELS = {"gate_up": moe_gate_up_kernel, "down": moe_down_kernel, "down_backward": moe_down_backward_kernel,
+           "down_weight_grad": moe_down_weight_grad_kernel,
+           "gate_up_backward_input": moe_gate_up_backward_input_kernel,
+           "gate_up_weight_grad": moe_gate_up_weight_grad_kernel}
+for _tile, _kernel in KERNELS.items():
+    # without expert gradients (frozen experts) the down backward stores no w h
+    _launches(_kernel, _tile, POINTERS[_tile],
+              ({"STORE_HW": True}, {"STORE_HW": False}) if _tile == "down_backward" else ({},))
+del _tile, _kernel  # not kernels of this module (tests look for *_kernel attributes)
 
 
 def unsupported_reason(hidden_states: torch.Tensor) -> str | None:
@@ -343,8 +419,9 @@ def _options(config: tuple[int, int, int, int, int], dtype: torch.dtype) -> dict
 
 
 def _launch_tuned(tile: str, launch, tensor: torch.Tensor, shape: tuple):
-    """runtime.launch_tuned over the candidates of `tile`, handing `launch` the kernel options."""
-    return runtime.launch_tuned(f"moe_{tile}", _candidates(tile, tensor.dtype == torch.float32),
+    """runtime.launch_tuned over the candidates of `tile` on the tensor's GPU, handing `launch` the
+    kernel options."""
+    return runtime.launch_tuned(f"moe_{tile}", _candidates(tile, tensor.dtype == torch.float32, _arch(tensor)),
                                 lambda config: launch(_options(config, tensor.dtype)), tensor, shape)
 
 
@@ -393,14 +470,16 @@ def backward(grad_out, hidden_states, gate_up_proj, down_proj, weights, gate_up,
 
     shape = (runtime.shape_bucket(num_pairs), num_experts, hidden, inter, top_k)
     grad_gate_up = torch.empty(capacity, 2 * inter, dtype=dtype, device=device)
+    # w_p h_p per row for d down_proj; a stand-in the kernel never writes when the experts are frozen
+    hw = torch.empty(capacity if expert_grads else 1, inter, dtype=dtype, device=device)
 
     def down_backward(options):
         """-> the (inter tiles, capacity) fp32 partial sums of d weight, one row per BLOCK_N tile."""
         inter_tiles = _cdiv(inter, options["BLOCK_N"])
         partial = torch.empty(inter_tiles, capacity, dtype=torch.float32, device=device)
         moe_down_backward_kernel[(num_blocks, inter_tiles)](
-            grad_out, down_proj, gate_up, sorted_pairs, block_expert, weights, grad_gate_up, partial,
-            num_pairs, hidden, inter, top_k, capacity, *down_proj.stride(), **options)
+            grad_out, down_proj, gate_up, sorted_pairs, block_expert, weights, grad_gate_up, partial, hw,
+            num_pairs, hidden, inter, top_k, capacity, *down_proj.stride(), STORE_HW=expert_grads, **options)
         return partial
 
     grad_weights = _launch_tuned("down_backward", down_backward, hidden_states, shape).sum(0)[pair_position.long()]
@@ -415,16 +494,17 @@ def backward(grad_out, hidden_states, gate_up_proj, down_proj, weights, gate_up,
     if not expert_grads:
         return grad_x, grad_weights, gate_up_proj.new_empty(0), down_proj.new_empty(0)
 
+    # the token of each sorted row (padding: num_tokens), for the weight-gradient kernels' gathers
+    sorted_tokens = sorted_pairs // top_k
     grad_down = runtime.empty((num_experts, hidden, inter), down_proj.dtype, device)
-    options = _options(_candidates("down_weight_grad", dtype == torch.float32)[0], dtype)
-    moe_down_weight_grad_kernel[(num_experts, _cdiv(hidden, options["BLOCK_M"]), _cdiv(inter, options["BLOCK_N"]))](
-        grad_out, gate_up, sorted_pairs, padded_offsets, weights, grad_down, num_pairs, hidden, inter, top_k,
-        **options)
+    _launch_tuned("down_weight_grad", lambda options: moe_down_weight_grad_kernel[
+        (num_experts, _cdiv(hidden, options["BLOCK_M"]), _cdiv(inter, options["BLOCK_N"]))](
+        grad_out, hw, sorted_tokens, padded_offsets, grad_down, num_tokens, hidden, inter, **options),
+        hidden_states, shape)
 
     grad_gate_up_proj = runtime.empty((num_experts, 2 * inter, hidden), gate_up_proj.dtype, device)
-    options = _options(_candidates("gate_up_weight_grad", dtype == torch.float32)[0], dtype)
-    moe_gate_up_weight_grad_kernel[(num_experts, _cdiv(2 * inter, options["BLOCK_M"]),
-                                    _cdiv(hidden, options["BLOCK_N"]))](
-        grad_gate_up, hidden_states, sorted_pairs, padded_offsets, grad_gate_up_proj, num_pairs, hidden, inter,
-        top_k, hidden_states.stride(0), **options)
+    _launch_tuned("gate_up_weight_grad", lambda options: moe_gate_up_weight_grad_kernel[
+        (num_experts, _cdiv(2 * inter, options["BLOCK_M"]), _cdiv(hidden, options["BLOCK_N"]))](
+        grad_gate_up, hidden_states, sorted_tokens, padded_offsets, grad_gate_up_proj, num_tokens, hidden, inter,
+        hidden_states.stride(0), **options), hidden_states, shape)
     return grad_x, grad_weights, grad_gate_up_proj, grad_down

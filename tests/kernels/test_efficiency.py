@@ -66,12 +66,11 @@ def test_replication_and_mma_kind_of_known_kernels():
 
 # Representative hot launches: the attention defaults at head dim 128 (sm_90's own forward tile,
 # the dq on both archs, dk/dv) and two of their grid-stride (STRIDED) variants, sm_90's head-dim-256
-# tiles (dk/dv in two passes), the LoRA forward's large default and widest tile, and the LoRA
-# launches the dropout and tile changes fixed: the rank-128 dropout shrink (once replicated 1.67x)
-# and the dA kernel (once 7-12x the plain GEMM), both against the dropout GEMM, and the large dx
-# (once 1.33x). (MoE joins when
-# compile-check specializes its unit weight stride as the JIT does: compiled with an i32 stride its
-# weight loads are scalar, a kernel that never runs.)
+# tiles (dk/dv in two passes), the LoRA forward's large default and widest tile, the LoRA launches
+# the dropout and tile changes fixed (the rank-128 dropout shrink, once replicated 1.67x, and the dA
+# kernel, once 7-12x the plain GEMM, both against the dropout GEMM; the large dx, once 1.33x), and
+# the MoE defaults the gate flagged before (gate_up replicated on sm_80; the weight gradients at 10x
+# and 2x the GEMM's instructions per MFLOP; the down backward at 1.2-1.3x).
 _GATE = '''
 import json
 from dataclasses import asdict
@@ -92,7 +91,13 @@ wanted = [("attention_fwd_kernel", "bf16 d128 128x128 w8s3 plain", 90),
           ("attention_fwd_kernel", "bf16 d256 128x16 w8s3 has_right", 90),
           ("attention_bwd_dq_kernel", "bf16 d256 128x16 w8s2 plain", 90),
           ("attention_bwd_dkdv_kernel", "bf16 d256 16x128 w8s2 dv pass plain", 90),
-          ("attention_bwd_dkdv_kernel", "bf16 d256 16x128 w8s2 dk pass has_right", 90)]
+          ("attention_bwd_dkdv_kernel", "bf16 d256 16x128 w8s2 dk pass has_right", 90),
+          ("moe_gate_up_kernel", "bf16 64x128x64 w8s3", 80),
+          ("moe_gate_up_kernel", "bf16 64x128x64 w4s3", 90),
+          ("moe_down_backward_kernel", "bf16 64x64x128 w8s3", 90),
+          ("moe_down_weight_grad_kernel", "bf16 64x128x64 w4s3", 80),
+          ("moe_down_weight_grad_kernel", "bf16 64x256x64 w8s3", 90),
+          ("moe_gate_up_weight_grad_kernel", "bf16 256x128x64 w8s3", 90)]
 launches = []
 for short, label, arch in wanted:
     entry = next(e for e in registry.all_kernels() if e.name.endswith("." + short))
@@ -107,7 +112,7 @@ for row in efficiency.evaluate(launches, jobs=2):
 @pytest.mark.slow
 def test_gate_passes_on_representative_hot_launches():
     rows = _compiled(_GATE)
-    assert len(rows) == 15
+    assert len(rows) == 21
     for row in rows:
         assert row["flags"] == [], (row["kernel"], row["label"], row["arch"], row["flags"])
         assert row["reference_instr_per_mflop"] and row["ratio"] <= efficiency.MAX_REFERENCE_RATIO
@@ -274,3 +279,24 @@ def test_model_charges_replication_issue_and_sfu():
     tflops = [efficiency.predicted_tflops(row) for row in slower]
     assert tflops == sorted(tflops, reverse=True) and len(set(tflops)) == 3
     assert efficiency.predicted_tflops(_row(instr_per_mflop=None)) is None
+
+
+def test_moe_layer_charges_padding_compute_and_bytes():
+    ideal = {name: _row(instr_per_mflop=0.0, mufu_per_mflop=0.0) for name in efficiency.MOE_KERNELS}
+    pairs, experts = 4096 * 2, 8
+    padding = (pairs + experts * 63 / 2) / pairs
+    big = efficiency.moe_layer(ideal, tokens=4096, experts=experts, hidden=4096, inter=4096, top_k=2)
+    # compute-bound: the down GEMM (2 P H I FLOPs) over the padded rows at the peak
+    assert big["moe_down_kernel"] == pytest.approx(1e3 * 2 * pairs * 4096 * 4096 * padding / 989e12)
+    assert big["forward+backward"] == pytest.approx(sum(big[name] for name in efficiency.MOE_KERNELS))
+    # memory-bound: the down kernel reads h and W2, writes one row per pair, and the sum over k
+    # reads those and writes one row per token
+    small = efficiency.moe_layer(ideal, tokens=4096, experts=experts, hidden=16, inter=16, top_k=2)
+    moved = (pairs * padding * 16 + 2 * pairs * 16 + 4096 * 16) * 2 + experts * 16 * 16 * 2
+    assert small["moe_down_kernel"] == pytest.approx(1e3 * moved / 3.35e12)
+    # a slower padfree leaves grouped_mm less room: its GEMMs must be slower for the same speedup
+    slow = {name: _row(instr_per_mflop=2000.0) for name in efficiency.MOE_KERNELS}
+    slower = efficiency.moe_layer(slow, **efficiency.MOE_TARGET)
+    target = efficiency.moe_layer(ideal, **efficiency.MOE_TARGET)
+    assert slower["forward+backward"] > target["forward+backward"]
+    assert efficiency.grouped_mm_break_even(slower) < efficiency.grouped_mm_break_even(target)

@@ -91,19 +91,48 @@ def test_experts_forward_backward_match_float64(triton_cpu, case, dtype):
         assert grads[2][idle].abs().max() == 0 and grads[3][idle].abs().max() == 0
 
 
-@pytest.mark.parametrize("tile, index", [(tile, i) for tile, count in (("gate_up", 3), ("down", 5),
-                                                                         ("down_backward", 5),
-                                                                         ("gate_up_backward_input", 5))
-                                         for i in range(count)])
+# Tiles each launcher may pick (defaults of every arch and tuning candidates), see padfree.kernels.moe.
+CANDIDATE_COUNTS = {"gate_up": 3, "down": 5, "down_backward": 2, "down_weight_grad": 2, "gate_up_backward_input": 5,
+                    "gate_up_weight_grad": 2}
+
+
+@pytest.mark.parametrize("tile, index", [(tile, i) for tile, count in CANDIDATE_COUNTS.items() for i in range(count)])
 def test_every_tuning_candidate_matches_float64(triton_cpu, tile, index):
-    """On a GPU the 16-bit tiles are picked by timing (PADFREE_AUTOTUNE=1); each must be right."""
+    """On a GPU the 16-bit tiles are per-arch defaults or picked by timing (PADFREE_AUTOTUNE=1); each must
+    be right, including the ragged K tail after the whole steps."""
     from padfree.kernels import moe as kernels
     from padfree.kernels import runtime
 
-    assert len(kernels._candidates(tile, fp32=False)) == {"gate_up": 3}.get(tile, 5)
+    assert len(kernels._candidates(tile, fp32=False)) == CANDIDATE_COUNTS[tile]
     # hidden and inter cross the 64/128 tiles; 70 tokens x top-2 over 5 experts cross the 64-row block
     with runtime.force_choice(f"moe_{tile}", index):
         check_experts(70, 5, 2, 136, 72, torch.float16)
+
+
+def test_tiles_per_arch():
+    """Each arch's default comes first, and a tile limited to some archs is neither picked nor
+    registered (compile-checked) elsewhere."""
+    from padfree.kernels import moe as kernels
+    from padfree.kernels import registry
+
+    limited = set()
+    for tile, kernel in kernels.KERNELS.items():
+        for arch in registry.ARCHS:
+            candidates = kernels._candidates(tile, False, arch)
+            assert candidates[0] == kernels._ARCH_TILES.get(arch, {}).get(tile, kernels.TILES[tile])
+            assert len(set(candidates)) == len(candidates)
+            for config in candidates:
+                assert arch in kernels._ONLY_ON.get((tile, config), registry.ARCHS), (tile, config, arch)
+        name = f"padfree.kernels.moe.{kernel.fn.__name__}"
+        entry = next(e for e in registry.all_kernels() if e.name == name)
+        for launch in entry.launches():
+            c = launch.constexprs
+            config = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], launch.num_warps, launch.num_stages)
+            if (tile, config) in kernels._ONLY_ON:
+                assert launch.archs == kernels._ONLY_ON[(tile, config)]
+                limited.add((tile, config))
+    assert limited == set(kernels._ONLY_ON)
+    assert kernels._candidates("gate_up", False, 90)[0] != kernels._candidates("gate_up", False, 80)[0]
 
 
 def test_experts_are_deterministic(triton_cpu):
@@ -294,33 +323,41 @@ def test_compile_check_moe_kernel_and_cuda_align():
 
 
 def test_frozen_experts_skip_weight_gradients(triton_cpu, monkeypatch):
+    """Frozen experts: no weight-gradient kernel runs and the down backward stores no w h rows."""
     from padfree.kernels import moe as moe_kernels
 
-    launched = []
+    launched, store_hw = [], []
     for name in ("moe_down_weight_grad_kernel", "moe_gate_up_weight_grad_kernel"):
         kernel = getattr(moe_kernels, name)
         monkeypatch.setattr(moe_kernels, name, _Recorder(kernel, name, launched))
+    monkeypatch.setattr(moe_kernels, "moe_down_backward_kernel",
+                        _Recorder(moe_kernels.moe_down_backward_kernel, "down_backward", [], store_hw))
     index = random_index(20, 4, 2)
     gate_up, down = expert_weights(4, 32, 48, torch.float32)
     x = torch.randn(20, 32, requires_grad=True)
     weights = torch.rand(20, 2, requires_grad=True)
     grad = torch.randn(20, 32)
     padfree.moe_experts(x, index, weights, gate_up, down).backward(grad)
-    assert launched == []
+    assert launched == [] and store_hw == [False]
     _, want = reference_experts((x, weights, gate_up, down), index, grad)
     torch.testing.assert_close(x.grad, want[0], rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(weights.grad, want[1], rtol=2e-5, atol=1e-6)
 
 
 class _Recorder:
-    """Stands in for a kernel: records its launches and forwards them."""
+    """Stands in for a kernel: records its launches (and their STORE_HW option) and forwards them."""
 
-    def __init__(self, kernel, name, launched):
-        self.kernel, self.name, self.launched = kernel, name, launched
+    def __init__(self, kernel, name, launched, store_hw=None):
+        self.kernel, self.name, self.launched, self.store_hw = kernel, name, launched, store_hw
 
     def __getitem__(self, grid):
         self.launched.append(self.name)
-        return self.kernel[grid]
+
+        def run(*args, **kwargs):
+            if self.store_hw is not None:
+                self.store_hw.append(kwargs["STORE_HW"])
+            return self.kernel[grid](*args, **kwargs)
+        return run
 
 
 def test_align_without_native_kernel_warns_once_and_agrees(monkeypatch):
