@@ -61,13 +61,13 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import lora, moe, registry, runtime
-from padfree.kernels.lora import _dot, dropout_keep
+from padfree.kernels.lora import _dot, _shrink_step, dropout_keep
 from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
 ALIGN_BLOCK = moe.ALIGN_BLOCK  # the pair blocks of moe_down_kernel, reused for the expand
 # The pair count changes every batch (one compiled variant, not one per divisibility of it).
-_PER_BATCH = ("num_pairs", "capacity")
+_PER_BATCH = ("num_pairs", "capacity", "num_tokens")
 
 
 def unsupported_reason(x: torch.Tensor, num_experts: int, rank: int) -> str | None:
@@ -113,7 +113,8 @@ def _gated(values: torch.Tensor, gate: torch.Tensor, rank: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- many-experts kernels
 @triton.jit
 def _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M: tl.constexpr):
-    """Rows of pair block `block`: (rows int64, pair ids, valid (not padding), tokens int64)."""
+    """Rows of pair block `block`: (rows int64, pair ids, valid (not padding), tokens int64; padding
+    rows read token 0, a row that exists, so the main loops need no row masks)."""
     rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     pairs = tl.load(sorted_pairs_ptr + rows)
     valid = pairs < num_pairs
@@ -127,8 +128,8 @@ def lora_mixture_shrink_kernel(x_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr,
                                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_R: tl.constexpr):
     """h[i] = D(x[m(p)]) A_e^T for the pair p at row i of block program_id(0), expert e; rank tile
-    program_id(1). Padding rows load x as 0 (h = 0); blocks past the end store zeros (h is an op
-    output, so every element is defined)."""
+    program_id(1). Padding rows store h = 0; blocks past the end store zeros (h is an op output, so
+    every element is defined)."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -138,32 +139,37 @@ def lora_mixture_shrink_kernel(x_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr,
     if expert < 0:
         tl.store(h_tile, tl.zeros((BLOCK_M, BLOCK_R), dtype=h_ptr.dtype.element_ty), mask=col_ok[None, :])
         return
-    a_base = a_ptr + expert.to(tl.int64) * R * K
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
+    # Whole BLOCK_K steps at offsets from fixed pointer tiles, then the partial one (as
+    # lora_shrink_kernel; ranks past R read rank R - 1, never stored): no masks in the main loop.
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + tokens[:, None] * stride_xm + ks[None, :]
+    a_tile = a_ptr + expert.to(tl.int64) * R * K + tl.minimum(cols, R - 1)[None, :] * K + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & (ks[None, :] < K),
-                    other=0.0)
-        if DROPOUT:
-            x = tl.where(dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), x,
-                         0.0).to(x.dtype)
-        a = tl.load(a_base + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & (ks[:, None] < K), other=0.0)
-        acc = _dot(x, a, acc, IEEE)
+    whole = K - K % BLOCK_K
+    for k0 in range(0, whole, BLOCK_K):
+        acc = _shrink_step(acc, x_tile + k0, a_tile + k0, tokens, k0, ks, K, seed, 0, threshold, DROPOUT, IEEE,
+                           BLOCK_K, False)
+    if whole < K:
+        acc = _shrink_step(acc, x_tile + whole, a_tile + whole, tokens, whole, ks, K, seed, 0, threshold, DROPOUT,
+                           IEEE, BLOCK_K, True)
     if DROPOUT:
         acc = acc * keep_scale
+    acc = tl.where(valid[:, None], acc, 0.0)
     tl.store(h_tile, acc.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr, dh_ptr,
+def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_expert_ptr, weights_ptr, dh_ptr, hw_ptr,
                                dw_partial_ptr, num_pairs, N, R, top_k, capacity, stride_dym, scaling,
                                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_R: tl.constexpr):
     """a = dy[m(p)] B_e (reduction over N) for the rank tile program_id(1); stores
-    dw_partial[tile, i] = s <a, h_i> over the tile's columns and dh[i] = s w_p a."""
+    dw_partial[tile, i] = s <a, h_i> over the tile's columns, dh[i] = s w_p a and hw[i] = s w_p h_i
+    (dB's right operand, so that lora_mixture_grad_b_kernel gathers no weights). Padding rows
+    (w = 0, h = 0) store zeros."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
@@ -172,82 +178,95 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
     cols = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < R
     rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M)
-    b_base = b_ptr + expert.to(tl.int64) * N * R
+    # whole steps, then the partial one, as in lora_mixture_shrink_kernel
+    ns = tl.arange(0, BLOCK_N)
+    dy_tile = dy_ptr + tokens[:, None] * stride_dym + ns[None, :]
+    b_tile = b_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + tl.minimum(cols, R - 1)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + tokens[:, None] * stride_dym + ns[None, :], mask=valid[:, None] & (ns[None, :] < N),
-                     other=0.0)
-        b = tl.load(b_base + ns[:, None] * R + cols[None, :], mask=(ns[:, None] < N) & col_ok[None, :], other=0.0)
-        acc = _dot(dy, b, acc, IEEE)
-    h = tl.load(h_ptr + rows[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(dw_partial_ptr + tile_r.to(tl.int64) * capacity + rows, scaling * tl.sum(acc * h, axis=1))
-    weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
-    dh = acc * (scaling * weight)[:, None]
-    tl.store(dh_ptr + rows[:, None] * R + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=col_ok[None, :])
+    whole = N - N % BLOCK_N
+    for n0 in range(0, whole, BLOCK_N):
+        acc = _dot(tl.load(dy_tile + n0), tl.load(b_tile + n0 * R), acc, IEEE)
+    if whole < N:
+        n_ok = ns < N - whole
+        acc = _dot(tl.load(dy_tile + whole, mask=n_ok[None, :], other=0.0),
+                   tl.load(b_tile + whole * R, mask=n_ok[:, None], other=0.0), acc, IEEE)
+    tile = rows[:, None] * R + cols[None, :]
+    h = tl.load(h_ptr + tile, mask=col_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(dw_partial_ptr + tile_r.to(tl.int64) * capacity + rows,
+             tl.where(valid, scaling * tl.sum(acc * h, axis=1), 0.0))
+    pair_scale = (scaling * tl.load(weights_ptr + pairs, mask=valid, other=0.0))[:, None]
+    tl.store(dh_ptr + tile, (acc * pair_scale).to(dh_ptr.dtype.element_ty), mask=col_ok[None, :])
+    tl.store(hw_ptr + tile, (h * pair_scale).to(hw_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def lora_mixture_grad_b_kernel(dy_ptr, h_ptr, sorted_pairs_ptr, padded_offsets_ptr, weights_ptr, db_ptr, num_pairs,
-                               N, R, top_k, stride_dym, scaling, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dB_e[n, c] = sum over e's rows i of dy[m(p), n] s w_p h[i, c]; grid (expert, N tile, rank tile).
-    The pair weight scales the narrow h tile (BLOCK_R columns), not the wide dy one; the scaled h is
-    rounded to the data dtype for the MMA, as a 16-bit GEMM of dy^T (s * w * h) would be."""
+def lora_mixture_grad_b_kernel(dy_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets_ptr, db_ptr, num_tokens, N, R,
+                               stride_dym, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_M: tl.constexpr):
+    """dB_e[n, c] = sum over e's rows i of dy[t_i, n] hw[i, c] (hw = s w_p h, stored rounded to the
+    data dtype by lora_mixture_grad_h_kernel, as a 16-bit GEMM of dy^T (s * w * h) would round it);
+    grid (expert, N tile, rank tile). The structure of moe_down_weight_grad_kernel: dy rows gathered
+    through the sorted token table (padding rows: token num_tokens, masked off), unsigned 32 x 32 ->
+    64-bit row offsets, both operands at offsets from fixed pointer tiles; BLOCK_M divides
+    ALIGN_BLOCK, so a step never crosses an expert's padded run. Columns past N and ranks past R
+    read column N - 1 and rank R - 1 (never stored)."""
     expert = tl.program_id(0)
-    ns = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n_ok = ns < N
-    col_ok = cols < R
     start = tl.load(padded_offsets_ptr + expert)
     end = tl.load(padded_offsets_ptr + expert + 1)
+    steps = tl.arange(0, BLOCK_M)
+    dy_cols = dy_ptr + tl.minimum(ns, N - 1)[:, None]
+    hw_tile = hw_ptr + steps[:, None].to(tl.int64) * R + tl.minimum(cols, R - 1)[None, :]
+    hw_row_size = R.to(tl.int64)
+    row_size = stride_dym.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
-        rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr + r0, 0, num_pairs, top_k, BLOCK_M)
-        weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0) * scaling
-        dy_t = tl.load(dy_ptr + tokens[None, :] * stride_dym + ns[:, None], mask=valid[None, :] & n_ok[:, None],
+        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
+        dy_t = tl.load(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, mask=(tokens < num_tokens)[None, :],
                        other=0.0)
-        h = tl.load(h_ptr + (r0 + rows)[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0)
-        h = (h.to(tl.float32) * weight[:, None]).to(h_ptr.dtype.element_ty)
-        acc = _dot(dy_t, h, acc, IEEE)
-    tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :],
-             acc.to(db_ptr.dtype.element_ty), mask=n_ok[:, None] & col_ok[None, :])
+        acc = _dot(dy_t, tl.load(hw_tile + r0 * hw_row_size), acc, IEEE)
+    tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :], acc.to(db_ptr.dtype.element_ty),
+             mask=(ns < N)[:, None] & (cols < R)[None, :])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_pairs_ptr, padded_offsets_ptr, da_ptr, num_pairs, K, R, top_k,
+def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_ptr, da_ptr, num_tokens, K, R,
                                stride_xm, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
                                IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_M: tl.constexpr):
-    """dA_e[c, k] = sum over e's rows i of dh[i, c] D(x)[m(p), k]; grid (expert, K tile, rank tile).
+    """dA_e[c, k] = sum over e's rows i of dh[i, c] D(x)[t_i, k]; grid (expert, K tile, rank tile).
     Computed transposed, dA_e^T = D(x)^T dh, so the MMA rows are BLOCK_K columns of x, not the rank
     (as lora_da_kernel does, for Hopper's wgmma); the x rows are loaded as stored (rows along the
-    pairs, contiguous along K) and transposed in registers."""
+    pairs, contiguous along K) and transposed in registers. Steps and gathers as in
+    lora_mixture_grad_b_kernel."""
     expert = tl.program_id(0)
-    ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    k0 = tl.program_id(1) * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
     cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k_ok = ks < K
-    col_ok = cols < R
     start = tl.load(padded_offsets_ptr + expert)
     end = tl.load(padded_offsets_ptr + expert + 1)
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
+    steps = tl.arange(0, BLOCK_M)
+    x_cols = x_ptr + tl.minimum(ks, K - 1)[None, :]
+    dh_tile = dh_ptr + steps[:, None].to(tl.int64) * R + tl.minimum(cols, R - 1)[None, :]
+    dh_row_size = R.to(tl.int64)
+    row_size = stride_xm.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
-        rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr + r0, 0, num_pairs, top_k, BLOCK_M)
-        x = tl.load(x_ptr + tokens[:, None] * stride_xm + ks[None, :], mask=valid[:, None] & k_ok[None, :],
+        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
+        x = tl.load(x_cols + tokens.to(tl.uint64)[:, None] * row_size, mask=(tokens < num_tokens)[:, None],
                     other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed, 0, tokens.to(tl.int64), tl.program_id(1) * BLOCK_K, (K + 1) // 2, threshold,
-                                BLOCK_K)
-            x = tl.where(keep, x, 0.0).to(x.dtype)
-        dh = tl.load(dh_ptr + (r0 + rows)[:, None] * R + cols[None, :], mask=col_ok[None, :], other=0.0)
-        acc = _dot(tl.trans(x), dh, acc, IEEE)
+            x = tl.where(dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), x,
+                         0.0).to(x.dtype)
+        acc = _dot(tl.trans(x), tl.load(dh_tile + r0 * dh_row_size), acc, IEEE)
     if DROPOUT:
         acc = acc * keep_scale
-    tl.store(da_ptr + expert.to(tl.int64) * R * K + cols[None, :] * K + ks[:, None],
-             acc.to(da_ptr.dtype.element_ty), mask=col_ok[None, :] & k_ok[:, None])
+    tl.store(da_ptr + expert.to(tl.int64) * R * K + cols[None, :] * K + ks[:, None], acc.to(da_ptr.dtype.element_ty),
+             mask=(cols < R)[None, :] & (ks < K)[:, None])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -255,29 +274,33 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
                                top_k, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dx_pairs[p, k] = D(dh[i] A_e)[k] for the pair p at row i of block program_id(0), K tile
-    program_id(1); padding rows are not stored."""
+    program_id(1); padding rows are not stored. Whole rank steps, then the partial one; columns
+    past K read column K - 1 (never stored)."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
         return
     rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M)
-    ks = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    k_ok = ks < K
-    a_base = a_ptr + expert.to(tl.int64) * R * K
+    k0 = tl.program_id(1) * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, BLOCK_R)
+    dh_tile = dh_ptr + rows[:, None] * R + rs[None, :]
+    a_tile = a_ptr + expert.to(tl.int64) * R * K + rs[:, None] * K + tl.minimum(ks, K - 1)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        dh = tl.load(dh_ptr + rows[:, None] * R + rs[None, :], mask=rs[None, :] < R, other=0.0)
-        a = tl.load(a_base + rs[:, None] * K + ks[None, :], mask=(rs[:, None] < R) & k_ok[None, :], other=0.0)
-        acc = _dot(dh, a, acc, IEEE)
+    whole = R - R % BLOCK_R
+    for r0 in range(0, whole, BLOCK_R):
+        acc = _dot(tl.load(dh_tile + r0), tl.load(a_tile + r0 * K), acc, IEEE)
+    if whole < R:
+        r_ok = rs < R - whole
+        acc = _dot(tl.load(dh_tile + whole, mask=r_ok[None, :], other=0.0),
+                   tl.load(a_tile + whole * K, mask=r_ok[:, None], other=0.0), acc, IEEE)
     if DROPOUT:
         seed = tl.load(seed_ptr)
-        keep = dropout_keep(seed, 0, tokens.to(tl.int64), tl.program_id(1) * BLOCK_K, (K + 1) // 2, threshold,
-                            BLOCK_K)
+        keep = dropout_keep(seed, 0, tokens, k0, (K + 1) // 2, threshold, BLOCK_K)
         acc = tl.where(keep, acc * keep_scale, 0.0)
     safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
     tl.store(dx_pairs_ptr + safe_pairs[:, None] * K + ks[None, :], acc.to(dx_pairs_ptr.dtype.element_ty),
-             mask=valid[:, None] & k_ok[None, :])
+             mask=valid[:, None] & (ks < K)[None, :])
 
 
 # (BLOCK_*, num_warps, num_stages) of the many-experts kernels per element size. The pair-block
@@ -357,21 +380,24 @@ def _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, 
     options = dict(IEEE=ieee, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
 
     dh = runtime.empty((capacity, rank), x.dtype, x.device)
+    hw = runtime.empty((capacity, rank), x.dtype, x.device)
     dw_partial = runtime.empty((rank_tiles, capacity), torch.float32, x.device)
     lora_mixture_grad_h_kernel[(num_blocks, rank_tiles)](
-        dy, lora_b, h, sorted_pairs, block_expert, weights, dh, dw_partial, num_pairs, n, rank, top_k, capacity,
+        dy, lora_b, h, sorted_pairs, block_expert, weights, dh, hw, dw_partial, num_pairs, n, rank, top_k, capacity,
         dy.stride(0), float(scaling), BLOCK_M=ALIGN_BLOCK, BLOCK_N=tile, **options)
     d_weights = dw_partial.sum(0)[pair_position.long()].view(m, top_k)
 
+    # each row's token (padding rows: the sentinel M * k // k = M), as the MoE weight gradients read it
+    sorted_tokens = sorted_pairs // top_k
     d_lora_b = runtime.empty(lora_b.shape, lora_b.dtype, x.device)
     lora_mixture_grad_b_kernel[(num_experts, _cdiv(n, tile), rank_tiles)](
-        dy, h, sorted_pairs, padded_offsets, weights, d_lora_b, num_pairs, n, rank, top_k, dy.stride(0),
-        float(scaling), BLOCK_N=tile, BLOCK_M=tile, **options)
+        dy, hw, sorted_tokens, padded_offsets, d_lora_b, m, n, rank, dy.stride(0), BLOCK_N=tile, BLOCK_M=tile,
+        **options)
 
     d_lora_a = runtime.empty(lora_a.shape, lora_a.dtype, x.device)
     lora_mixture_grad_a_kernel[(num_experts, _cdiv(k, tile), rank_tiles)](
-        dh, x, sorted_pairs, padded_offsets, d_lora_a, num_pairs, k, rank, top_k, x.stride(0),
-        **_dropout_args(dropout_p, seed), BLOCK_K=tile, BLOCK_M=tile, **options)
+        dh, x, sorted_tokens, padded_offsets, d_lora_a, m, k, rank, x.stride(0), **_dropout_args(dropout_p, seed),
+        BLOCK_K=tile, BLOCK_M=tile, **options)
 
     if not input_grad:
         return x.new_empty(0), d_lora_a, d_lora_b, d_weights
@@ -421,6 +447,7 @@ def backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weigh
 
 # ----------------------------------------------------------------------------- registry
 _INDEX_POINTERS = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "padded_offsets_ptr": "*i32",
+                   "sorted_tokens_ptr": "*i32",
                    "weights_ptr": "*fp32", "dw_partial_ptr": "*fp32", "seed_ptr": "*i64", "scaling": "fp32",
                    "keep_scale": "fp32"}
 # each kernel's second tile, and whether its BLOCK_M is a pair block (ALIGN_BLOCK) or a step over an
