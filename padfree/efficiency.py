@@ -225,6 +225,11 @@ def is_hot(name: str, launch) -> bool:
     return False
 
 
+# kernels whose DROPOUT launches drop out an operand in the main loop (lora_da_kernel always does;
+# lora_mixture_grad_x_kernel applies its mask once, in the epilogue)
+_MAIN_LOOP_DROPOUT = ("lora_shrink_kernel", "lora_mixture_shrink_kernel", "lora_mixture_grad_a_kernel")
+
+
 def reference_for(name: str, launch):
     """(textbook kernel, its Launch) at the tile of `launch`, or None."""
     from padfree.kernels import textbook
@@ -250,7 +255,7 @@ def reference_for(name: str, launch):
     if short in shapes:
         m, n, k = (c[key] for key in shapes[short])
         # the kernels that drop out their operand in the main loop are held to a GEMM doing the same
-        if short == "lora_da_kernel" or (short == "lora_shrink_kernel" and c["DROPOUT"]):
+        if short == "lora_da_kernel" or (c.get("DROPOUT") and short in _MAIN_LOOP_DROPOUT):
             return textbook.textbook_dropout_gemm_kernel, textbook.dropout_gemm_launch("bf16", m, n, k, warps, stages)
     elif name.startswith("padfree.kernels.moe."):
         # the gate_up kernel computes gate and up tiles of BLOCK_N columns from one row tile

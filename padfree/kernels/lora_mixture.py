@@ -178,18 +178,20 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
     cols = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < R
     rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M)
-    # whole steps, then the partial one, as in lora_mixture_shrink_kernel
+    # Whole steps, then the partial one, as in lora_mixture_shrink_kernel; the rank mask along B's
+    # contiguous dimension does not change in the loop (a clamped index there would cost the
+    # vector loads).
     ns = tl.arange(0, BLOCK_N)
     dy_tile = dy_ptr + tokens[:, None] * stride_dym + ns[None, :]
-    b_tile = b_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + tl.minimum(cols, R - 1)[None, :]
+    b_tile = b_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     whole = N - N % BLOCK_N
     for n0 in range(0, whole, BLOCK_N):
-        acc = _dot(tl.load(dy_tile + n0), tl.load(b_tile + n0 * R), acc, IEEE)
+        acc = _dot(tl.load(dy_tile + n0), tl.load(b_tile + n0 * R, mask=col_ok[None, :], other=0.0), acc, IEEE)
     if whole < N:
         n_ok = ns < N - whole
         acc = _dot(tl.load(dy_tile + whole, mask=n_ok[None, :], other=0.0),
-                   tl.load(b_tile + whole * R, mask=n_ok[:, None], other=0.0), acc, IEEE)
+                   tl.load(b_tile + whole * R, mask=n_ok[:, None] & col_ok[None, :], other=0.0), acc, IEEE)
     tile = rows[:, None] * R + cols[None, :]
     h = tl.load(h_ptr + tile, mask=col_ok[None, :], other=0.0).to(tl.float32)
     tl.store(dw_partial_ptr + tile_r.to(tl.int64) * capacity + rows,
@@ -208,26 +210,28 @@ def lora_mixture_grad_b_kernel(dy_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets
     grid (expert, N tile, rank tile). The structure of moe_down_weight_grad_kernel: dy rows gathered
     through the sorted token table (padding rows: token num_tokens, masked off), unsigned 32 x 32 ->
     64-bit row offsets, both operands at offsets from fixed pointer tiles; BLOCK_M divides
-    ALIGN_BLOCK, so a step never crosses an expert's padded run. Columns past N and ranks past R
-    read column N - 1 and rank R - 1 (never stored)."""
+    ALIGN_BLOCK, so a step never crosses an expert's padded run. The column and rank masks do not
+    change in the loop (clamped indices along the contiguous dimensions would cost the vector loads)."""
     expert = tl.program_id(0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     start = tl.load(padded_offsets_ptr + expert)
     end = tl.load(padded_offsets_ptr + expert + 1)
+    n_ok = ns < N
+    col_ok = cols < R
     steps = tl.arange(0, BLOCK_M)
-    dy_cols = dy_ptr + tl.minimum(ns, N - 1)[:, None]
-    hw_tile = hw_ptr + steps[:, None].to(tl.int64) * R + tl.minimum(cols, R - 1)[None, :]
+    dy_cols = dy_ptr + ns[:, None]
+    hw_tile = hw_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
     hw_row_size = R.to(tl.int64)
     row_size = stride_dym.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
         tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-        dy_t = tl.load(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, mask=(tokens < num_tokens)[None, :],
-                       other=0.0)
-        acc = _dot(dy_t, tl.load(hw_tile + r0 * hw_row_size), acc, IEEE)
+        dy_t = tl.load(dy_cols + tokens.to(tl.uint64)[None, :] * row_size,
+                       mask=(tokens < num_tokens)[None, :] & n_ok[:, None], other=0.0)
+        acc = _dot(dy_t, tl.load(hw_tile + r0 * hw_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
     tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :], acc.to(db_ptr.dtype.element_ty),
-             mask=(ns < N)[:, None] & (cols < R)[None, :])
+             mask=n_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -249,24 +253,26 @@ def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
+    k_ok = ks < K
+    col_ok = cols < R
     steps = tl.arange(0, BLOCK_M)
-    x_cols = x_ptr + tl.minimum(ks, K - 1)[None, :]
-    dh_tile = dh_ptr + steps[:, None].to(tl.int64) * R + tl.minimum(cols, R - 1)[None, :]
+    x_cols = x_ptr + ks[None, :]
+    dh_tile = dh_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
     dh_row_size = R.to(tl.int64)
     row_size = stride_xm.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
         tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-        x = tl.load(x_cols + tokens.to(tl.uint64)[:, None] * row_size, mask=(tokens < num_tokens)[:, None],
-                    other=0.0)
+        x = tl.load(x_cols + tokens.to(tl.uint64)[:, None] * row_size,
+                    mask=(tokens < num_tokens)[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), x,
                          0.0).to(x.dtype)
-        acc = _dot(tl.trans(x), tl.load(dh_tile + r0 * dh_row_size), acc, IEEE)
+        acc = _dot(tl.trans(x), tl.load(dh_tile + r0 * dh_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(da_ptr + expert.to(tl.int64) * R * K + cols[None, :] * K + ks[:, None], acc.to(da_ptr.dtype.element_ty),
-             mask=(cols < R)[None, :] & (ks < K)[:, None])
+             mask=col_ok[None, :] & k_ok[:, None])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -274,8 +280,8 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
                                top_k, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dx_pairs[p, k] = D(dh[i] A_e)[k] for the pair p at row i of block program_id(0), K tile
-    program_id(1); padding rows are not stored. Whole rank steps, then the partial one; columns
-    past K read column K - 1 (never stored)."""
+    program_id(1); padding rows are not stored. Whole rank steps, then the partial one (the K mask
+    does not change in the loop)."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
     if expert < 0:
@@ -285,22 +291,23 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
     ks = k0 + tl.arange(0, BLOCK_K)
     rs = tl.arange(0, BLOCK_R)
     dh_tile = dh_ptr + rows[:, None] * R + rs[None, :]
-    a_tile = a_ptr + expert.to(tl.int64) * R * K + rs[:, None] * K + tl.minimum(ks, K - 1)[None, :]
+    k_ok = ks < K
+    a_tile = a_ptr + expert.to(tl.int64) * R * K + rs[:, None] * K + ks[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     whole = R - R % BLOCK_R
     for r0 in range(0, whole, BLOCK_R):
-        acc = _dot(tl.load(dh_tile + r0), tl.load(a_tile + r0 * K), acc, IEEE)
+        acc = _dot(tl.load(dh_tile + r0), tl.load(a_tile + r0 * K, mask=k_ok[None, :], other=0.0), acc, IEEE)
     if whole < R:
         r_ok = rs < R - whole
         acc = _dot(tl.load(dh_tile + whole, mask=r_ok[None, :], other=0.0),
-                   tl.load(a_tile + whole * K, mask=r_ok[:, None], other=0.0), acc, IEEE)
+                   tl.load(a_tile + whole * K, mask=r_ok[:, None] & k_ok[None, :], other=0.0), acc, IEEE)
     if DROPOUT:
         seed = tl.load(seed_ptr)
         keep = dropout_keep(seed, 0, tokens, k0, (K + 1) // 2, threshold, BLOCK_K)
         acc = tl.where(keep, acc * keep_scale, 0.0)
     safe_pairs = tl.where(valid, pairs, 0).to(tl.int64)
     tl.store(dx_pairs_ptr + safe_pairs[:, None] * K + ks[None, :], acc.to(dx_pairs_ptr.dtype.element_ty),
-             mask=valid[:, None] & (ks < K)[None, :])
+             mask=valid[:, None] & k_ok[None, :])
 
 
 # (BLOCK_*, num_warps, num_stages) of the many-experts kernels per element size. The pair-block

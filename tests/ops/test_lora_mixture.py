@@ -305,6 +305,35 @@ def test_many_experts_frozen_input_skips_dx(triton_cpu, segmented_launches):
     _assert_unchosen_experts_get_zero(args, grads)
 
 
+def test_many_experts_efficiency_yardsticks():
+    """The efficiency gate holds the launches that drop out x in their main loop (shrink, grad_a) to
+    the dropout GEMM, every other many-experts launch (grad_x's mask is in its epilogue) to the plain
+    GEMM, each at the launch's own (rows, columns, reduction) tile."""
+    from padfree import efficiency
+    from padfree.kernels import registry, textbook
+
+    tiles = {"shrink": ("BLOCK_M", "BLOCK_R", "BLOCK_K"), "grad_h": ("BLOCK_M", "BLOCK_R", "BLOCK_N"),
+             "grad_b": ("BLOCK_N", "BLOCK_R", "BLOCK_M"), "grad_a": ("BLOCK_K", "BLOCK_R", "BLOCK_M"),
+             "grad_x": ("BLOCK_M", "BLOCK_K", "BLOCK_R")}
+    seen = set()
+    for entry in registry.all_kernels():
+        short = entry.name.rsplit(".", 1)[-1]
+        if short not in SEGMENTED_KERNELS:
+            continue
+        part = short.removeprefix("lora_mixture_").removesuffix("_kernel")
+        for launch in entry.launches():
+            if not efficiency.is_hot(entry.name, launch):
+                continue
+            kernel, reference = efficiency.reference_for(entry.name, launch)
+            dropout_loop = launch.constexprs.get("DROPOUT", False) and part in ("shrink", "grad_a")
+            assert kernel is (textbook.textbook_dropout_gemm_kernel if dropout_loop else textbook.textbook_gemm_kernel)
+            assert tuple(reference.constexprs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) == \
+                tuple(launch.constexprs[key] for key in tiles[part])
+            seen.add((part, dropout_loop))
+    assert seen == {("shrink", False), ("shrink", True), ("grad_h", False), ("grad_b", False), ("grad_a", False),
+                    ("grad_a", True), ("grad_x", False)}
+
+
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16),
                                             ("triton", torch.bfloat16)])
 def test_autocast_with_fp32_parameters(request, backend, dtype):
