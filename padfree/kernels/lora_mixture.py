@@ -40,8 +40,9 @@ Backward, dy (M, N) given. Per pair, with a_p = dy_m(p) B_e(p) (r,) and y's depe
 w_p and (through h_p) on A_e and x:
 
     dL/dw_p = s <dy_m, h_p B_e^T> = s <a_p, h_p>                 lora_mixture_grad_h_kernel
-    dh_p    = s w_p a_p                                          (same kernel; dh (capacity, r))
-    dB_e    = sum_{p in e} s w_p dy_m(p)^T h_p                   lora_mixture_grad_b_kernel
+    dh_p    = s w_p a_p                                          (same kernel; dh (capacity, r),
+                                                                  and hw_p = s w_p h_p for dB)
+    dB_e    = sum_{p in e} dy_m(p)^T hw_p                        lora_mixture_grad_b_kernel
     dA_e    = sum_{p in e} dh_p^T D(x_m(p))                      lora_mixture_grad_a_kernel
     dx_m    = dy_m W + sum_{p of m} D(dh_p A_e(p))               lora_mixture_grad_x_kernel: row p
               of an (M * k, K) buffer, D applied in its epilogue (D is diagonal, its own adjoint),
