@@ -84,7 +84,7 @@ def _env(args: argparse.Namespace) -> int:
 def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=None,
                         help="compute capabilities to compile for (default: 80 86 89 90; sm_86 and sm_89 "
-                             "reuse sm_80's PTX, assembled by ptxas for the arch; with --efficiency: 80 90)")
+                             "assemble sm_80's PTX with ptxas for the arch; with --efficiency: 80 90)")
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--cuda", action="store_true",
