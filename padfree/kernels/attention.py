@@ -727,13 +727,6 @@ def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype, arch: i
     return (default, *dict.fromkeys(allowed))
 
 
-def _arch(tensor: torch.Tensor) -> int | None:
-    if tensor.device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(tensor.device)
-    return major * 10 + minor
-
-
 class override_tiles:
     """Context manager forcing one tile shape for every attention kernel (tests); `passes=2` runs
     the dk/dv kernel as two launches (dv, then dk) like the head-dim-256 tiles."""
@@ -877,7 +870,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, wi
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, k.shape[1])
-    runtime.launch_tuned("attention_fwd", tile_candidates("fwd", pad, q.dtype, _arch(q)), launch, q, shape)
+    runtime.launch_tuned("attention_fwd", tile_candidates("fwd", pad, q.dtype, runtime.arch(q)), launch, q, shape)
     return out, lse
 
 
@@ -941,9 +934,10 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             num_warps=tile.num_warps, num_stages=tile.num_stages)
 
     if total_k > 0:
-        runtime.launch_tuned("attention_dkdv", tile_candidates("dkdv", pad, q.dtype, _arch(q)), launch_dkdv, q, shape)
+        runtime.launch_tuned("attention_dkdv", tile_candidates("dkdv", pad, q.dtype, runtime.arch(q)), launch_dkdv, q,
+                             shape)
     if total_q > 0:
-        runtime.launch_tuned("attention_dq", tile_candidates("dq", pad, q.dtype, _arch(q)), launch_dq, q, shape)
+        runtime.launch_tuned("attention_dq", tile_candidates("dq", pad, q.dtype, runtime.arch(q)), launch_dq, q, shape)
     return dq, dk, dv
 
 

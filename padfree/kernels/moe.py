@@ -332,13 +332,6 @@ def _candidates(tile: str, fp32: bool, arch: int | None = None) -> tuple[tuple[i
     return (default, *dict.fromkeys(allowed))
 
 
-def _arch(tensor: torch.Tensor) -> int | None:
-    if tensor.device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(tensor.device)
-    return major * 10 + minor
-
-
 def _run_time_values(signature: dict[str, str]) -> dict[str, int]:
     """The expert weights are contiguous along their last dim (transformers' layout): stride 1, a
     constexpr at run time."""
@@ -421,7 +414,7 @@ def _options(config: tuple[int, int, int, int, int], dtype: torch.dtype) -> dict
 def _launch_tuned(tile: str, launch, tensor: torch.Tensor, shape: tuple):
     """runtime.launch_tuned over the candidates of `tile` on the tensor's GPU, handing `launch` the
     kernel options."""
-    return runtime.launch_tuned(f"moe_{tile}", _candidates(tile, tensor.dtype == torch.float32, _arch(tensor)),
+    return runtime.launch_tuned(f"moe_{tile}", _candidates(tile, tensor.dtype == torch.float32, runtime.arch(tensor)),
                                 lambda config: launch(_options(config, tensor.dtype)), tensor, shape)
 
 

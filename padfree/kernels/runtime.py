@@ -186,6 +186,16 @@ def _none_fits(launcher: str, candidates: list, device) -> RuntimeError:
                         f"candidates ({', '.join(map(str, candidates))}) need more resources than it has")
 
 
+def arch(tensor) -> int | None:
+    """The compute capability of a CUDA tensor's GPU as an int (80, 86, 89, 90), None off CUDA."""
+    if tensor.device.type != "cuda":
+        return None
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return major * 10 + minor
+
+
 def launch_tuned(name: str, candidates, launch, tensor, shape: tuple = ()):
     """Run `launch(candidate)` with the candidate `pick` chooses for the key (name, tensor's
     dtype, *shape) on the tensor's device; returns what `launch` returns. A candidate that does not
