@@ -398,6 +398,12 @@ def pair_quantization(lengths, block_rows: int, block_cols: int, causal: bool, k
     return executed / needed
 
 
+def attention_tile(label: str) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of an attention launch label ("bf16 d128 128x64 w8s3 plain")."""
+    size = re.search(r"(\d+)x(\d+) w", label)
+    return int(size.group(1)), int(size.group(2))
+
+
 def prediction_table(rows: list[Efficiency], max_length: int = 4096) -> str:
     """Markdown: per sm_90 row, the model's main-loop TFLOP/s, and for attention the useful TFLOP/s
     after block quantization at the FLAN-like and OrcaMath-like lengths (`padfree.benchmark`)."""
@@ -413,8 +419,7 @@ def prediction_table(rows: list[Efficiency], max_length: int = 4096) -> str:
         cells = ["", ""]
         short = row.kernel.rsplit(".", 1)[-1]
         if short.startswith("attention_"):
-            size = re.search(r"(\d+)x(\d+) w", row.label)
-            block_m, block_n = int(size.group(1)), int(size.group(2))
+            block_m, block_n = attention_tile(row.label)
             keys_side = "dkdv" in short
             rows_, cols = (block_n, block_m) if keys_side else (block_m, block_n)
             causal = "has_right" in row.label

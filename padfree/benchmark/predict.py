@@ -47,11 +47,6 @@ def attention_launch(kind: str, head_dim: int, causal: bool, arch: int = 90) -> 
     raise LookupError(f"no registered launch {label!r} of {name} for sm_{arch}")
 
 
-def _tile(label: str) -> tuple[int, int]:
-    block_m, block_n = label.split()[2].split("x")
-    return int(block_m), int(block_n)
-
-
 def attention_seconds(lengths: list[int], heads: int, head_dim: int, causal: bool, backward: bool,
                       rows: dict[str, object]) -> float:
     """Predicted H100 seconds of one padfree attention pass; `rows` maps "fwd", "dq", "dkdv" to the
@@ -66,7 +61,7 @@ def attention_seconds(lengths: list[int], heads: int, head_dim: int, causal: boo
         rate = efficiency.predicted_tflops(row)
         if rate is None:
             raise ValueError(f"no main loop found in {row.kernel} {row.label}: no prediction")
-        block_m, block_n = _tile(row.label)
+        block_m, block_n = efficiency.attention_tile(row.label)
         block_rows, block_cols = (block_n, block_m) if keys_side else (block_m, block_n)
         quantization = efficiency.pair_quantization(lengths, block_rows, block_cols, causal, keys_side)
         seconds += flops_per_pair * pairs * heads * head_dim * quantization / (rate * 1e12)

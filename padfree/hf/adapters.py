@@ -34,6 +34,7 @@ import torch
 
 from padfree import _checks
 from padfree.hf.lora import _dropout_p
+from padfree.hf.patch import run_undo
 from padfree.ops import seqlens
 from padfree.ops.lora_mixture import lora_mixture_linear, lora_per_sequence_linear
 from padfree.ops.moe import moe_route
@@ -595,9 +596,4 @@ def unpatch_adapters(model: torch.nn.Module) -> None:
     """Undo `multi_adapter` / `mixture_of_adapters` on `model` (layers' forward, routers, hooks,
     requires_grad flags, PEFT's active adapters, save_pretrained); the adapters keep their trained
     weights. A model not patched by them is left as is."""
-    undo = getattr(model, _STATE_ATTR, None)
-    if undo is None:
-        return
-    for restore in reversed(undo):
-        restore()
-    object.__delattr__(model, _STATE_ATTR)
+    run_undo(model, _STATE_ATTR)

@@ -128,14 +128,20 @@ def _guard_packed_batches(model: torch.nn.Module, reason: str) -> Callable[[], N
     return model.register_forward_pre_hook(refuse_packed, with_kwargs=True).remove
 
 
-def unpatch(model: torch.nn.Module) -> None:
-    """Restore everything `patch` changed on `model`; a model that is not patched is left as is."""
-    undo = getattr(model, _STATE_ATTR, None)
+def run_undo(model: torch.nn.Module, attribute: str) -> None:
+    """Run, last first, the restore closures a patch stored on `model` under `attribute`, and drop
+    them; nothing when there are none."""
+    undo = getattr(model, attribute, None)
     if undo is None:
         return
     for restore in reversed(undo):
         restore()
-    object.__delattr__(model, _STATE_ATTR)
+    object.__delattr__(model, attribute)
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Restore everything `patch` changed on `model`; a model that is not patched is left as is."""
+    run_undo(model, _STATE_ATTR)
 
 
 def is_patched(model: torch.nn.Module) -> bool:
