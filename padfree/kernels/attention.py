@@ -265,18 +265,14 @@ def _fwd_entry(entry, seed, Q, K, V, Out, Lse, CuQ, CuK, Blocks, Alibi, stride_q
                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
         full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh,
-                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
-                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh,
-                                  stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
-                                  softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                                  BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        # masked key blocks [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi); unrolled
+        bounds = (lo, full_lo, full_hi, hi)
+        for part in tl.static_range(3):
+            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, k_start, bounds[part], bounds[part + 1], kv_head,
+                                      stride_kt, stride_kh, stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk,
+                                      diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
+                                      seed, seq, head, num_heads, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                                      DROPOUT, PRECISION, part != 1)
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("inf"))
@@ -457,21 +453,14 @@ def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks
             slope = 0.0
             if ALIBI:
                 slope = tl.load(Alibi + seq * stride_alibi + head)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, lo, full_lo, head, stride_qt,
-                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
-                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   PRECISION, True, OUTPUT)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_lo, full_hi, head, stride_qt,
-                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
-                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   PRECISION, False, OUTPUT)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, full_hi, hi, head, stride_qt,
-                                   stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m, offs_d, d_ok, sq, sk,
-                                   diagonal, softmax_scale, softcap, slope, window_left, window_right, dropout_p,
-                                   seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   PRECISION, True, OUTPUT)
+            # masked query blocks [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi); unrolled
+            bounds = (lo, full_lo, full_hi, hi)
+            for part in tl.static_range(3):
+                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, bounds[part], bounds[part + 1],
+                                       head, stride_qt, stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m,
+                                       offs_d, d_ok, sq, sk, diagonal, softmax_scale, softcap, slope, window_left,
+                                       window_right, dropout_p, seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT,
+                                       SOFTCAP, ALIBI, DROPOUT, PRECISION, part != 1, OUTPUT)
         if OUTPUT != "dv":
             tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
                      (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
@@ -556,18 +545,13 @@ def _dq_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK, Blocks, Alib
                             HAS_LEFT, HAS_RIGHT, BLOCK_N)
         full_lo, full_hi = _unmasked_keys(lo, hi, block_start, BLOCK_M, diagonal, window_left, window_right,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, lo, full_lo, kv_head, stride_kt, stride_kh, stride_vt,
-                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
-        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_lo, full_hi, kv_head, stride_kt, stride_kh,
-                      stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap,
-                      slope, window_left, window_right, dropout_p, seed, seq, head, num_heads, BLOCK_N, HAS_LEFT,
-                      HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, False)
-        dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, full_hi, hi, kv_head, stride_kt, stride_kh, stride_vt,
-                      stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale, softcap, slope,
-                      window_left, window_right, dropout_p, seed, seq, head, num_heads,
-                      BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, True)
+        # masked key blocks [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi); unrolled
+        bounds = (lo, full_lo, full_hi, hi)
+        for part in tl.static_range(3):
+            dq = _dq_keys(dq, q, dout, lse, delta, K, V, k_start, bounds[part], bounds[part + 1], kv_head, stride_kt,
+                          stride_kh, stride_vt, stride_vh, offs_m, tile_n, offs_d, d_ok, sk, diagonal, softmax_scale,
+                          softcap, slope, window_left, window_right, dropout_p, seed, seq, head, num_heads, BLOCK_N,
+                          HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT, PRECISION, part != 1)
         tl.store(_tile(DQ, q_start + block_start, stride_dqt, head, stride_dqh, tile_m, offs_d),
                  (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
