@@ -169,7 +169,11 @@ class PaddingFreeCollator:
         ids = []
         for i, example in enumerate(features):
             if self.adapter_key not in example:
-                raise ValueError(f"features[{i}] has no {self.adapter_key!r} (adapter_key; keys: {sorted(example)})")
+                # the usual cause: HF Trainer (and TRL's trainers) drop every example key the model's
+                # forward does not name before the collator runs, whatever the dataset type
+                raise ValueError(f"features[{i}] has no {self.adapter_key!r} (adapter_key; keys: {sorted(example)}); "
+                                 "under HF Trainer pass TrainingArguments(remove_unused_columns=False), which "
+                                 "otherwise drops example keys the model's forward does not take")
             value = example[self.adapter_key]
             if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
                 value = value.item()

@@ -142,6 +142,54 @@ def test_multi_adapter_packed_training_equals_each_adapter_alone(backend):
             assert_same(n, p, alone[n])
 
 
+def test_multi_adapter_trains_under_trainer_each_adapter_from_its_own_sequences(tmp_path):
+    """HF `Trainer` (plain list dataset, `remove_unused_columns=False`) with the adapter collator:
+    two SGD steps over a batch of "math" and "code" sequences equal PEFT training each adapter alone
+    on its own sequences (the Trainer's loss is the batch's mean over label tokens, so each
+    adapter's update is lr / tokens x its summed-loss gradient), and "chat", which no sequence
+    uses, stays bit for bit as it was."""
+    reference = peft_model()
+    model = hf_adapters.multi_adapter(copy.deepcopy(reference), NAMES)
+    padfree.patch(model, attention=True, lora=False, moe=False)
+    initial = {n: p.detach().clone() for name in NAMES for n, p in adapter_parameters(model, name).items()}
+    train_set = examples([(5, 0), (7, 1), (4, 0), (6, 1)], seed=3)
+    collate = PaddingFreeCollator(adapter_key="adapter_id")
+    batches = []
+
+    def recording(features):
+        batches.append(features)
+        return collate(features)
+
+    # by default Trainer drops the example keys the model's forward does not name: a clear error
+    args = training_arguments(tmp_path, per_device_train_batch_size=len(train_set), gradient_accumulation_steps=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate)
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        trainer.train()
+    args = training_arguments(tmp_path, per_device_train_batch_size=len(train_set), gradient_accumulation_steps=1,
+                              remove_unused_columns=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train_set, data_collator=recording)
+    losses, trained, calls = train(trainer)
+    assert len(batches) == 2 and all(len(b) == len(train_set) for b in batches)
+    assert calls.calls["lora_mixture_fwd"] == calls.calls["lora_mixture_bwd"] == ADAPTED_LAYERS * 2
+
+    for step, batch in enumerate(batches):
+        tokens = sum(len(e["input_ids"]) - 1 for e in batch)
+        total = 0.0
+        for name in ("math", "code"):
+            loss, grads = alone_step(reference, name, batch)
+            total += loss.item()
+            with torch.no_grad():
+                for n, p in adapter_parameters(reference, name).items():
+                    p -= args.learning_rate / tokens * grads[n]
+        assert abs(losses[step] - total / tokens) <= 1e-4 * abs(losses[step]), (step, losses[step], total / tokens)
+    for name in ("math", "code"):
+        alone = adapter_parameters(reference, name)
+        for n in alone:
+            assert_same(n, trained[n] - initial[n], alone[n].detach() - initial[n])
+    for n in adapter_parameters(model, "chat"):
+        assert torch.equal(trained[n], initial[n]), n
+
+
 def logits_alone(reference, batch):
     """Each sequence alone through PEFT's forward with its adapter active."""
     outputs = []
