@@ -567,6 +567,8 @@ def backward_shared(dys, x, weights, h, lora_as, lora_bs, scalings, top_k_indice
     t_cat = gated_ts[0] if len(gated_ts) == 1 else torch.cat(gated_ts, dim=1)
     dx, d_a_cat = lora.backward_input_and_a(list(dys), x, list(weights), t_cat, _a_cat(lora_as), rank_ends, dropout_p,
                                             seed, input_grad)
-    d_as = [d_a_cat[start:end].view(lora_a.shape)
-            for lora_a, start, end in zip(lora_as, [0, *rank_ends[:-1]], rank_ends)]
+    # a custom op's outputs may not alias each other: a group's row blocks of dA_cat are copied
+    d_as = [d_a_cat.view(lora_as[0].shape)] if len(lora_as) == 1 else [
+        d_a_cat[start:end].clone().view(lora_a.shape) for lora_a, start, end in zip(lora_as, [0, *rank_ends[:-1]],
+                                                                                    rank_ends)]
     return [dx, *d_as, *d_bs, *d_weights]

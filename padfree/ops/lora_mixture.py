@@ -185,7 +185,7 @@ def _shared_backward(ctx, grads):
     d_weights = [dy.t() @ x if needed else None for dy, needed in zip(dys, ctx.weight_grad)]
     dys_with_bias = [dy for dy, flag in zip(dys, ctx.has_bias) if flag]
     d_biases = [dy.sum(0) if needed else None for dy, needed in zip(dys_with_bias, ctx.bias_grad)]
-    return ((dx if input_grad else None), d_weights, d_biases, None, d_lora_as, d_lora_bs, None, None,
+    return ((dx if input_grad else None), d_weights, d_biases, None, d_lora_as, d_lora_bs, None, [None] * count,
             d_top_k_weights, None, None, None)
 
 
@@ -196,10 +196,9 @@ def _validate_projection(x, weight, bias, lora_a, lora_b, scaling, top_k_index, 
                          suffix: str = "") -> None:
     """Projection checks; `suffix` ("" for `lora_mixture_linear`, "[p]" in a group) follows the
     argument's name in the messages (lora_as[1], top_k_indices[1], ...)."""
-    group = bool(suffix)
-    names = {key: (f"{key}s{suffix}" if group else key) for key in ("weight", "bias", "lora_a", "lora_b", "scaling")}
-    names["top_k_index"] = f"top_k_indices{suffix}" if group else "top_k_index"
-    names["top_k_weights"] = f"top_k_weights{suffix}"
+    plural = {"weight": "weights", "bias": "biases", "lora_a": "lora_as", "lora_b": "lora_bs", "scaling": "scalings",
+              "top_k_index": "top_k_indices", "top_k_weights": "top_k_weights"}
+    names = {key: f"{group}{suffix}" if suffix else key for key, group in plural.items()}
     for key, value in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("top_k_index", top_k_index),
                        ("top_k_weights", top_k_weights)):
         _checks.expect_tensor(names[key], value)
