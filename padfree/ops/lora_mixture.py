@@ -367,9 +367,9 @@ def lora_mixture_linear_shared(x: torch.Tensor, weights: Sequence[torch.Tensor],
                    for p, layer in enumerate(zip(weights, biases, lora_as, lora_bs, scalings, top_k_indices,
                                                  top_k_weights))]
     else:
-        outputs = _shared_forward_op(x2d, weights, [b for b in biases if b is not None], [b is not None for b in biases],
-                                     lora_as, lora_bs, scalings, top_k_indices, top_k_weights, dropout_p, seed,
-                                     backend)[:-1]
+        present_biases = [b for b in biases if b is not None]
+        outputs = _shared_forward_op(x2d, weights, present_biases, [b is not None for b in biases], lora_as, lora_bs,
+                                     scalings, top_k_indices, top_k_weights, dropout_p, seed, backend)[:-1]
     return [y.view(*leading, y.shape[-1]) for y in outputs]
 
 

@@ -307,8 +307,9 @@ def test_torch_compile_fullgraph():
 def _good():
     x = torch.randn(3, 8)
     return dict(x=x, weights=[torch.randn(5, 8), torch.randn(4, 8)], biases=[None, torch.randn(4)],
-                lora_as=[torch.randn(4, 2, 8), torch.randn(3, 2, 8)], lora_bs=[torch.randn(4, 5, 2), torch.randn(3, 4, 2)],
-                scalings=[1.0, 2.0], top_k_indices=[torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.tensor([[2], [0], [1]])],
+                lora_as=[torch.randn(4, 2, 8), torch.randn(3, 2, 8)],
+                lora_bs=[torch.randn(4, 5, 2), torch.randn(3, 4, 2)], scalings=[1.0, 2.0],
+                top_k_indices=[torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.tensor([[2], [0], [1]])],
                 top_k_weights=[torch.rand(3, 2), torch.rand(3, 1)])
 
 
