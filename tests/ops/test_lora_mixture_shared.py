@@ -185,6 +185,19 @@ def test_leading_shape(triton_cpu):
         torch.testing.assert_close(y.view(12, -1), y_flat, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_tokens(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_cpu")
+    x, projections = _group(0, GATE_UP, torch.float32)
+    with padfree.use_backend(backend):
+        out, grads = _run(lambda x_, ps: _shared(x_, ps, 0.2), x, projections, [torch.randn(0, 20), torch.randn(0, 14)])
+    assert [y.shape for y in out] == [(0, 20), (0, 14)] and grads["x"].shape == (0, IN_FEATURES)
+    for p in range(2):
+        assert grads[f"top_k_weights[{p}]"].shape == (0, 2)
+        assert not grads[f"lora_a[{p}]"].any() and not grads[f"lora_b[{p}]"].any()
+
+
 # ----------------------------------------------------------------------------- dropout masks
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_first_projection_draws_the_single_call_mask(request, backend):
@@ -340,3 +353,4 @@ def test_bad_input_raises_naming_the_argument(change, error, match):
 def test_bad_dropout_raises():
     with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\)"):
         lora_mixture_linear_shared(**_good(), dropout_p=1.0)
+
