@@ -3,6 +3,7 @@
 Public API (see README.md):
     varlen_attention, lora_linear, moe_route, moe_experts   ops (torch custom ops, autograd)
     lora_mixture_linear, lora_per_sequence_linear           several LoRA adapters on one base layer
+    lora_mixture_linear_shared                              ... on several layers reading one input (q/k/v)
     patch, unpatch                                          switch a transformers/PEFT model over
     register                                                make "padfree" an attn_implementation
     use_backend                                             "auto" | "triton" | "cuda" | "reference"
@@ -24,6 +25,7 @@ _LAZY = {
     "moe_route": "padfree.ops.moe",
     "moe_experts": "padfree.ops.moe",
     "lora_mixture_linear": "padfree.ops.lora_mixture",
+    "lora_mixture_linear_shared": "padfree.ops.lora_mixture",
     "lora_per_sequence_linear": "padfree.ops.lora_mixture",
     "patch": "padfree.hf.patch",
     "unpatch": "padfree.hf.patch",

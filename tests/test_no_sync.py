@@ -237,6 +237,24 @@ def _mixture(experts, rank):
     return (logits, x, lora_a, lora_b), layer
 
 
+def _mixture_shared():
+    """q/k/v-like mixtures reading one x, each behind its own router: one fused group."""
+    x = torch.randn(14, 24, requires_grad=True)
+    shapes = [(20, 4, 8), (12, 2, 4), (12, 3, 4)]  # (out_features, experts, rank)
+    logits = [torch.randn(14, e, requires_grad=True) for _, e, _ in shapes]
+    lora_as = [torch.randn(e, r, 24, requires_grad=True) for _, e, r in shapes]
+    lora_bs = [torch.randn(e, n, r, requires_grad=True) for n, e, r in shapes]
+    weights = [torch.randn(n, 24) for n, _, _ in shapes]
+
+    def layer():
+        routes = [padfree.moe_route(scores, 2) for scores in logits]
+        return padfree.lora_mixture_linear_shared(x, weights, [None] * 3, lora_as, lora_bs, [2.0, 1.0, 0.5],
+                                                  [index for _, index in routes], [w for w, _ in routes],
+                                                  dropout_p=0.2)
+
+    return (x, *logits, *lora_as, *lora_bs), layer
+
+
 def _experts():
     logits = torch.randn(70, 6, requires_grad=True)
     x = torch.randn(70, 16, requires_grad=True)
@@ -260,6 +278,7 @@ OPS = {
     "route_sigmoid_groups": lambda: _route("sigmoid", 2),
     "mixture_few_experts": lambda: _mixture(4, 8),
     "mixture_many_experts": lambda: _mixture(20, 16),
+    "mixture_shared": _mixture_shared,
     "experts_native_align": _experts,
     "experts_pytorch_align": _experts,
 }
@@ -286,7 +305,8 @@ def test_forward_and_backward_of_every_op_never_sync(triton_cpu, monkeypatch, na
     assert guard.launches > 0, "no Triton kernel ran"
     family = {"attention": "varlen_attention", "lora": "lora_linear", "route": "moe_route", "experts": "moe_experts",
               "mixture": "lora_mixture"}
-    assert {f"padfree::{family[name.split('_')[0]]}_{part}" for part in ("fwd", "bwd")} <= guard.custom_ops
+    op = "lora_mixture_shared" if name == "mixture_shared" else family[name.split('_')[0]]
+    assert {f"padfree::{op}_{part}" for part in ("fwd", "bwd")} <= guard.custom_ops
     if name in ("experts_native_align", "mixture_many_experts"):
         assert "padfree::moe_align" in guard.custom_ops
     assert pytorch_align == ([1] if name == "experts_pytorch_align" else [])

@@ -9,7 +9,11 @@ sequences only.
 `mixture_of_adapters(model, adapters, top_k, router, trainable)`: a mixture of LoRA experts. Every
 LoRA Linear gets a router (a `torch.nn.Linear(in_features, N)` beside the adapters) that picks the
 top-k adapters of each token (or of each packed sequence, from the mean of its tokens) with
-`padfree.moe_route`, and runs `padfree.lora_mixture_linear`.
+`padfree.moe_route`, and runs `padfree.lora_mixture_linear`; the q/k/v of one attention and the
+gate/up of one MLP (padfree/hf/lora.py's SHARED_GROUPS, when all are adapted, with one dtype and
+dropout p) run as one `padfree.lora_mixture_linear_shared` call: the first member called routes
+and computes every member's output in one pass over x and hands the others theirs when they are
+called with that same x (as `padfree.patch(lora=True)` groups single adapters).
 `load_mixture_of_adapters` loads what the patched model's `save_pretrained` wrote.
 
 Both patch one model instance (PEFT's own modules keep their parameters; only the layers' `forward`
@@ -33,10 +37,10 @@ from pathlib import Path
 import torch
 
 from padfree import _checks
-from padfree.hf.lora import _dropout_p
+from padfree.hf.lora import SharedGroup, _dropout_p, find_groups, group_forward
 from padfree.hf.patch import run_undo
 from padfree.ops import seqlens
-from padfree.ops.lora_mixture import lora_mixture_linear, lora_per_sequence_linear
+from padfree.ops.lora_mixture import lora_mixture_linear, lora_mixture_linear_shared, lora_per_sequence_linear
 from padfree.ops.moe import moe_route
 
 _STATE_ATTR = "_padfree_adapters_undo"
@@ -451,25 +455,78 @@ def _sequence_routing(router: torch.nn.Module, x2d: torch.Tensor, cu_seqlens: to
     return top_k_weights[sequence] * inside[:, None], top_k_index[sequence]
 
 
+def _route(module, x: torch.Tensor, num_adapters: int, top_k: int, batch_state: _Batch | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index, top_k_weights) of the layer's router for input x (per token, or per sequence
+    with a batch_state)."""
+    router = getattr(module, ROUTER_ATTR)
+    if batch_state is None:
+        top_k_weights, top_k_index = moe_route(router(x).reshape(-1, num_adapters), top_k)
+    else:
+        _check_tokens(x, batch_state)
+        top_k_weights, top_k_index = _sequence_routing(router, x.reshape(-1, x.shape[-1]), batch_state.cu_seqlens,
+                                                       top_k)
+    return top_k_index, top_k_weights
+
+
 def _mixture_forward(module, names: list[str], top_k: int, batch_state: _Batch | None) -> Callable:
     def forward(x, *args, **kwargs):
         if module.disable_adapters:
             return module.base_layer(x, *args, **kwargs)
         _refuse_state(module, args, kwargs)
         base = module.get_base_layer()
-        router = getattr(module, ROUTER_ATTR)
-        if batch_state is None:
-            top_k_weights, top_k_index = moe_route(router(x).reshape(-1, len(names)), top_k)
-        else:
-            _check_tokens(x, batch_state)
-            top_k_weights, top_k_index = _sequence_routing(router, x.reshape(-1, x.shape[-1]),
-                                                           batch_state.cu_seqlens, top_k)
+        top_k_index, top_k_weights = _route(module, x, len(names), top_k, batch_state)
         lora_a, lora_b, scaling = stack_adapters(module, names)
         # moe_route's experts are in range by construction: skip the op's host-side index check
         return lora_mixture_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, top_k_index, top_k_weights,
                                    _dropout_p(module, _held_adapter(module, names)), check=False)
 
     return forward
+
+
+def _mixture_group_outputs(members: list, names: list[str], top_k: int, batch_state: _Batch | None) -> Callable:
+    """Every member's output of a q/k/v or gate/up group in one `lora_mixture_linear_shared` call (one
+    pass over x), or None when a member runs otherwise now (adapters disabled, merged, or the
+    members' dropout p differ, e.g. one in eval mode): then each runs `_mixture_forward`."""
+    def compute(x):
+        if any(m.disable_adapters or m.merged for m in members):
+            return None
+        dropouts = {_dropout_p(m, _held_adapter(m, names)) for m in members}
+        if len(dropouts) != 1:
+            return None
+        layers = []
+        for module in members:
+            base = module.get_base_layer()
+            layers.append((base.weight, base.bias, *stack_adapters(module, names),
+                           *_route(module, x, len(names), top_k, batch_state)))
+        weights, biases, lora_as, lora_bs, scalings, indices, gates = (list(column) for column in zip(*layers))
+        return lora_mixture_linear_shared(x, weights, biases, lora_as, lora_bs, scalings, indices, gates,
+                                          dropouts.pop(), check=False)
+
+    return compute
+
+
+def _mixture_group_key(names: list[str]) -> Callable:
+    """Members of a group read one x (in_features) in one dtype, with one configured dropout p."""
+    def key(module):
+        dropout = module.lora_dropout[_held_adapter(module, names)]
+        base = module.get_base_layer()
+        return float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0, base.weight.dtype, base.in_features
+
+    return key
+
+
+def _mixture_forwards(layers: dict[str, torch.nn.Module], names: list[str], top_k: int,
+                      batch_state: _Batch | None) -> dict[str, Callable]:
+    """Qualified name -> the forward of every layer: q/k/v and gate/up siblings (hf/lora.py's
+    SHARED_GROUPS) as one shared-input group, the others alone."""
+    forwards = {name: _mixture_forward(module, names, top_k, batch_state) for name, module in layers.items()}
+    for group_names in find_groups(layers, _mixture_group_key(names)):
+        members = [layers[n] for n in group_names]
+        group = SharedGroup(_mixture_group_outputs(members, names, top_k, batch_state))
+        for index, name in enumerate(group_names):
+            forwards[name] = group_forward(group, index, forwards[name])
+    return forwards
 
 
 def routers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -519,7 +576,8 @@ def mixture_of_adapters(model: torch.nn.Module, adapters: Sequence[str | os.Path
         router: every adapted Linear gets a router `torch.nn.Linear(in_features, N, bias=False)`
             (torch's default init, in the base weight's dtype and device); `padfree.moe_route`
             takes the softmax's top-k of its scores, renormalised, and the layer runs
-            `padfree.lora_mixture_linear`:
+            `padfree.lora_mixture_linear` (q/k/v and gate/up siblings: one
+            `padfree.lora_mixture_linear_shared` call per group, each with its own router):
                 y = base(x) + sum_j w_j * scale_{e_j} * B_{e_j} A_{e_j} dropout(x)
             "token": the router scores each token's input x. "sequence": it scores the mean of x
             over each packed sequence (sequences as `multi_adapter` finds them: `cu_seq_lens_q`,
@@ -556,8 +614,10 @@ def mixture_of_adapters(model: torch.nn.Module, adapters: Sequence[str | os.Path
             undo.append(model.register_forward_pre_hook(_boundaries_hook(batch_state), with_kwargs=True).remove)
 
     parameters = _adapter_parameters(layers, names)
-    _patch(model, names, layers, lambda m: _mixture_forward(m, names, top_k, batch_state),
-           parameters if trainable == "all" else [], [] if trainable == "all" else parameters, attach_routers)
+    forwards = _mixture_forwards(layers, names, top_k, batch_state)
+    by_module = {id(module): forwards[name] for name, module in layers.items()}
+    _patch(model, names, layers, lambda m: by_module[id(m)], parameters if trainable == "all" else [],
+           [] if trainable == "all" else parameters, attach_routers)
     return model
 
 

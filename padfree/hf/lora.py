@@ -111,11 +111,15 @@ def _make_single_forward(module, original: Callable) -> Callable:
     return forward
 
 
-class _SharedGroup:
-    """Members of one shared-input group; holds outputs computed for members not yet called."""
+class SharedGroup:
+    """One shared-input group; holds outputs computed for members not yet called.
 
-    def __init__(self, members: list):
-        self.members = members
+    `compute(x)` returns every member's output for input x in one call, or None when the group
+    cannot run fused now (its members then run their single forwards). Also used by
+    padfree/hf/adapters.py for mixtures of adapters."""
+
+    def __init__(self, compute: Callable[[torch.Tensor], list[torch.Tensor] | None]):
+        self.compute = compute
         self.pending_input: weakref.ref | None = None
         self.pending_version = -1
         self.pending: dict[int, torch.Tensor] = {}
@@ -133,28 +137,36 @@ class _SharedGroup:
         return self.pending.pop(index)
 
     def compute_all(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        adapters = [_fusable_now(m, x, (), {}) for m in self.members]
-        if any(a is None for a in adapters) or len(set(adapters)) != 1:
+        outputs = self.compute(x)
+        if outputs is None:
             return None
-        dropouts = {_dropout_p(m, a) for m, a in zip(self.members, adapters)}
-        if len(dropouts) != 1:
-            return None
-        weights, biases, lora_as, lora_bs, scalings = zip(*(_layer_arguments(m, a)
-                                                            for m, a in zip(self.members, adapters)))
-        outputs = lora_ops.lora_linear_shared(x, list(weights), list(biases), list(lora_as), list(lora_bs),
-                                              list(scalings), dropouts.pop())
         self.pending = {i: y for i, y in enumerate(outputs) if i != index}
         self.pending_input = weakref.ref(x)
         self.pending_version = x._version
         return outputs[index]
 
 
-def _make_group_forward(group: _SharedGroup, index: int, original: Callable) -> Callable:
-    single = _make_single_forward(group.members[index], original)
+def _lora_group_outputs(members: list) -> Callable[[torch.Tensor], list[torch.Tensor] | None]:
+    def compute(x):
+        adapters = [_fusable_now(m, x, (), {}) for m in members]
+        if any(a is None for a in adapters) or len(set(adapters)) != 1:
+            return None
+        dropouts = {_dropout_p(m, a) for m, a in zip(members, adapters)}
+        if len(dropouts) != 1:
+            return None
+        weights, biases, lora_as, lora_bs, scalings = zip(*(_layer_arguments(m, a) for m, a in zip(members, adapters)))
+        return lora_ops.lora_linear_shared(x, list(weights), list(biases), list(lora_as), list(lora_bs),
+                                           list(scalings), dropouts.pop())
 
+    return compute
+
+
+def group_forward(group: SharedGroup, index: int, single: Callable) -> Callable:
+    """The forward of member `index`: its output computed with the group's, else `single` (its own
+    forward, also for calls with extra arguments)."""
     def forward(x, *args, **kwargs):
         if args or kwargs or not isinstance(x, torch.Tensor):
-            return original(x, *args, **kwargs)
+            return single(x, *args, **kwargs)
         ready = group.take_pending(index, x)
         if ready is not None:
             return ready
@@ -187,14 +199,14 @@ def _group_key(module) -> tuple:
     return adapter, p, base.weight.dtype, base.in_features
 
 
-def _find_groups(eligible: dict[str, torch.nn.Module]) -> list[list[str]]:
-    """Qualified names of eligible siblings forming a SHARED_GROUPS entry with matching settings."""
+def find_groups(eligible: dict[str, torch.nn.Module], key: Callable) -> list[list[str]]:
+    """Qualified names of eligible siblings forming a SHARED_GROUPS entry whose `key(module)` agree."""
     groups = []
     for parent in sorted({name.rpartition(".")[0] for name in eligible}):
         prefix = f"{parent}." if parent else ""
         for names in SHARED_GROUPS:
             qualified = [prefix + n for n in names]
-            if all(q in eligible for q in qualified) and len({_group_key(eligible[q]) for q in qualified}) == 1:
+            if all(q in eligible for q in qualified) and len({key(eligible[q]) for q in qualified}) == 1:
                 groups.append(qualified)
     return groups
 
@@ -215,11 +227,11 @@ def patch_lora(model: torch.nn.Module, report, undo: list[Callable[[], None]]) -
         elif isinstance(module, layer_class):
             report.add(PART, name, False, f"{type(module).__name__} is not a LoRA Linear layer")
     grouped = set()
-    for names in _find_groups(eligible):
+    for names in find_groups(eligible, _group_key):
         members = [eligible[n] for n in names]
-        group = _SharedGroup(members)
+        group = SharedGroup(_lora_group_outputs(members))
         for index, (name, member) in enumerate(zip(names, members)):
-            _replace_forward(member, _make_group_forward(group, index, member.forward), undo)
+            _replace_forward(member, group_forward(group, index, _make_single_forward(member, member.forward)), undo)
             siblings = ", ".join(n.rpartition(".")[2] for n in names)
             report.add(PART, name, True, f"fused LoRA linear, shared input with {siblings}")
             grouped.add(name)

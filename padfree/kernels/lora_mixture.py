@@ -421,15 +421,13 @@ def _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, 
 def forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p, seed):
     """Same contract as padfree.reference.lora_mixture.forward, on the Triton kernels, except that
     the saved h has `saved_shape` (the sorted pairs' (capacity, r) in the many-experts regime)."""
-    num_experts, rank, k = lora_a.shape
+    num_experts, rank, _ = lora_a.shape
     if segmented(num_experts, rank):
         return _segmented_forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p,
                                   seed)
-    a_all = lora_a.reshape(num_experts * rank, k)
-    h = lora.shrink(x, a_all, [num_experts * rank], dropout_p, seed)
-    gate = dense_gate(top_k_index, top_k_weights, num_experts)
-    y = lora.expand(x, weight, bias, _gated(h, gate, rank), _concat_b(lora_b), scaling)
-    return y, h
+    outputs, h = forward_shared(x, [weight], [bias], [lora_a], [lora_b], [scaling], [top_k_index], [top_k_weights],
+                                dropout_p, seed)
+    return outputs[0], h
 
 
 @runtime.on_input_device
@@ -437,20 +435,12 @@ def backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weigh
              input_grad=True):
     """Same contract as padfree.reference.lora_mixture.backward, on the Triton kernels (h as
     `forward` saved it)."""
-    num_experts, rank, k = lora_a.shape
+    num_experts, rank, _ = lora_a.shape
     if segmented(num_experts, rank):
         return _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, top_k_weights, dropout_p,
                                    seed, input_grad)
-    m, out_features = dy.shape
-    gate = dense_gate(top_k_index, top_k_weights, num_experts)
-    t = scaling * (dy @ _concat_b(lora_b))
-    d_b_all = scaling * (dy.t() @ _gated(h, gate, rank))
-    d_gate = (t.to(gate.dtype) * h.to(gate.dtype)).view(m, num_experts, rank).sum(2)
-    dx, d_a_all = lora.backward_input_and_a([dy], x, [weight], _gated(t, gate, rank),
-                                            lora_a.reshape(num_experts * rank, k), [num_experts * rank], dropout_p,
-                                            seed, input_grad)
-    d_lora_b = d_b_all.view(out_features, num_experts, rank).permute(1, 0, 2).contiguous()
-    return dx, d_a_all.view(num_experts, rank, k), d_lora_b, d_gate.gather(1, top_k_index)
+    return tuple(backward_shared([dy], x, [weight], h, [lora_a], [lora_b], [scaling], [top_k_index], [top_k_weights],
+                                 dropout_p, seed, input_grad))
 
 
 # ----------------------------------------------------------------------------- registry
@@ -497,3 +487,88 @@ _launches(lora_mixture_grad_h_kernel, ("N", "R"))
 _launches(lora_mixture_grad_b_kernel, ("N", "R"))
 _launches(lora_mixture_grad_a_kernel, ("K", "R"))
 _launches(lora_mixture_grad_x_kernel, ("K", "R"))
+
+
+# ----------------------------------------------------------------------------- shared-input groups
+# Projections p = 0..P-1 reading one x (q/k/v, gate/up), each a few-experts mixture (E_p r_p <= 256)
+# with its own W_p, b_p, experts, scaling s_p and routing (gate G_p). Each is one gated LoRA of rank
+# R_p = E_p r_p (module docstring), so the group is the fused LoRA's shared structure
+# (padfree/kernels/lora.py) with a gate per projection: A_cat = cat_p A_all,p (sum_p R_p, K), whose
+# rows rank_ends[p-1]..rank_ends[p] are projection p's, shrunk by one lora_shrink_kernel (x read
+# once for every projection; projection p's columns from dropout stream p, D_p), then per projection
+#
+#     y_p = x W_p^T + b_p + s_p * (g_p * h_p) B_all,p^T                      lora_forward_kernel
+#
+# Backward, t_p = s_p dy_p B_all,p: dB_all,p, dG_p as in the one-projection case (torch), and one
+#
+#     dx, dA_cat = sum_p dy_p W_p + sum_p D_p(g_p * t_p) A_all,p, [(g_p * t_p)^T D_p(x)]_p
+#
+# by lora_dx_kernel (up to 3 (dy_p, W_p) pairs, the r-loop over all streams) and lora_da_kernel
+# (dropout; else one torch GEMM), exactly as lora_linear_shared's backward with g_p * t_p for t_p.
+def group_unfused_reason(num_experts: list[int], ranks: list[int]) -> str | None:
+    """Why a shared-input group of these projections cannot run as one fused group, or None."""
+    if len(ranks) > lora.MAX_STREAMS:
+        return f"the kernels fuse at most {lora.MAX_STREAMS} projections, got {len(ranks)}"
+    many = [p for p, (e, r) in enumerate(zip(num_experts, ranks)) if segmented(e, r)]
+    if many:
+        return (f"projection(s) {many} have num_experts * rank > {MAX_TOTAL_RANK} (the many-experts kernels, one "
+                "projection at a time)")
+    return None
+
+
+def _rank_ends(lora_as: list[torch.Tensor]) -> list[int]:
+    ends = []
+    for lora_a in lora_as:
+        ends.append((ends[-1] if ends else 0) + lora_a.shape[0] * lora_a.shape[1])
+    return ends
+
+
+def _a_cat(lora_as: list[torch.Tensor]) -> torch.Tensor:
+    """A_cat (sum_p E_p r_p, K): every projection's experts' A rows, in order."""
+    flat = [lora_a.reshape(-1, lora_a.shape[2]) for lora_a in lora_as]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+@runtime.on_input_device
+def forward_shared(x, weights, biases, lora_as, lora_bs, scalings, top_k_indices, top_k_weights, dropout_p, seed):
+    """Same contract as padfree.reference.lora_mixture.forward_shared (few experts per projection,
+    at most 3 projections: `group_unfused_reason` is None): one shrink for the group."""
+    rank_ends = _rank_ends(lora_as)
+    h = lora.shrink(x, _a_cat(lora_as), rank_ends, dropout_p, seed)
+    outputs = []
+    for weight, bias, lora_a, lora_b, scaling, index, gates, start, end in zip(
+            weights, biases, lora_as, lora_bs, scalings, top_k_indices, top_k_weights, [0, *rank_ends[:-1]],
+            rank_ends):
+        gate = dense_gate(index, gates, lora_a.shape[0])
+        outputs.append(lora.expand(x, weight, bias, _gated(h[:, start:end], gate, lora_a.shape[1]), _concat_b(lora_b),
+                                   scaling))
+    return outputs, h
+
+
+@runtime.on_input_device
+def backward_shared(dys, x, weights, h, lora_as, lora_bs, scalings, top_k_indices, top_k_weights, dropout_p, seed,
+                    input_grad=True):
+    """Same contract as padfree.reference.lora_mixture.backward_shared, on the fused-LoRA kernels
+    (one lora_dx_kernel and one dA for the group; h as `forward_shared` saved it)."""
+    m, k = x.shape
+    rank_ends = _rank_ends(lora_as)
+    gated_ts, d_bs, d_weights = [], [], []
+    for dy, lora_a, lora_b, scaling, index, gates, start, end in zip(
+            dys, lora_as, lora_bs, scalings, top_k_indices, top_k_weights, [0, *rank_ends[:-1]], rank_ends):
+        num_experts, rank, _ = lora_a.shape
+        gate = dense_gate(index, gates, num_experts)
+        h_p = h[:, start:end]
+        t = scaling * (dy @ _concat_b(lora_b))
+        d_b_all = scaling * (dy.t() @ _gated(h_p, gate, rank))
+        d_bs.append(d_b_all.view(dy.shape[1], num_experts, rank).permute(1, 0, 2).contiguous())
+        d_gate = (t.to(gate.dtype) * h_p.to(gate.dtype)).view(m, num_experts, rank).sum(2)
+        d_weights.append(d_gate.gather(1, index))
+        gated_ts.append(_gated(t, gate, rank))
+    t_cat = gated_ts[0] if len(gated_ts) == 1 else torch.cat(gated_ts, dim=1)
+    dx, d_a_cat = lora.backward_input_and_a(list(dys), x, list(weights), t_cat, _a_cat(lora_as), rank_ends, dropout_p,
+                                            seed, input_grad)
+    # a custom op's outputs may not alias each other: a group's row blocks of dA_cat are copied
+    d_as = [d_a_cat.view(lora_as[0].shape)] if len(lora_as) == 1 else [
+        d_a_cat[start:end].clone().view(lora_a.shape) for lora_a, start, end in zip(lora_as, [0, *rank_ends[:-1]],
+                                                                                    rank_ends)]
+    return [dx, *d_as, *d_bs, *d_weights]

@@ -54,6 +54,14 @@ def stream_key(seed: int, stream: int) -> int:
     return int(_mix32(base))
 
 
+def stream_seed(seed, stream: int):
+    """The seed whose stream 0 is stream `stream` of `seed` (an int or an int64 tensor, as given):
+    the hash key depends on seed + stream * 0x9E3779B9 mod 2^32 only (here and in the kernels, which
+    take the seed's low 32 bits), so keep_mask(stream_seed(seed, p), 0, ...) == keep_mask(seed, p, ...).
+    A kernel with one fixed stream thereby draws any stream's mask."""
+    return seed + stream * _STREAM_STEP if stream else seed
+
+
 def keep_mask(seed: int, stream: int, rows: int, cols: int, dropout_p: float,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean (rows, cols) keep-mask of dropout stream `stream` for a row-major (rows, cols) input.

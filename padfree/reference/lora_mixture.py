@@ -24,6 +24,11 @@ Backward, with h_e = dropout(x) A_e^T (M, r) saved by the forward and t_e = s * 
     dB_e = s * dy^T (g_e * h_e)                     dA_e = (g_e * t_e)^T dropout(x)
     dx   = dy W + sum_e D(g_e * t_e) A_e            D(z) = keep * z / (1 - p), its own adjoint
     dg_e = rowsum(t_e * h_e)                        dw_mj = dg_{e_mj}[m]
+
+Shared-input groups (q/k/v, gate/up: projections p = 0..P-1 reading one x, each with its own
+W_p, b_p, experts, scaling and routing): projection p is the mixture above with the mask of stream
+p (`lora.stream_seed(seed, p)`, independent per projection as in `lora_linear_shared`), h is the
+concatenation of the projections' h_p, and dx is the sum of the projections' dx.
 """
 
 from __future__ import annotations
@@ -91,3 +96,38 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.T
             d_x_lora = d_h @ lora_a[expert]
             dx = dx + (d_x_lora if keep is None else d_x_lora * keep)
     return dx, d_lora_a, d_lora_b, d_weights
+
+
+def forward_shared(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                   lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], scalings: list[float],
+                   top_k_indices: list[torch.Tensor], top_k_weights: list[torch.Tensor], dropout_p: float,
+                   seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """-> ([y_p (M, N_p)], h (M, sum_p E_p * r_p)) of a shared-input group (module docstring)."""
+    outputs, intermediates = [], []
+    for stream, layer in enumerate(zip(weights, biases, lora_as, lora_bs, scalings, top_k_indices, top_k_weights)):
+        y, h = forward(x, *layer, dropout_p, lora.stream_seed(seed, stream))
+        outputs.append(y)
+        intermediates.append(h)
+    return outputs, torch.cat(intermediates, dim=1)
+
+
+def backward_shared(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor], h: torch.Tensor,
+                    lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor], scalings: list[float],
+                    top_k_indices: list[torch.Tensor], top_k_weights: list[torch.Tensor], dropout_p: float,
+                    seed: int, input_grad: bool = True) -> list[torch.Tensor]:
+    """-> [dx, d lora_a_p..., d lora_b_p..., d top_k_weights_p...] of a shared-input group: each
+    projection's `backward`, dx summed (an empty (0,) tensor when `input_grad` is False)."""
+    dx = x.new_empty(0)
+    d_as, d_bs, d_weights = [], [], []
+    start = 0
+    for stream, (dy, weight, lora_a, lora_b, scaling, index, gates) in enumerate(
+            zip(dys, weights, lora_as, lora_bs, scalings, top_k_indices, top_k_weights)):
+        end = start + lora_a.shape[0] * lora_a.shape[1]
+        dx_p, d_a, d_b, d_w = backward(dy, x, weight, h[:, start:end], lora_a, lora_b, scaling, index, gates,
+                                       dropout_p, lora.stream_seed(seed, stream), input_grad)
+        dx = dx_p if stream == 0 else dx + dx_p
+        d_as.append(d_a)
+        d_bs.append(d_b)
+        d_weights.append(d_w)
+        start = end
+    return [dx, *d_as, *d_bs, *d_weights]

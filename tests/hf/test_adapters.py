@@ -39,6 +39,9 @@ ADAPTERS = {"math": dict(r=4, lora_alpha=8, target_modules=ALL),
             "chat": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj", "down_proj"])}
 NAMES = list(ADAPTERS)
 ADAPTED_LAYERS = 7 * TINY["num_hidden_layers"]
+# mixture_of_adapters runs q/k/v and gate/up of every decoder layer as one shared call each, o/down alone
+SHARED_GROUPS = 2 * TINY["num_hidden_layers"]
+ALONE_LAYERS = 2 * TINY["num_hidden_layers"]
 LR = 0.5
 
 
@@ -301,6 +304,17 @@ def oracle_mixture_forward(module, names, top_k, router):
     return forward
 
 
+def assert_mixture_calls(calls, forwards, backwards=None):
+    """The padfree op calls of `forwards` forward (and `backwards`, default as many, backward) passes of
+    a mixture model: a router per adapted layer, the groups' shared op, the op of the others."""
+    backwards = forwards if backwards is None else backwards
+    got = {name: calls[name] for name in ("moe_route_fwd", "lora_mixture_shared_fwd", "lora_mixture_fwd",
+                                          "lora_mixture_shared_bwd", "lora_mixture_bwd")}
+    assert got == {"moe_route_fwd": ADAPTED_LAYERS * forwards, "lora_mixture_shared_fwd": SHARED_GROUPS * forwards,
+                   "lora_mixture_fwd": ALONE_LAYERS * forwards, "lora_mixture_shared_bwd": SHARED_GROUPS * backwards,
+                   "lora_mixture_bwd": ALONE_LAYERS * backwards}
+
+
 def mixture(trainable="all", top_k=2, router="token"):
     model = peft_model()
     torch.manual_seed(1)  # the routers' init
@@ -322,8 +336,8 @@ def test_mixture_equals_plain_pytorch_mixture_of_peft_adapters(backend, router):
             out.loss.backward()
         results.append((out.logits, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}, calls.calls))
     (logits, grads, calls), (oracle_logits, oracle_grads, oracle_calls) = results
-    assert calls["lora_mixture_fwd"] == calls["lora_mixture_bwd"] == calls["moe_route_fwd"] == ADAPTED_LAYERS
-    assert "lora_mixture_fwd" not in oracle_calls
+    assert_mixture_calls(calls, 1)
+    assert "lora_mixture_fwd" not in oracle_calls and "lora_mixture_shared_fwd" not in oracle_calls
     torch.testing.assert_close(logits, oracle_logits, rtol=1e-5, atol=1e-5)
     routers = [n for n in grads if "padfree_router" in n]
     assert len(routers) == ADAPTED_LAYERS and len(grads) > len(routers) and grads.keys() == oracle_grads.keys()
@@ -332,6 +346,43 @@ def test_mixture_equals_plain_pytorch_mixture_of_peft_adapters(backend, router):
         assert g.any() or (router == "sequence" and n not in routers), n
         assert_same(n, g, oracle_grads[n])
     assert sum(bool(g.any()) for g in grads.values()) > len(routers)
+
+
+def test_mixture_groups_qkv_and_gate_up_as_the_ungrouped_layers(backend, monkeypatch):
+    """q/k/v and gate/up run as one lora_mixture_linear_shared call per group (each member with its
+    own router), with the logits and gradients of every layer run alone (grouping switched off).
+    (test_mixture_equals_plain_pytorch_mixture_of_peft_adapters holds the groups to the plain
+    PyTorch mixture with both routers.)"""
+    model = mixture()
+    with monkeypatch.context() as patched:
+        patched.setattr(hf_adapters, "find_groups", lambda layers, key: [])
+        alone = mixture()
+    shared_calls = []
+    original = hf_adapters.lora_mixture_linear_shared
+
+    def spy(x, weights, *args, **kwargs):
+        shared_calls.append(len(weights))
+        return original(x, weights, *args, **kwargs)
+
+    monkeypatch.setattr(hf_adapters, "lora_mixture_linear_shared", spy)
+    input_ids = torch.randint(3, TINY["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(6))
+    results = []
+    for m in (model, alone):
+        shared_calls.clear()
+        calls = PadfreeOpCalls()
+        with calls:
+            out = m(input_ids=input_ids, labels=input_ids)
+            out.loss.backward()
+        results.append((out.logits, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}, calls.calls,
+                        list(shared_calls)))
+    (logits, grads, calls, spied), (alone_logits, alone_grads, alone_calls, alone_spied) = results
+    assert spied == [3, 2] * TINY["num_hidden_layers"] and alone_spied == []
+    assert_mixture_calls(calls, 1)
+    assert alone_calls["lora_mixture_fwd"] == ADAPTED_LAYERS and "lora_mixture_shared_fwd" not in alone_calls
+    torch.testing.assert_close(logits, alone_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == alone_grads.keys() and len(grads) > ADAPTED_LAYERS
+    for n, g in grads.items():
+        assert_same(n, g, alone_grads[n])
 
 
 def test_mixture_trains_router_only_under_trainer_saves_and_reloads(tmp_path):
@@ -343,7 +394,7 @@ def test_mixture_trains_router_only_under_trainer_saves_and_reloads(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(), data_collator=PaddingFreeCollator())
     losses, trained, calls = train(trainer)
     # two optimizer steps of one micro-batch each
-    assert calls.calls["lora_mixture_fwd"] == calls.calls["lora_mixture_bwd"] == ADAPTED_LAYERS * 2
+    assert_mixture_calls(calls.calls, 2)
     assert calls.calls["varlen_attention_fwd"] == TINY["num_hidden_layers"] * 2
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     for n, start in initial.items():
@@ -368,7 +419,7 @@ def test_mixture_trains_router_only_under_trainer_saves_and_reloads(tmp_path):
     calls = PadfreeOpCalls()
     with calls, torch.no_grad():
         model(**batch)
-    assert "lora_mixture_fwd" not in calls.calls
+    assert "lora_mixture_fwd" not in calls.calls and "lora_mixture_shared_fwd" not in calls.calls
 
 
 def test_mixture_errors():
@@ -387,7 +438,8 @@ def test_mixture_errors():
     calls = PadfreeOpCalls()
     with calls, torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))  # no adapter_ids needed any more
-    assert calls.calls["lora_mixture_fwd"] == ADAPTED_LAYERS and len(hf_adapters.routers(model)) == ADAPTED_LAYERS
+    assert_mixture_calls(calls.calls, 1, 0)
+    assert len(hf_adapters.routers(model)) == ADAPTED_LAYERS
 
 
 @torch.no_grad()
@@ -401,7 +453,7 @@ def test_sequence_router_routes_packed_sequences_as_rows():
     calls = PadfreeOpCalls()
     with calls:
         logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
-    assert calls.calls["lora_mixture_fwd"] == ADAPTED_LAYERS
+    assert_mixture_calls(calls.calls, 1, 0)
     torch.testing.assert_close(logits[:12].view(2, 6, -1), model(input_ids=rows).logits, rtol=1e-5, atol=1e-5)
 
 
