@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
+from padfree.kernels.common import dot as _dot
 from padfree.reference import lora as reference
 
 MAX_STREAMS = 3
@@ -76,16 +77,6 @@ def dropout_keep(seed, stream, rows, k0, half_k, threshold, BLOCK_K: tl.constexp
     high = (pairs >> 32).to(tl.uint32)
     h = _mix32(low ^ key ^ (high * 0x85EBCA6B))
     return tl.interleave(h & 0xFFFF, h >> 16).to(tl.int32) >= threshold
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # fp32 inputs: exact fp32 products (torch's default), not TF32
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit

@@ -62,7 +62,8 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import lora, moe, registry, runtime
-from padfree.kernels.lora import _dot, _shrink_step, dropout_keep
+from padfree.kernels.common import dot as _dot
+from padfree.kernels.lora import _shrink_step, dropout_keep
 from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256

@@ -28,7 +28,7 @@ Backward, dout (N, H) given; h is recomputed from the saved [g | u] (the forward
 Padding rows load x / dout as 0, so their g, u, h, dg, du are 0 and they add nothing to dW.
 The weight-gradient kernels are grouped GEMMs reducing over an expert's pair rows; they gather
 dout / x rows through `sorted_tokens` (sorted_pairs // k: padding rows get N, masked off).
-All products accumulate in fp32 (fp32 inputs: IEEE dot, no TF32).
+All products go through padfree.kernels.common.dot (fp32 accumulation; its precision rule).
 The pair counts (num_pairs, capacity) change every batch and only bound masks, so they are
 `do_not_specialize` (one compiled variant, not one per divisibility); the model dimensions and
 strides keep the JIT's specialization, which vectorises the loads (stride_wk = 1 is a constant).
@@ -43,16 +43,10 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
+from padfree.kernels.common import dot as _dot
 
 ALIGN_BLOCK = 64
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
