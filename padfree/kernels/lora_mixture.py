@@ -334,8 +334,7 @@ _PAIR_BLOCK_R = {2: (16, 32, 64), 4: (16, 32)}
 
 
 def _block_r(rank: int, dtype: torch.dtype) -> int:
-    choices = _PAIR_BLOCK_R[DTYPES[dtype].size]
-    return next((b for b in choices if b >= rank), choices[-1])
+    return lora._block_r(rank, _PAIR_BLOCK_R[DTYPES[dtype].size])
 
 
 def _launch(name: str, kernel, grid, x: torch.Tensor, *args, **kwargs) -> None:
