@@ -233,6 +233,7 @@ _MAIN_LOOP_DROPOUT = ("lora_shrink_kernel", "lora_mixture_shrink_kernel", "lora_
 def reference_for(name: str, launch):
     """(textbook kernel, its Launch) at the tile of `launch`, or None."""
     from padfree.kernels import textbook
+    from padfree.kernels.registry import Tile
 
     short = name.rsplit(".", 1)[-1]
     c, warps, stages = launch.constexprs, launch.num_warps, launch.num_stages
@@ -240,8 +241,9 @@ def reference_for(name: str, launch):
                "attention_bwd_dq_kernel": textbook.textbook_attention_dq_kernel,
                "attention_bwd_dkdv_kernel": textbook.textbook_attention_dkdv_kernel}
     if short in kernels:
-        return kernels[short], textbook.attention_launch(kernels[short], "bf16", c["BLOCK_M"], c["BLOCK_N"],
-                                                         c["HEAD_DIM_PAD"], warps, stages, c.get("OUTPUT", "dkdv"))
+        return kernels[short], textbook.attention_launch(kernels[short], "bf16",
+                                                         Tile(c["BLOCK_M"], c["BLOCK_N"], None, warps, stages),
+                                                         c["HEAD_DIM_PAD"], c.get("OUTPUT", "dkdv"))
     # (rows, columns, reduction) of the output tile of each GEMM-shaped kernel
     shapes = {"lora_forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
               "lora_dx_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
@@ -256,13 +258,14 @@ def reference_for(name: str, launch):
         m, n, k = (c[key] for key in shapes[short])
         # the kernels that drop out their operand in the main loop are held to a GEMM doing the same
         if short == "lora_da_kernel" or (c.get("DROPOUT") and short in _MAIN_LOOP_DROPOUT):
-            return textbook.textbook_dropout_gemm_kernel, textbook.dropout_gemm_launch("bf16", m, n, k, warps, stages)
+            return textbook.textbook_dropout_gemm_kernel, textbook.dropout_gemm_launch("bf16",
+                                                                                       Tile(m, n, k, warps, stages))
     elif name.startswith("padfree.kernels.moe."):
         # the gate_up kernel computes gate and up tiles of BLOCK_N columns from one row tile
         m, n, k = c["BLOCK_M"], c["BLOCK_N"] * (2 if short == "moe_gate_up_kernel" else 1), c["BLOCK_K"]
     else:
         return None
-    return textbook.textbook_gemm_kernel, textbook.gemm_launch("bf16", m, n, k, warps, stages)
+    return textbook.textbook_gemm_kernel, textbook.gemm_launch("bf16", Tile(m, n, k, warps, stages))
 
 
 def _analyze_one(job: tuple[str, str, int, int]) -> Efficiency:
@@ -490,11 +493,15 @@ def grouped_mm_break_even(layer: dict[str, float], speedup: float = 1.5, part: s
 
 def moe_prediction_table(rows: list[Efficiency]) -> str:
     """Markdown: `moe_layer` at MOE_TARGET from the sm_90 rows of the MoE kernels' sm_90 defaults."""
-    from padfree.kernels import moe
+    import torch
 
+    from padfree.kernels import moe
+    from padfree.kernels.common import DTYPES
+
+    bf16 = DTYPES[torch.bfloat16]
     by_name = {}
     for tile, kernel in moe.KERNELS.items():
-        label = moe.make_launch(kernel, moe.POINTERS[tile], "bf16", moe._candidates(tile, False, 90)[0],
+        label = moe.make_launch(kernel, moe.POINTERS[tile], bf16, moe.TILES.choices((tile, bf16.size), 90)[0],
                                 {"STORE_HW": True} if tile == "down_backward" else None).label
         found = [r for r in rows if r.arch == 90 and r.kernel.endswith(kernel.fn.__name__) and r.label == label]
         if not found or predicted_tflops(found[0]) is None:

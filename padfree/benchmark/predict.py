@@ -36,9 +36,8 @@ def attention_launch(kind: str, head_dim: int, causal: bool, arch: int = 90) -> 
     from padfree.kernels import attention, registry
 
     padded = attention.head_dim_pad(head_dim)
-    tile = attention.tile_candidates(kind, padded, torch.bfloat16, arch)[0]
-    label = (f"bf16 d{padded} {tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages} "
-             f"{'has_right' if causal else 'plain'}")
+    tile = attention.TILES.choices(attention.tile_key(kind, padded, torch.bfloat16), arch)[0]
+    label = f"bf16 d{padded} {tile.label} {'has_right' if causal else 'plain'}"
     name = f"padfree.kernels.attention.{ATTENTION_KERNELS[kind][0]}"
     entry = next(e for e in registry.all_kernels() if e.name == name)
     for index, launch in enumerate(entry.launches()):

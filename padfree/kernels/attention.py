@@ -37,7 +37,7 @@ Backward, from P = exp(s - lse) (recomputed), D_i = sum_d dO_id O_id = sum_j P_i
 D_i equals sum_j P_ij dP_ij because O_i = sum_j P_ij Z_ij v_j. Two kernels share the work without
 atomics: `attention_bwd_dkdv_kernel` owns a key block of one key/value head and loops over every
 query head of its GQA group and every query block that can see it (or twice, for dv and then dk,
-with a two-pass tile: `Tiles.passes`); `attention_bwd_dq_kernel` owns a query block and loops over
+with a two-pass tile: `registry.Tile.passes`); `attention_bwd_dq_kernel` owns a query block and loops over
 key blocks. Every element is written by exactly one program in a fixed
 order, so the backward is bitwise reproducible run to run.
 
@@ -50,19 +50,17 @@ new one on every replay, and the backward reads the saved tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
+from padfree.kernels.common import DTYPES
 
 # constexpr, so the kernels can read them (scores go to the base-2 domain, lse back)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 HEAD_DIM_PADS = (16, 32, 64, 128, 256)
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Integer arguments that change from batch to batch (token and block counts, the sequence of the
 # test-only mask kernel). Triton's JIT would otherwise compile a variant per
 # value-1 / multiple-of-16 pattern of each, turn a 1 into a constant, and recompile during training.
@@ -602,24 +600,26 @@ def attention_dropout_mask_kernel(Keep, Seed, seq, head_offset, num_heads, seqle
     tl.store(Keep + index, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
 
-@dataclass(frozen=True)
-class Tiles:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    # dk/dv kernel only: 2 = dv, then dk, in two launches, each with one fp32 accumulator (head dim
-    # 256: dk and dv of the 64 key rows a wgmma needs take 2 x 128 registers a thread together)
-    passes: int = 1
+def _qk_tile(block_m: int, block_n: int, num_warps: int, num_stages: int, passes: int = 1) -> registry.Tile:
+    """An attention tile: BLOCK_M query rows, BLOCK_N key rows (no BLOCK_K: the reduction of the
+    score GEMM is the head dim); `passes=2` runs the dk/dv kernel as dv, then dk, in two launches,
+    each with one fp32 accumulator (head dim 256: dk and dv of the 64 key rows a wgmma needs take
+    2 x 128 registers a thread together)."""
+    return registry.Tile(block_m, block_n, None, num_warps, num_stages, passes)
 
 
-def dkdv_outputs(tile: Tiles) -> tuple[str, ...]:
+def dkdv_outputs(tile: registry.Tile) -> tuple[str, ...]:
     """The OUTPUT of each dk/dv launch of `tile`: both in one, or dv then dk."""
     return ("dv", "dk") if tile.passes == 2 else ("dkdv",)
 
 
 def head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_key(kind: str, head_dim_padded: int, dtype: torch.dtype) -> tuple[str, int, int]:
+    """The key of TILES: kernel ("fwd", "dkdv", "dq"), padded head dim, element size."""
+    return kind, head_dim_padded, DTYPES[dtype].size
 
 
 # Tile sizes per (kernel, padded head dim, 2-byte or 4-byte inputs), sized so the register-resident
@@ -631,19 +631,20 @@ def head_dim_pad(head_dim: int) -> int:
 # [num_warps, 1] and a warp covers 16 rows, so the rows of every MMA (the forward and dq: BLOCK_M;
 # dk/dv: BLOCK_N, it computes the transposed scores) must be >= 16 * num_warps, or warps compute
 # the same rows twice; and >= 64 for Hopper's wgmma.
-_TILES = {
-    ("fwd", 16, 2): Tiles(128, 64, 4, 3), ("fwd", 32, 2): Tiles(128, 64, 4, 3),
-    ("fwd", 64, 2): Tiles(128, 64, 8, 3), ("fwd", 128, 2): Tiles(128, 64, 8, 3),
-    ("fwd", 256, 2): Tiles(64, 32, 8, 2),
-    ("dkdv", 16, 2): Tiles(32, 128, 4, 3), ("dkdv", 32, 2): Tiles(32, 128, 4, 3),
-    ("dkdv", 64, 2): Tiles(16, 128, 8, 2), ("dkdv", 128, 2): Tiles(16, 128, 8, 2),
-    ("dkdv", 256, 2): Tiles(16, 32, 8, 2),
-    ("dq", 16, 2): Tiles(128, 32, 4, 3), ("dq", 32, 2): Tiles(128, 32, 4, 3),
-    ("dq", 64, 2): Tiles(128, 32, 8, 2), ("dq", 128, 2): Tiles(128, 32, 8, 2),
-    ("dq", 256, 2): Tiles(64, 32, 4, 2),
+_DEFAULTS = {
+    ("fwd", 16, 2): _qk_tile(128, 64, 4, 3), ("fwd", 32, 2): _qk_tile(128, 64, 4, 3),
+    ("fwd", 64, 2): _qk_tile(128, 64, 8, 3), ("fwd", 128, 2): _qk_tile(128, 64, 8, 3),
+    ("fwd", 256, 2): _qk_tile(64, 32, 8, 2),
+    ("dkdv", 16, 2): _qk_tile(32, 128, 4, 3), ("dkdv", 32, 2): _qk_tile(32, 128, 4, 3),
+    ("dkdv", 64, 2): _qk_tile(16, 128, 8, 2), ("dkdv", 128, 2): _qk_tile(16, 128, 8, 2),
+    ("dkdv", 256, 2): _qk_tile(16, 32, 8, 2),
+    ("dq", 16, 2): _qk_tile(128, 32, 4, 3), ("dq", 32, 2): _qk_tile(128, 32, 4, 3),
+    ("dq", 64, 2): _qk_tile(128, 32, 8, 2), ("dq", 128, 2): _qk_tile(128, 32, 8, 2),
+    ("dq", 256, 2): _qk_tile(64, 32, 4, 2),
 }
-for (_kind, _pad, _size), _t in list(_TILES.items()):
-    _TILES[(_kind, _pad, 4)] = Tiles(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2, _t.passes)
+for (_kind, _pad, _size), _t in list(_DEFAULTS.items()):
+    _DEFAULTS[(_kind, _pad, 4)] = _qk_tile(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2,
+                                           _t.passes)
 
 # A different default on one arch, where the compile check shows the base tile leaves speed on the
 # table. Hopper: 228 KiB of shared memory and wgmma fit the 128x128 forward without spills (sm_80
@@ -654,22 +655,42 @@ for (_kind, _pad, _size), _t in list(_TILES.items()):
 # 128 keys in two passes (dv, then dk: one accumulator each; the score GEMM K Q^T is computed in both,
 # 5 GEMMs for 4). On sm_80 the same tiles replicate their mma.sync work (Triton spreads the warps of
 # the 16-wide score GEMMs over columns), so it keeps the base tiles. See docs/efficiency.md.
-_ARCH_DEFAULTS = {90: {("fwd", 128, 2): Tiles(128, 128, 8, 3), ("dkdv", 64, 2): Tiles(32, 128, 8, 2),
-                       ("fwd", 256, 2): Tiles(128, 16, 8, 3),
-                       ("dq", 256, 2): Tiles(128, 16, 8, 2), ("dkdv", 256, 2): Tiles(16, 128, 8, 2, passes=2)},
+_ARCH_DEFAULTS = {90: {("fwd", 128, 2): _qk_tile(128, 128, 8, 3), ("dkdv", 64, 2): _qk_tile(32, 128, 8, 2),
+                       ("fwd", 256, 2): _qk_tile(128, 16, 8, 3),
+                       ("dq", 256, 2): _qk_tile(128, 16, 8, 2), ("dkdv", 256, 2): _qk_tile(16, 128, 8, 2, passes=2)},
                   # the base head-dim-256 dq tile needs 100 KB of shared memory, over their 99 KB
-                  86: {("dq", 256, 2): Tiles(32, 32, 4, 2)}, 89: {("dq", 256, 2): Tiles(32, 32, 4, 2)}}
+                  86: {("dq", 256, 2): _qk_tile(32, 32, 4, 2)}, 89: {("dq", 256, 2): _qk_tile(32, 32, 4, 2)}}
+
+# More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
+# with PADFREE_AUTOTUNE=1 (runtime.pick; the default is used otherwise). Each compiles for its archs
+# without spills or replicated MMAs in the plain and causal kernels (`compile-check --efficiency`);
+# larger ones (32x128 dk/dv, 64x64 w4 dq; 128x64 dq causal) and the 3-stage 16x128 dk/dv spill, and
+# 64x32 w4 dq issues 1.2x the instructions per MFLOP of the textbook dq at that tile.
+_CANDIDATES = {
+    ("fwd", 128, 2): (_qk_tile(128, 128, 8, 3), _qk_tile(128, 32, 8, 3), _qk_tile(128, 64, 8, 4)),
+    ("dq", 128, 2): (_qk_tile(128, 32, 8, 3),),
+}
+
 # Tiles registered and picked only on some archs (they spill, replicate or do not fit on the others).
 # The 128x64 4-stage forward needs 128 KB of shared memory, over the 99 KB of sm_86/sm_89
 # (runtime.launch_tuned also skips a candidate the GPU refuses).
 # Where an arch has its own tile it runs only that one: at head dim 256 Hopper's base tiles
 # replicate (forward, dk/dv) or spill (dq), and the base dq does not fit sm_86/sm_89.
-_ONLY_ON = {**{(kind, pad, 2, tile): (90,) for (kind, pad, _), tile in _ARCH_DEFAULTS[90].items()},
-            ("dq", 256, 2, Tiles(32, 32, 4, 2)): (86, 89),
-            **{(kind, pad, 2, _TILES[kind, pad, 2]): (80, 86, 89)
-               for kind, pad in (("dkdv", 64), ("fwd", 256), ("dkdv", 256))},
-            ("dq", 256, 2, _TILES["dq", 256, 2]): (80,),
-            ("fwd", 128, 2, Tiles(128, 64, 8, 4)): registry.BIG_SHARED_MEMORY_ARCHS}
+TILES = registry.TileTable(_DEFAULTS, _ARCH_DEFAULTS, _CANDIDATES, only_on={
+    **{(key, tile): (90,) for key, tile in _ARCH_DEFAULTS[90].items()},
+    (("dq", 256, 2), _qk_tile(32, 32, 4, 2)): (86, 89),
+    **{((kind, pad, 2), _DEFAULTS[kind, pad, 2]): (80, 86, 89)
+       for kind, pad in (("dkdv", 64), ("fwd", 256), ("dkdv", 256))},
+    (("dq", 256, 2), _DEFAULTS["dq", 256, 2]): (80,),
+    (("fwd", 128, 2), _qk_tile(128, 64, 8, 4)): registry.BIG_SHARED_MEMORY_ARCHS})
+
+
+def override_tiles(block_m: int, block_n: int, passes: int = 1):
+    """TILES.override with a block_m x block_n tile on 4 warps, 1 stage, for every attention kernel
+    (tests shrink the tiles, e.g. to 16 x 16, so that small interpreted shapes cross many tile
+    edges); `passes=2` runs the dk/dv kernel as two launches (dv, then dk) like the head-dim-256
+    tiles."""
+    return TILES.override(_qk_tile(block_m, block_n, 4, 1, passes))
 
 
 def delta_rows(head_dim_padded: int) -> int:
@@ -678,53 +699,6 @@ def delta_rows(head_dim_padded: int) -> int:
 
 
 MASK_BLOCK = 32
-
-# Tests shrink the tiles (e.g. to 16 x 16) so that small interpreted shapes cross many tile edges.
-_tile_override: Tiles | None = None
-
-
-# More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
-# with PADFREE_AUTOTUNE=1 (runtime.pick; the default is used otherwise). Each compiles for its archs
-# without spills or replicated MMAs in the plain and causal kernels (`compile-check --efficiency`);
-# larger ones (32x128 dk/dv, 64x64 w4 dq; 128x64 dq causal) and the 3-stage 16x128 dk/dv spill, and
-# 64x32 w4 dq issues 1.2x the instructions per MFLOP of the textbook dq at that tile.
-_CANDIDATES = {
-    ("fwd", 128, 2): (Tiles(128, 128, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)),
-    ("dq", 128, 2): (Tiles(128, 32, 8, 3),),
-}
-
-
-def tile_archs(kind: str, head_dim_padded: int, dtype: torch.dtype, tile: Tiles) -> tuple[int, ...] | None:
-    """The archs `tile` may run on (None: all)."""
-    return _ONLY_ON.get((kind, head_dim_padded, 4 if dtype == torch.float32 else 2, tile))
-
-
-def tile_candidates(kind: str, head_dim_padded: int, dtype: torch.dtype, arch: int | None = None) -> tuple[Tiles, ...]:
-    """Every tile the launcher may pick on sm_`arch` (None: on any arch), the default first."""
-    if _tile_override is not None:
-        return (_tile_override,)
-    key = (kind, head_dim_padded, 4 if dtype == torch.float32 else 2)
-    default = _ARCH_DEFAULTS.get(arch, {}).get(key, _TILES[key])
-    every = (_TILES[key], *(tiles[key] for tiles in _ARCH_DEFAULTS.values() if key in tiles), *_CANDIDATES.get(key, ()))
-    allowed = [tile for tile in every if tile != default
-               and (arch is None or arch in (tile_archs(kind, head_dim_padded, dtype, tile) or (arch,)))]
-    return (default, *dict.fromkeys(allowed))
-
-
-class override_tiles:
-    """Context manager forcing one tile shape for every attention kernel (tests); `passes=2` runs
-    the dk/dv kernel as two launches (dv, then dk) like the head-dim-256 tiles."""
-
-    def __init__(self, block_m: int, block_n: int, passes: int = 1):
-        self.tiles = Tiles(block_m, block_n, 4, 1, passes)
-
-    def __enter__(self):
-        global _tile_override
-        self.saved, _tile_override = _tile_override, self.tiles
-
-    def __exit__(self, *exc):
-        global _tile_override
-        _tile_override = self.saved
 
 
 TABLE_ORDERS = ("length", "causal_queries", "causal_keys")
@@ -810,7 +784,7 @@ def _grid_size(table: torch.Tensor, total: int, block: int) -> tuple[int, int]:
 def _flags(alibi_slopes, window_left, window_right, softcap, dropout_p, dtype):
     return dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SOFTCAP=softcap > 0,
                 ALIBI=alibi_slopes is not None, DROPOUT=dropout_p > 0,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                PRECISION=DTYPES[dtype].precision)
 
 
 def _alibi_args(alibi_slopes, fallback):
@@ -850,11 +824,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, wi
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), stride_alibi, entries, total_q, cu_seqlens_q.numel() - 1, num_heads,
             num_heads // k.shape[1], head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
-            num_warps=tile.num_warps, num_stages=tile.num_stages)
+            HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries, **tile.options)
 
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, k.shape[1])
-    runtime.launch_tuned("attention_fwd", tile_candidates("fwd", pad, q.dtype, runtime.arch(q)), launch, q, shape)
+    TILES.launch("attention_fwd", tile_key("fwd", pad, q.dtype), launch, q, shape)
     return out, lse
 
 
@@ -902,8 +875,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 stride_alibi, entries, total_q, total_k, num_seqs, num_heads, group, head_dim,
                 softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
-                OUTPUT=output, num_warps=tile.num_warps, num_stages=tile.num_stages)
+                HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries, OUTPUT=output, **tile.options)
 
     def launch_dq(tile):
         blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
@@ -914,14 +886,12 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             stride_alibi, entries, total_q, num_seqs, num_heads, group, head_dim,
             softmax_scale, softcap, window_left, window_right, dropout_p, seed,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries,
-            num_warps=tile.num_warps, num_stages=tile.num_stages)
+            HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries, **tile.options)
 
     if total_k > 0:
-        runtime.launch_tuned("attention_dkdv", tile_candidates("dkdv", pad, q.dtype, runtime.arch(q)), launch_dkdv, q,
-                             shape)
+        TILES.launch("attention_dkdv", tile_key("dkdv", pad, q.dtype), launch_dkdv, q, shape)
     if total_q > 0:
-        runtime.launch_tuned("attention_dq", tile_candidates("dq", pad, q.dtype, runtime.arch(q)), launch_dq, q, shape)
+        TILES.launch("attention_dq", tile_key("dq", pad, q.dtype), launch_dq, q, shape)
     return dq, dk, dv
 
 
@@ -968,34 +938,30 @@ def _extended(candidate: bool, dtype_name: str, pad: int, flags: dict, strided: 
 
 
 def _attention_launches(kind: str, kernel):
-    for dtype, dtype_name in TRITON_DTYPES.items():
-        for pad, tile in ((pad, tile) for pad in HEAD_DIM_PADS for tile in tile_candidates(kind, pad, dtype)):
-            for flags, strided, output in ((flags, strided, output) for flags in _flag_sets(dtype_name, pad)
-                                           for strided in (False, True)
-                                           for output in (dkdv_outputs(tile) if kind == "dkdv" else (None,))):
-                data = {name: f"*{dtype_name}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
-                signature = registry.signature(kernel, {
-                    **data, "Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32",
-                    "Blocks": "*i32", "softmax_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32",
-                    "Seed": "*i64"})
-                constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HEAD_DIM_PAD=pad, **flags,
-                                  PRECISION="ieee" if dtype == torch.float32 else "tf32", STRIDED=strided,
-                                  **({"OUTPUT": output} if output else {}))
-                on = ("+".join(n.lower() for n, v in flags.items() if v) or "plain") + (" strided" if strided else "")
-                # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
-                shape = f"{tile.block_m}x{tile.block_n} w{tile.num_warps}s{tile.num_stages}"
-                shape += f" {output} pass" if output in ("dk", "dv") else ""
-                archs = tile_archs(kind, pad, dtype, tile)
-                defaults = {tile_candidates(kind, pad, dtype, arch)[0] for arch in registry.ARCHS}
-                yield registry.Launch(label=f"{dtype_name} d{pad} {shape} {on}",
-                                      signature=signature, constexprs=constexprs,
-                                      num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                      archs=archs or registry.ARCHS, extended=_extended(tile not in defaults, dtype_name, pad, flags, strided),
-                                      aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
+    for dtype, info in DTYPES.items():
+        for pad in HEAD_DIM_PADS:
+            for tile, archs, candidate in TILES.registered(tile_key(kind, pad, dtype)):
+                for flags, strided, output in ((flags, strided, output) for flags in _flag_sets(info.name, pad)
+                                               for strided in (False, True)
+                                               for output in (dkdv_outputs(tile) if kind == "dkdv" else (None,))):
+                    data = {name: f"*{info.name}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
+                    signature = registry.signature(kernel, {
+                        **data, "Lse": "*fp32", "Delta": "*fp32", "Alibi": "*fp32", "CuQ": "*i32", "CuK": "*i32",
+                        "Blocks": "*i32", "softmax_scale": "fp32", "softcap": "fp32", "dropout_p": "fp32",
+                        "Seed": "*i64"})
+                    constexprs = dict(HEAD_DIM_PAD=pad, **flags, PRECISION=info.precision, STRIDED=strided,
+                                      **({"OUTPUT": output} if output else {}))
+                    on = "+".join(n.lower() for n, v in flags.items() if v) or "plain"
+                    shape = tile.label + (f" {output} pass" if output in ("dk", "dv") else "")
+                    # head dims of 16 and more are multiples of 16 in practice (64, 80, 96, 128, 256)
+                    yield registry.Launch.of(tile, f"{info.name} d{pad} {shape} {on}{' strided' if strided else ''}",
+                                             signature, constexprs, archs=archs,
+                                             extended=_extended(candidate, info.name, pad, flags, strided),
+                                             aligned=("head_dim",) if pad >= 16 else (), pipelined=pad >= 16)
 
 
 def _delta_launches():
-    for dtype_name in TRITON_DTYPES.values():
+    for dtype_name in (info.name for info in DTYPES.values()):
         for pad in HEAD_DIM_PADS:
             signature = registry.signature(attention_bwd_delta_kernel, {
                 "Out": f"*{dtype_name}", "DOut": f"*{dtype_name}", "Delta": "*fp32"})

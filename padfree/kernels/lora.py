@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
+from padfree.kernels.common import DTYPES
+from padfree.kernels.common import dot as _dot
 from padfree.reference import lora as reference
 
 MAX_STREAMS = 3
@@ -76,16 +78,6 @@ def dropout_keep(seed, stream, rows, k0, half_k, threshold, BLOCK_K: tl.constexp
     high = (pairs >> 32).to(tl.uint32)
     h = _mix32(low ^ key ^ (high * 0x85EBCA6B))
     return tl.interleave(h & 0xFFFF, h >> 16).to(tl.int32) >= threshold
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # fp32 inputs: exact fp32 products (torch's default), not TF32
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit
@@ -328,60 +320,44 @@ def lora_da_kernel(t_ptr, x_ptr, da_ptr, M, K, R, stride_tm, stride_xm, stride_d
 
 
 # ----------------------------------------------------------------------------- launch configurations
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM kernels, per element size and
-# problem size. The forward's output tile is BLOCK_M x BLOCK_N over a BLOCK_K reduction step; dx's
-# is BLOCK_M x BLOCK_K over BLOCK_N. Small problems (fewer than 1024 rows or 256 columns) and fp32
-# (IEEE FMA dots: tests, not speed) have one configuration. Large 16-bit problems have candidates
-# that runtime.pick times on the GPU on first use per shape with PADFREE_AUTOTUNE=1 (the first is
-# the default, used otherwise: the 128x128x64, 8-warp, 3-stage tile). Candidates were kept when
-# they compile for sm_80 and sm_90 with at most 8 bytes of spills, bias and dropout variants
-# included. With one fp32 accumulator the forward's 128x256x64 tile (the widest, fewest instructions
-# per MFLOP in `compile-check --efficiency`) fits without spills too.
-_GEMM_SMALL = {2: (64, 64, 32, 4, 3), 4: (32, 32, 32, 4, 2)}
-_FP32_LARGE = (64, 64, 32, 8, 3)
-_FORWARD_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4),
-                  (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
-_DX_LARGE = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 8, 3))
-# needs 144 KB of shared memory: a candidate for sm_80/sm_90 only (runtime.launch_tuned skips it on
-# the 99 KB of sm_86/sm_89)
-_BIG_SHARED_MEMORY = {(128, 128, 64, 8, 4)}
+Tile = registry.Tile
+# Tiles of the GEMM kernels, per element size and problem size ("small": fewer than 1024 rows or
+# 256 columns). The forward's output tile is BLOCK_M x BLOCK_N over a BLOCK_K reduction step; dx's
+# is BLOCK_M x BLOCK_K over BLOCK_N. Small problems and fp32 (IEEE FMA dots: tests, not speed) have
+# one tile. Large 16-bit problems have candidates that runtime.pick times on the GPU on first use
+# per shape with PADFREE_AUTOTUNE=1 (the default, used otherwise: the 128x128x64, 8-warp, 3-stage
+# tile). Candidates were kept when they compile for sm_80 and sm_90 with at most 8 bytes of spills,
+# bias and dropout variants included. With one fp32 accumulator the forward's 128x256x64 tile (the
+# widest, fewest instructions per MFLOP in `compile-check --efficiency`) fits without spills too.
+_GEMM_DEFAULTS = {(2, "small"): Tile(64, 64, 32, 4, 3), (4, "small"): Tile(32, 32, 32, 4, 2),
+                  (2, "large"): Tile(128, 128, 64, 8, 3), (4, "large"): Tile(64, 64, 32, 8, 3)}
+# 128x128x64 with 4 stages needs 144 KB of shared memory in dx: a candidate for sm_80/sm_90 only
+# (not picked on the 99 KB of sm_86/sm_89)
+_BIG = Tile(128, 128, 64, 8, 4)
+FORWARD_TILES = registry.TileTable(_GEMM_DEFAULTS, candidates={(2, "large"): (
+    _BIG, Tile(256, 64, 64, 8, 3), Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4), Tile(128, 256, 64, 8, 3))})
+DX_TILES = registry.TileTable(_GEMM_DEFAULTS, candidates={(2, "large"): (_BIG, Tile(64, 128, 128, 8, 3))},
+                              only_on={((2, "large"), _BIG): registry.BIG_SHARED_MEMORY_ARCHS})
 _BLOCK_R = 16
 _GROUP_M = 8
+# The shrink and dA kernels, per (element size, rank tile BLOCK_R): (BLOCK_M, BLOCK_K) of the
+# shrink; (BLOCK_M reduction step, BLOCK_K) of the dA kernel. The rank tile is the widest stream's
+# rank rounded up to one of these (`_stream_blocks`); the shrink's 128-rank tile runs on 8 warps.
 _SHRINK_BLOCK_R = (16, 32, 64, 128)
-# (BLOCK_M, BLOCK_K) of the shrink kernel and (BLOCK_M reduction, BLOCK_K) of the dA kernel
-_SHRINK_TILE = {2: (64, 64), 4: (32, 32)}
-_DA_TILE = {2: (64, 64), 4: (32, 32)}
 _DA_BLOCK_R = (16, 32, 64)
+SHRINK_TILES = registry.TileTable({(size, block_r): Tile(block, None, block, 8 if block_r >= 128 else 4, 3)
+                                   for size, block in ((2, 64), (4, 32)) for block_r in _SHRINK_BLOCK_R})
+DA_TILES = registry.TileTable({(size, block_r): Tile(block, None, block, 4, 3)
+                               for size, block in ((2, 64), (4, 32)) for block_r in _DA_BLOCK_R})
 
 
-def _large_configs(elem: int, large: tuple) -> tuple:
-    return large if elem == 2 else (_FP32_LARGE,)
-
-
-def _gemm_candidates(elem: int, m: int, n: int, large: tuple) -> tuple:
-    if m < 1024 or n < 256:
-        return (_GEMM_SMALL[elem],)
-    return _large_configs(elem, large)
+def _gemm_key(dtype: torch.dtype, m: int, n: int) -> tuple[int, str]:
+    """The key of FORWARD_TILES / DX_TILES of an (m, n) output."""
+    return DTYPES[dtype].size, "small" if m < 1024 or n < 256 else "large"
 
 
 def _block_r(rank: int, choices: tuple[int, ...]) -> int:
     return next((b for b in choices if b >= rank), choices[-1])
-
-
-def _is_ieee(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32
-
-
-def _elem(dtype: torch.dtype) -> int:
-    return 4 if dtype == torch.float32 else 2
-
-
-def _warps_for_shrink(block_r: int) -> int:
-    return 8 if block_r >= 128 else 4
-
-
-def _run(kernel, grid, args: dict, *, num_warps: int, num_stages: int) -> None:
-    kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
 
 
 def unsupported_reason(x: torch.Tensor, num_projections: int) -> str | None:
@@ -421,12 +397,14 @@ def shrink(x: torch.Tensor, a_cat: torch.Tensor, rank_ends: list[int], dropout_p
     rank = a_cat.shape[0]
     xa = runtime.empty((m, rank), x.dtype, x.device)
     block_r, blocks = _stream_blocks(rank_ends, dropout_p > 0, _SHRINK_BLOCK_R)
-    block_m, block_k = _SHRINK_TILE[_elem(x.dtype)]
-    grid = (triton.cdiv(m, block_m) * blocks["rank_blocks"],)
     args = dict(x_ptr=x, a_ptr=a_cat, xa_ptr=xa, M=m, K=k, R=rank, stride_xm=x.stride(0), stride_ar=a_cat.stride(0),
                 stride_xam=xa.stride(0), **blocks, **_dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0,
-                IEEE=_is_ieee(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
-    _run(lora_shrink_kernel, grid, args, num_warps=_warps_for_shrink(block_r), num_stages=3)
+                IEEE=DTYPES[x.dtype].ieee, BLOCK_R=block_r)
+
+    def launch(tile):
+        lora_shrink_kernel[(triton.cdiv(m, tile.block_m) * blocks["rank_blocks"],)](**args, **tile.options)
+
+    SHRINK_TILES.launch("lora_shrink", (DTYPES[x.dtype].size, block_r), launch, x)
     return xa
 
 
@@ -439,15 +417,12 @@ def expand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa:
     args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, xa_ptr=xa, b_ptr=lora_b, y_ptr=y,
                 M=m, N=n, K=k, R=rank, stride_xm=x.stride(0), stride_wn=weight.stride(0), stride_xam=xa.stride(0),
                 stride_bn=lora_b.stride(0), stride_ym=y.stride(0), scaling=float(scaling),
-                HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
+                HAS_BIAS=bias is not None, IEEE=DTYPES[x.dtype].ieee, BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
 
-    def launch(config):
-        block_m, block_n, block_k, warps, stages = config
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        _run(lora_forward_kernel, grid, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
-             num_warps=warps, num_stages=stages)
+    def launch(tile):
+        lora_forward_kernel[(triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)](**args, **tile.options)
 
-    runtime.launch_tuned("lora_forward", _gemm_candidates(_elem(x.dtype), m, n, _FORWARD_LARGE), launch, x,
+    FORWARD_TILES.launch("lora_forward", _gemm_key(x.dtype, m, n), launch, x,
                          (runtime.shape_bucket(m), n, k, rank, bias is not None))
     return y
 
@@ -481,19 +456,16 @@ def _grad_input(dys, x, weights, t, a_cat, rank_ends, dropout_p, seed):
     widths = [w.shape[0] for w in weights] + [0] * (MAX_STREAMS - len(weights))
     args = dict(t_ptr=t, a_ptr=a_cat, dx_ptr=dx, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_ar=a_cat.stride(0),
                 stride_dxm=dx.stride(0), **_rank_end_args(rank_ends, rank), **_dropout_args(dropout_p, seed),
-                DROPOUT=dropout_p > 0, IEEE=_is_ieee(x.dtype), BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
+                DROPOUT=dropout_p > 0, IEEE=DTYPES[x.dtype].ieee, BLOCK_R=_BLOCK_R, GROUP_M=_GROUP_M)
     for index, ((dy, weight), width) in enumerate(zip(pairs, widths)):
         args.update({f"dy{index}_ptr": dy, f"w{index}_ptr": weight, f"N{index}": width,
                      f"stride_dy{index}": dy.stride(0), f"stride_w{index}": weight.stride(0)})
 
-    def launch(config):
-        block_m, block_n, block_k, warps, stages = config
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(k, block_k),)
-        _run(lora_dx_kernel, grid, {**args, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
-             num_warps=warps, num_stages=stages)
+    def launch(tile):
+        lora_dx_kernel[(triton.cdiv(m, tile.block_m) * triton.cdiv(k, tile.block_k),)](**args, **tile.options)
 
-    runtime.launch_tuned("lora_dx", _gemm_candidates(_elem(x.dtype), m, k, _DX_LARGE), launch, x,
-                         (runtime.shape_bucket(m), k, tuple(widths), rank, dropout_p > 0))
+    DX_TILES.launch("lora_dx", _gemm_key(x.dtype, m, k), launch, x,
+                    (runtime.shape_bucket(m), k, tuple(widths), rank, dropout_p > 0))
     return dx
 
 
@@ -502,12 +474,15 @@ def _grad_a_dropout(t, x, rank_ends, dropout_p, seed):
     rank = t.shape[1]
     da = runtime.empty((rank, k), x.dtype, x.device)
     block_r, blocks = _stream_blocks(rank_ends, True, _DA_BLOCK_R)
-    block_m, block_k = _DA_TILE[_elem(x.dtype)]
-    grid = (blocks.pop("rank_blocks"), triton.cdiv(k, block_k))
+    rank_blocks = blocks.pop("rank_blocks")
     args = dict(t_ptr=t, x_ptr=x, da_ptr=da, M=m, K=k, R=rank, stride_tm=t.stride(0), stride_xm=x.stride(0),
-                stride_dar=da.stride(0), **blocks, **_dropout_args(dropout_p, seed), IEEE=_is_ieee(x.dtype),
-                BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m)
-    _run(lora_da_kernel, grid, args, num_warps=4, num_stages=3)
+                stride_dar=da.stride(0), **blocks, **_dropout_args(dropout_p, seed), IEEE=DTYPES[x.dtype].ieee,
+                BLOCK_R=block_r)
+
+    def launch(tile):
+        lora_da_kernel[(rank_blocks, triton.cdiv(k, tile.block_k))](**args, **tile.options)
+
+    DA_TILES.launch("lora_da", (DTYPES[x.dtype].size, block_r), launch, x)
     return da
 
 
@@ -528,54 +503,44 @@ _RANK_ALIGNED = ("K", "R", "rank_end0", "rank_end1")
 
 
 def _shrink_launches():
-    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        block_m, block_k = _SHRINK_TILE[elem]
+    for info in DTYPES.values():
         for dropout in (False, True):
             for block_r in _SHRINK_BLOCK_R:
-                yield registry.Launch(
-                    f"{dtype} r{block_r}{' dropout' if dropout else ''}", _signature(lora_shrink_kernel, dtype),
-                    {"DROPOUT": dropout, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                     "BLOCK_R": block_r}, num_warps=_warps_for_shrink(block_r), num_stages=3,
-                    aligned=_RANK_ALIGNED, pipelined=True, extended=dtype == "fp16")
+                for tile, archs, _ in SHRINK_TILES.registered((info.size, block_r)):
+                    yield registry.Launch.of(
+                        tile, f"{info.name} r{block_r}{' dropout' if dropout else ''}",
+                        _signature(lora_shrink_kernel, info.name),
+                        {"DROPOUT": dropout, "IEEE": info.ieee, "BLOCK_R": block_r}, archs=archs,
+                        aligned=_RANK_ALIGNED, pipelined=True, extended=info.name == "fp16")
 
 
-def _gemm_configs(elem: int, large: tuple):
-    """(label, config) of every configuration the launcher can pick."""
-    yield "small", _GEMM_SMALL[elem]
-    for config in _large_configs(elem, large):
-        yield "large {}x{}x{} w{}s{}".format(*config), config
-
-
-def _gemm_launches(kernel, large: tuple, flag: str, aligned: tuple[str, ...]):
-    """Every configuration the launcher of the forward or dx GEMM can pick, with its feature `flag`
-    (HAS_BIAS, DROPOUT) off and on."""
+def _gemm_launches(kernel, tiles: registry.TileTable, flag: str, aligned: tuple[str, ...]):
+    """Every tile the launcher of the forward or dx GEMM can pick ("small": the small-problem one),
+    with its feature `flag` (HAS_BIAS, DROPOUT) off and on."""
     def launches():
-        for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-            for index, (size, (block_m, block_n, block_k, warps, stages)) in enumerate(_gemm_configs(elem, large)):
-                for on in (False, True):
-                    yield registry.Launch(
-                        f"{dtype} {size}{' ' + flag.lower() if on else ''}", _signature(kernel, dtype),
-                        {flag: on, "IEEE": elem == 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                         "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
-                        num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True,
-                        extended=index > 1 or dtype == "fp16",  # index 0, 1: the small- and large-problem defaults
-                        archs=registry.BIG_SHARED_MEMORY_ARCHS if kernel is lora_dx_kernel
-                        and (block_m, block_n, block_k, warps, stages) in _BIG_SHARED_MEMORY else registry.ARCHS)
+        for info in DTYPES.values():
+            for size in ("small", "large"):
+                for tile, archs, candidate in tiles.registered((info.size, size)):
+                    for on in (False, True):
+                        yield registry.Launch.of(
+                            tile, f"{info.name} {'small' if size == 'small' else 'large ' + tile.label}"
+                                  f"{' ' + flag.lower() if on else ''}", _signature(kernel, info.name),
+                            {flag: on, "IEEE": info.ieee, "BLOCK_R": _BLOCK_R, "GROUP_M": _GROUP_M},
+                            aligned=aligned, pipelined=True, extended=candidate or info.name == "fp16", archs=archs)
 
     return launches
 
 
 def _da_launches():
-    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        block_m, block_k = _DA_TILE[elem]
+    for info in DTYPES.values():
         for block_r in _DA_BLOCK_R:
-            yield registry.Launch(f"{dtype} r{block_r}", _signature(lora_da_kernel, dtype),
-                                  {"IEEE": elem == 4, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_M": block_m},
-                                  num_warps=4, num_stages=3, aligned=_RANK_ALIGNED, pipelined=True,
-                                  extended=dtype == "fp16")
+            for tile, archs, _ in DA_TILES.registered((info.size, block_r)):
+                yield registry.Launch.of(tile, f"{info.name} r{block_r}", _signature(lora_da_kernel, info.name),
+                                         {"IEEE": info.ieee, "BLOCK_R": block_r}, archs=archs,
+                                         aligned=_RANK_ALIGNED, pipelined=True, extended=info.name == "fp16")
 
 
 registry.register(lora_shrink_kernel, _shrink_launches)
-registry.register(lora_forward_kernel, _gemm_launches(lora_forward_kernel, _FORWARD_LARGE, "HAS_BIAS", ("N", "K")))
-registry.register(lora_dx_kernel, _gemm_launches(lora_dx_kernel, _DX_LARGE, "DROPOUT", ("K", "N0", "N1", "N2")))
+registry.register(lora_forward_kernel, _gemm_launches(lora_forward_kernel, FORWARD_TILES, "HAS_BIAS", ("N", "K")))
+registry.register(lora_dx_kernel, _gemm_launches(lora_dx_kernel, DX_TILES, "DROPOUT", ("K", "N0", "N1", "N2")))
 registry.register(lora_da_kernel, _da_launches)

@@ -62,7 +62,9 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import lora, moe, registry, runtime
-from padfree.kernels.lora import _dot, _shrink_step, dropout_keep
+from padfree.kernels.common import DTYPES
+from padfree.kernels.common import dot as _dot
+from padfree.kernels.lora import _shrink_step, dropout_keep
 from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
@@ -311,25 +313,35 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
              mask=valid[:, None] & k_ok[None, :])
 
 
-# (BLOCK_*, num_warps, num_stages) of the many-experts kernels per element size. The pair-block
-# kernels (shrink, grad_h, grad_x) take BLOCK_M = ALIGN_BLOCK rows; the second tile is the reduction
-# step (shrink over K, grad_h over N) or the output columns (grad_x over K); grad_b / grad_a take
-# their output tile over N / K and reduce over an expert's rows, both in steps of the second tile
-# (the padded runs are multiples of ALIGN_BLOCK, so of it too). 4 warps: with 64-row tiles 8 warps
-# would replicate the MMA. fp32 runs IEEE FMA dots (tests, not speed) on narrower tiles. The rank
-# tile BLOCK_R is the rank rounded up to a power of two in 16..64 (16..32 in fp32: its 64-wide FMA
-# tiles spill); larger ranks run several rank tiles.
-_TILE = {2: (64, 4, 3), 4: (32, 4, 2)}  # (second tile, num_warps, num_stages)
+# Tiles (registry.Tile) of the many-experts kernels per (kernel, element size), as each kernel
+# takes them. The pair-block kernels (shrink, grad_h, grad_x) take BLOCK_M = ALIGN_BLOCK rows; their
+# second block is the reduction step (shrink: BLOCK_K over K, grad_h: BLOCK_N over N) or the output
+# columns (grad_x: BLOCK_K over K); grad_b / grad_a take their output tile over N / K (BLOCK_N /
+# BLOCK_K) and reduce over an expert's rows, BLOCK_M of them a step, with BLOCK_M equal to that
+# output tile (the padded runs are multiples of ALIGN_BLOCK, so of it too). 64 in 16-bit, 4 warps
+# (with 64-row tiles 8 warps would replicate the MMA), 3 stages; fp32 runs IEEE FMA dots (tests, not
+# speed) on 32 with 2 stages. The rank tile BLOCK_R is the rank rounded up to a power of two in
+# 16..64 (16..32 in fp32: its 64-wide FMA tiles spill); larger ranks run several rank tiles.
+def _tiles(size: int) -> dict[tuple[str, int], registry.Tile]:
+    block, stages = (64, 3) if size == 2 else (32, 2)
+    shapes = {"shrink": (ALIGN_BLOCK, None, block), "grad_h": (ALIGN_BLOCK, block, None),
+              "grad_b": (block, block, None), "grad_a": (block, None, block), "grad_x": (ALIGN_BLOCK, None, block)}
+    return {(name, size): registry.Tile(*shape, num_warps=4, num_stages=stages) for name, shape in shapes.items()}
+
+
+TILES = registry.TileTable({**_tiles(2), **_tiles(4)})
 _PAIR_BLOCK_R = {2: (16, 32, 64), 4: (16, 32)}
 
 
 def _block_r(rank: int, dtype: torch.dtype) -> int:
-    choices = _PAIR_BLOCK_R[4 if dtype == torch.float32 else 2]
-    return next((b for b in choices if b >= rank), choices[-1])
+    return lora._block_r(rank, _PAIR_BLOCK_R[DTYPES[dtype].size])
 
 
-def _tile(dtype: torch.dtype) -> tuple[int, int, int]:
-    return _TILE[4 if dtype == torch.float32 else 2]
+def _launch(name: str, kernel, grid, x: torch.Tensor, *args, **kwargs) -> None:
+    """Launch `kernel` at the tile of `name` in TILES for x's dtype; `grid(tile)` gives the grid."""
+    ieee = DTYPES[x.dtype].ieee
+    TILES.launch(f"lora_mixture_{name}", (name, DTYPES[x.dtype].size),
+                 lambda tile: kernel[grid(tile)](*args, **kwargs, IEEE=ieee, **tile.options), x)
 
 
 def _dropout_args(dropout_p: float, seed: torch.Tensor) -> dict:
@@ -356,12 +368,10 @@ def _segmented_forward(x, weight, bias, lora_a, lora_b, scaling, top_k_index, to
     sorted_pairs, block_expert, _, _ = _align(top_k_index, num_experts)
     capacity, num_blocks = sorted_pairs.shape[0], block_expert.shape[0]
     block_r = _block_r(rank, x.dtype)
-    block_k, warps, stages = _tile(x.dtype)
     h = runtime.empty((capacity, rank), x.dtype, x.device)
-    lora_mixture_shrink_kernel[(num_blocks, _cdiv(rank, block_r))](
-        x, lora_a, sorted_pairs, block_expert, h, num_pairs, k, rank, top_k, x.stride(0),
-        **_dropout_args(dropout_p, seed), IEEE=x.dtype == torch.float32, BLOCK_M=ALIGN_BLOCK, BLOCK_K=block_k,
-        BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    _launch("shrink", lora_mixture_shrink_kernel, lambda tile: (num_blocks, _cdiv(rank, block_r)), x,
+            x, lora_a, sorted_pairs, block_expert, h, num_pairs, k, rank, top_k, x.stride(0),
+            **_dropout_args(dropout_p, seed), BLOCK_R=block_r)
     pair_weights = (top_k_weights.reshape(-1) * scaling).contiguous()
     out_pairs = runtime.empty((num_pairs, n), x.dtype, x.device)
     moe._launch_tuned("down", lambda options: moe.moe_down_kernel[(num_blocks, _cdiv(n, options["BLOCK_N"]))](
@@ -382,37 +392,33 @@ def _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, 
     capacity, num_blocks = sorted_pairs.shape[0], block_expert.shape[0]
     block_r = _block_r(rank, x.dtype)
     rank_tiles = _cdiv(rank, block_r)
-    tile, warps, stages = _tile(x.dtype)
-    ieee = x.dtype == torch.float32
     weights = top_k_weights.reshape(-1).contiguous()
-    options = dict(IEEE=ieee, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
 
     dh = runtime.empty((capacity, rank), x.dtype, x.device)
     hw = runtime.empty((capacity, rank), x.dtype, x.device)
     dw_partial = runtime.empty((rank_tiles, capacity), torch.float32, x.device)
-    lora_mixture_grad_h_kernel[(num_blocks, rank_tiles)](
-        dy, lora_b, h, sorted_pairs, block_expert, weights, dh, hw, dw_partial, num_pairs, n, rank, top_k, capacity,
-        dy.stride(0), float(scaling), BLOCK_M=ALIGN_BLOCK, BLOCK_N=tile, **options)
+    _launch("grad_h", lora_mixture_grad_h_kernel, lambda tile: (num_blocks, rank_tiles), x,
+            dy, lora_b, h, sorted_pairs, block_expert, weights, dh, hw, dw_partial, num_pairs, n, rank, top_k,
+            capacity, dy.stride(0), float(scaling), BLOCK_R=block_r)
     d_weights = dw_partial.sum(0)[pair_position.long()].view(m, top_k)
 
     # each row's token (padding rows: the sentinel M * k // k = M), as the MoE weight gradients read it
     sorted_tokens = sorted_pairs // top_k
     d_lora_b = runtime.empty(lora_b.shape, lora_b.dtype, x.device)
-    lora_mixture_grad_b_kernel[(num_experts, _cdiv(n, tile), rank_tiles)](
-        dy, hw, sorted_tokens, padded_offsets, d_lora_b, m, n, rank, dy.stride(0), BLOCK_N=tile, BLOCK_M=tile,
-        **options)
+    _launch("grad_b", lora_mixture_grad_b_kernel, lambda tile: (num_experts, _cdiv(n, tile.block_n), rank_tiles), x,
+            dy, hw, sorted_tokens, padded_offsets, d_lora_b, m, n, rank, dy.stride(0), BLOCK_R=block_r)
 
     d_lora_a = runtime.empty(lora_a.shape, lora_a.dtype, x.device)
-    lora_mixture_grad_a_kernel[(num_experts, _cdiv(k, tile), rank_tiles)](
-        dh, x, sorted_tokens, padded_offsets, d_lora_a, m, k, rank, x.stride(0), **_dropout_args(dropout_p, seed),
-        BLOCK_K=tile, BLOCK_M=tile, **options)
+    _launch("grad_a", lora_mixture_grad_a_kernel, lambda tile: (num_experts, _cdiv(k, tile.block_k), rank_tiles), x,
+            dh, x, sorted_tokens, padded_offsets, d_lora_a, m, k, rank, x.stride(0), **_dropout_args(dropout_p, seed),
+            BLOCK_R=block_r)
 
     if not input_grad:
         return x.new_empty(0), d_lora_a, d_lora_b, d_weights
     dx_pairs = runtime.empty((num_pairs, k), x.dtype, x.device)
-    lora_mixture_grad_x_kernel[(num_blocks, _cdiv(k, tile))](
-        dh, lora_a, sorted_pairs, block_expert, dx_pairs, num_pairs, k, rank, top_k,
-        **_dropout_args(dropout_p, seed), BLOCK_M=ALIGN_BLOCK, BLOCK_K=tile, **options)
+    _launch("grad_x", lora_mixture_grad_x_kernel, lambda tile: (num_blocks, _cdiv(k, tile.block_k)), x,
+            dh, lora_a, sorted_pairs, block_expert, dx_pairs, num_pairs, k, rank, top_k,
+            **_dropout_args(dropout_p, seed), BLOCK_R=block_r)
     dx = (dy @ weight).add_(dx_pairs.view(m, top_k, k).sum(1))
     return dx, d_lora_a, d_lora_b, d_weights
 
@@ -448,36 +454,28 @@ _INDEX_POINTERS = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "padd
                    "sorted_tokens_ptr": "*i32",
                    "weights_ptr": "*fp32", "dw_partial_ptr": "*fp32", "seed_ptr": "*i64", "scaling": "fp32",
                    "keep_scale": "fp32"}
-# each kernel's second tile, and whether its BLOCK_M is a pair block (ALIGN_BLOCK) or a step over an
-# expert's rows (the second tile), as its launcher passes them
-_KERNEL_TILES = {"lora_mixture_shrink_kernel": ("BLOCK_K", True),
-                 "lora_mixture_grad_h_kernel": ("BLOCK_N", True),
-                 "lora_mixture_grad_b_kernel": ("BLOCK_N", False),
-                 "lora_mixture_grad_a_kernel": ("BLOCK_K", False),
-                 "lora_mixture_grad_x_kernel": ("BLOCK_K", True)}
 
 
 def _launches(kernel, aligned: tuple[str, ...]):
     """Every launch the launchers above pick: each data dtype, each rank tile, dropout off and on
     where the kernel has it. Ranks and model dimensions get the multiple-of-16 hint of the usual
     r = 16, 32, 64 and hidden sizes; another rank JIT-compiles the same code without that hint."""
-    second, pair_block = _KERNEL_TILES[kernel.fn.__name__]
+    name = kernel.fn.__name__.removeprefix("lora_mixture_").removesuffix("_kernel")
     has_dropout = "DROPOUT" in kernel.arg_names
 
     def launches():
-        for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-            tile, warps, stages = _TILE[elem]
-            data = {arg: f"*{dtype}" for arg in kernel.arg_names if arg.endswith("_ptr")}
+        for info in DTYPES.values():
+            data = {arg: f"*{info.name}" for arg in kernel.arg_names if arg.endswith("_ptr")}
             signature = registry.signature(kernel, {**data, **_INDEX_POINTERS})
-            for block_r in _PAIR_BLOCK_R[elem]:
-                for dropout in ((False, True) if has_dropout else (False,)):
-                    constexprs = {second: tile, "BLOCK_M": ALIGN_BLOCK if pair_block else tile, "BLOCK_R": block_r,
-                                  "IEEE": elem == 4}
-                    if has_dropout:
-                        constexprs["DROPOUT"] = dropout
-                    yield registry.Launch(f"{dtype} r{block_r}{' dropout' if dropout else ''}", signature, constexprs,
-                                          num_warps=warps, num_stages=stages, aligned=aligned, pipelined=True,
-                                          extended=dtype == "fp16")
+            for tile, archs, _ in TILES.registered((name, info.size)):
+                for block_r in _PAIR_BLOCK_R[info.size]:
+                    for dropout in ((False, True) if has_dropout else (False,)):
+                        constexprs = {"BLOCK_R": block_r, "IEEE": info.ieee}
+                        if has_dropout:
+                            constexprs["DROPOUT"] = dropout
+                        yield registry.Launch.of(tile, f"{info.name} r{block_r}{' dropout' if dropout else ''}",
+                                                 signature, constexprs, archs=archs, aligned=aligned, pipelined=True,
+                                                 extended=info.name == "fp16")
 
     registry.register(kernel, launches)
 

@@ -28,7 +28,7 @@ Backward, dout (N, H) given; h is recomputed from the saved [g | u] (the forward
 Padding rows load x / dout as 0, so their g, u, h, dg, du are 0 and they add nothing to dW.
 The weight-gradient kernels are grouped GEMMs reducing over an expert's pair rows; they gather
 dout / x rows through `sorted_tokens` (sorted_pairs // k: padding rows get N, masked off).
-All products accumulate in fp32 (fp32 inputs: IEEE dot, no TF32).
+All products go through padfree.kernels.common.dot (fp32 accumulation; its precision rule).
 The pair counts (num_pairs, capacity) change every batch and only bound masks, so they are
 `do_not_specialize` (one compiled variant, not one per divisibility); the model dimensions and
 strides keep the JIT's specialization, which vectorises the loads (stride_wk = 1 is a constant).
@@ -43,16 +43,10 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
+from padfree.kernels.common import DTYPES, DType
+from padfree.kernels.common import dot as _dot
 
 ALIGN_BLOCK = 64
-DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -283,53 +277,47 @@ def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, p
     tl.store(out, acc.to(grad_w1_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
 
 
-# Tiles: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The row tile of the grouped kernels is
+# Tiles (registry.Tile) per (kernel, element size). The row tile of the grouped kernels is
 # the alignment block; the weight-gradient kernels reduce over pair rows, BLOCK_K of them a step, so
 # their BLOCK_K divides ALIGN_BLOCK. Chosen with `padfree compile-check --efficiency` (bf16, sm_80
 # and sm_90; docs/efficiency.md): tensor-core tiles without replicated MMAs or spills whose main
 # loops issue the fewest instructions per MFLOP, within 1.2x a plain GEMM at the same tile. The
 # gate_up kernel's 8-warp 64x64 tile replicates its MMAs on sm_80 (8 warps of 16 rows over 64
 # rows); 64x128 with 4 warps spills there but is sm_90's best (m64n128 wgmma, 299 instructions per
-# MFLOP). fp32 runs IEEE FMA dots (tests, not speed) on smaller tiles.
-TILES = {
-    "gate_up": (ALIGN_BLOCK, 128, 64, 8, 3),
-    "down": (ALIGN_BLOCK, 128, 64, 4, 3),
-    "down_backward": (ALIGN_BLOCK, 64, 128, 8, 3),
-    "down_weight_grad": (64, 128, 64, 4, 3),
-    "gate_up_backward_input": (ALIGN_BLOCK, 128, 64, 4, 3),
-    "gate_up_weight_grad": (256, 128, 64, 8, 3),
+# MFLOP). fp32 runs IEEE FMA dots (tests, not speed) on smaller tiles: 32x32 steps, 4 warps, 2 stages.
+Tile = registry.Tile
+_DEFAULTS = {
+    "gate_up": Tile(ALIGN_BLOCK, 128, 64, 8, 3),
+    "down": Tile(ALIGN_BLOCK, 128, 64, 4, 3),
+    "down_backward": Tile(ALIGN_BLOCK, 64, 128, 8, 3),
+    "down_weight_grad": Tile(64, 128, 64, 4, 3),
+    "gate_up_backward_input": Tile(ALIGN_BLOCK, 128, 64, 4, 3),
+    "gate_up_weight_grad": Tile(256, 128, 64, 8, 3),
 }
-# A different default on one arch.
-_ARCH_TILES = {90: {"gate_up": (ALIGN_BLOCK, 128, 64, 4, 3), "down_weight_grad": (64, 256, 64, 8, 3)}}
-# Tiles registered and picked only on some archs: the sm_90 gate_up tile spills on sm_80 (48 B);
-# the 128-row dW1 step issues 1.25x the plain GEMM's instructions per MFLOP on sm_90.
-_ONLY_ON = {("gate_up", (ALIGN_BLOCK, 128, 64, 4, 3)): (90,),
-            ("gate_up_weight_grad", (128, 64, 64, 4, 3)): (80, 86, 89)}
-FP32_TILE = (32, 32, 4, 2)  # BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M as above
 # More 16-bit tiles, timed on the GPU on first use per shape with PADFREE_AUTOTUNE=1 (runtime.pick;
 # the arch's default is used otherwise). Each passes the efficiency gate on its archs, and fits the
 # 99 KB of shared memory of sm_86/sm_89 (the largest, 64x256 w8s3, takes 80 KB there).
-CANDIDATES = {
-    "gate_up": ((ALIGN_BLOCK, 64, 64, 4, 4),),
-    "down": ((ALIGN_BLOCK, 128, 64, 8, 3), (ALIGN_BLOCK, 256, 64, 8, 3), (ALIGN_BLOCK, 64, 64, 4, 4),
-             (ALIGN_BLOCK, 128, 32, 4, 4)),
-    "down_backward": ((ALIGN_BLOCK, 64, 64, 8, 3),),
-    "down_weight_grad": ((64, 128, 64, 4, 3),),
-    "gate_up_backward_input": ((ALIGN_BLOCK, 128, 64, 8, 3), (ALIGN_BLOCK, 256, 64, 8, 3),
-                               (ALIGN_BLOCK, 64, 64, 4, 4), (ALIGN_BLOCK, 128, 32, 4, 4)),
-    "gate_up_weight_grad": ((128, 64, 64, 4, 3),),
+_CANDIDATES = {
+    "gate_up": (Tile(ALIGN_BLOCK, 64, 64, 4, 4),),
+    "down": (Tile(ALIGN_BLOCK, 128, 64, 8, 3), Tile(ALIGN_BLOCK, 256, 64, 8, 3), Tile(ALIGN_BLOCK, 64, 64, 4, 4),
+             Tile(ALIGN_BLOCK, 128, 32, 4, 4)),
+    "down_backward": (Tile(ALIGN_BLOCK, 64, 64, 8, 3),),
+    "down_weight_grad": (Tile(64, 128, 64, 4, 3),),
+    "gate_up_backward_input": (Tile(ALIGN_BLOCK, 128, 64, 8, 3), Tile(ALIGN_BLOCK, 256, 64, 8, 3),
+                               Tile(ALIGN_BLOCK, 64, 64, 4, 4), Tile(ALIGN_BLOCK, 128, 32, 4, 4)),
+    "gate_up_weight_grad": (Tile(128, 64, 64, 4, 3),),
 }
-
-
-def _candidates(tile: str, fp32: bool, arch: int | None = None) -> tuple[tuple[int, int, int, int, int], ...]:
-    """Every tile the launcher of `tile` may pick on sm_`arch` (None: any arch), the default first."""
-    if fp32:
-        return ((TILES[tile][0], *FP32_TILE),)
-    default = _ARCH_TILES.get(arch, {}).get(tile, TILES[tile])
-    every = (TILES[tile], *(tiles[tile] for tiles in _ARCH_TILES.values() if tile in tiles), *CANDIDATES.get(tile, ()))
-    allowed = [config for config in every if config != default
-               and (arch is None or arch in _ONLY_ON.get((tile, config), (arch,)))]
-    return (default, *dict.fromkeys(allowed))
+# Keyed (kernel, element size). A different default on sm_90; tiles registered and picked only on
+# some archs: the sm_90 gate_up tile spills on sm_80 (48 B); the 128-row dW1 step issues 1.25x the
+# plain GEMM's instructions per MFLOP on sm_90.
+TILES = registry.TileTable(
+    {**{(name, 2): tile for name, tile in _DEFAULTS.items()},
+     **{(name, 4): Tile(tile.block_m, 32, 32, 4, 2) for name, tile in _DEFAULTS.items()}},
+    arch_defaults={90: {("gate_up", 2): Tile(ALIGN_BLOCK, 128, 64, 4, 3),
+                        ("down_weight_grad", 2): Tile(64, 256, 64, 8, 3)}},
+    candidates={(name, 2): tiles for name, tiles in _CANDIDATES.items()},
+    only_on={(("gate_up", 2), Tile(ALIGN_BLOCK, 128, 64, 4, 3)): (90,),
+             (("gate_up_weight_grad", 2), Tile(128, 64, 64, 4, 3)): (80, 86, 89)})
 
 
 def _run_time_values(signature: dict[str, str]) -> dict[str, int]:
@@ -338,36 +326,30 @@ def _run_time_values(signature: dict[str, str]) -> dict[str, int]:
     return {"stride_wk": 1} if "stride_wk" in signature else {}
 
 
-def make_launch(kernel, pointer_args: dict[str, str], dtype_name: str, config: tuple[int, int, int, int, int],
-           flags: dict[str, bool] | None = None, archs: tuple[int, ...] = registry.ARCHS,
-           extended: bool = False) -> registry.Launch:
-    """The Launch of `kernel` at tile `config` for data of `dtype_name`; pointer_args maps name ->
+def make_launch(kernel, pointer_args: dict[str, str], dtype: DType, tile: registry.Tile,
+                flags: dict[str, bool] | None = None, archs: tuple[int, ...] = registry.ARCHS,
+                extended: bool = False) -> registry.Launch:
+    """The Launch of `kernel` at `tile` for data of `dtype`; pointer_args maps name ->
     "data" | "i32" | "fp32"; the other run-time arguments are i32. `flags`: constexpr flags, named
     in the label when off."""
-    block_m, block_n, block_k, warps, stages = config
-    signature = registry.signature(kernel, {name: f"*{dtype_name if kind == 'data' else kind}"
+    signature = registry.signature(kernel, {name: f"*{dtype.name if kind == 'data' else kind}"
                                             for name, kind in pointer_args.items()})
-    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype_name == "fp32",
-                  **(flags or {})}
     off = "".join(f" no {name.lower()}" for name, value in (flags or {}).items() if not value)
-    return registry.Launch(f"{dtype_name} {block_m}x{block_n}x{block_k} w{warps}s{stages}{off}", signature,
-                           constexprs, num_warps=warps, num_stages=stages, archs=archs,
-                           aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature),
-                           extended=extended)
+    return registry.Launch.of(tile, f"{dtype.name} {tile.label}{off}", signature,
+                              {"IEEE": dtype.ieee, **(flags or {})}, archs=archs,
+                              aligned=("hidden", "inter"), pipelined=True, values=_run_time_values(signature),
+                              extended=extended)
 
 
-def _launches(kernel, tile: str, pointer_args: dict[str, str], flag_sets: tuple[dict[str, bool], ...] = ({},)):
+def _launches(kernel, name: str, pointer_args: dict[str, str], flag_sets: tuple[dict[str, bool], ...] = ({},)):
     """One Launch per data dtype, tile the launcher may pick and flag set (the first flag set is the
     one `compile-check` compiles without --all)."""
     def launches():
-        for dtype_name in DTYPES.values():
-            fp32 = dtype_name == "fp32"
-            defaults = {_candidates(tile, fp32, arch)[0] for arch in registry.ARCHS}
-            for config in _candidates(tile, fp32):
+        for info in DTYPES.values():
+            for tile, archs, candidate in TILES.registered((name, info.size)):
                 for number, flags in enumerate(flag_sets):
-                    yield make_launch(kernel, pointer_args, dtype_name, config, flags,
-                                      archs=_ONLY_ON.get((tile, config), registry.ARCHS),
-                                      extended=config not in defaults or number > 0 or dtype_name == "fp16")
+                    yield make_launch(kernel, pointer_args, info, tile, flags, archs=archs,
+                                      extended=candidate or number > 0 or info.name == "fp16")
 
     registry.register(kernel, launches)
 
@@ -390,11 +372,11 @@ KERNELS = {"gate_up": moe_gate_up_kernel, "down": moe_down_kernel, "down_backwar
            "down_weight_grad": moe_down_weight_grad_kernel,
            "gate_up_backward_input": moe_gate_up_backward_input_kernel,
            "gate_up_weight_grad": moe_gate_up_weight_grad_kernel}
-for _tile, _kernel in KERNELS.items():
+for _name, _kernel in KERNELS.items():
     # without expert gradients (frozen experts) the down backward stores no w h
-    _launches(_kernel, _tile, POINTERS[_tile],
-              ({"STORE_HW": True}, {"STORE_HW": False}) if _tile == "down_backward" else ({},))
-del _tile, _kernel  # not kernels of this module (tests look for *_kernel attributes)
+    _launches(_kernel, _name, POINTERS[_name],
+              ({"STORE_HW": True}, {"STORE_HW": False}) if _name == "down_backward" else ({},))
+del _name, _kernel  # not kernels of this module (tests look for *_kernel attributes)
 
 
 def unsupported_reason(hidden_states: torch.Tensor) -> str | None:
@@ -405,17 +387,12 @@ def unsupported_reason(hidden_states: torch.Tensor) -> str | None:
     return None
 
 
-def _options(config: tuple[int, int, int, int, int], dtype: torch.dtype) -> dict[str, object]:
-    block_m, block_n, block_k, warps, stages = config
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "IEEE": dtype == torch.float32,
-            "num_warps": warps, "num_stages": stages}
-
-
-def _launch_tuned(tile: str, launch, tensor: torch.Tensor, shape: tuple):
-    """runtime.launch_tuned over the candidates of `tile` on the tensor's GPU, handing `launch` the
-    kernel options."""
-    return runtime.launch_tuned(f"moe_{tile}", _candidates(tile, tensor.dtype == torch.float32, runtime.arch(tensor)),
-                                lambda config: launch(_options(config, tensor.dtype)), tensor, shape)
+def _launch_tuned(name: str, launch, tensor: torch.Tensor, shape: tuple):
+    """TILES.launch over the tiles of kernel `name` on the tensor's GPU, handing `launch` the
+    kernel options (BLOCK_*, IEEE, num_warps, num_stages)."""
+    ieee = DTYPES[tensor.dtype].ieee
+    return TILES.launch(f"moe_{name}", (name, DTYPES[tensor.dtype].size),
+                        lambda tile: launch({**tile.options, "IEEE": ieee}), tensor, shape)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
+from padfree.kernels.common import DTYPES
 
 MAX_TOP_K = 16
 MAX_GROUPS = 16
@@ -139,7 +140,7 @@ def _block_t(block_e: int) -> int:
 
 
 def _route_launches():
-    for dtype_name in ("fp16", "bf16", "fp32"):
+    for dtype_name in (info.name for info in DTYPES.values()):
         for block_e in BLOCK_ES:
             signature = registry.signature(moe_route_kernel, {
                 "logits_ptr": f"*{dtype_name}", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "index_ptr": "*i64",
@@ -150,7 +151,7 @@ def _route_launches():
 
 
 def _route_backward_launches():
-    for dtype_name in ("fp16", "bf16", "fp32"):
+    for dtype_name in (info.name for info in DTYPES.values()):
         for block_e in BLOCK_ES:
             signature = registry.signature(moe_route_backward_kernel, {
                 "grad_weights_ptr": "*fp32", "logits_ptr": f"*{dtype_name}", "weights_ptr": "*fp32",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from padfree.kernels import registry
 from padfree.kernels.lora import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -162,51 +163,36 @@ def textbook_attention_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, stride_t, stride
 # ---- compile-check registry: the yardstick compiles at padfree's tiles (padfree.efficiency), here
 # at one representative bf16 tile each, so the plain compile check covers them too.
 
-def gemm_launch(dtype: str, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int):
-    from padfree.kernels import registry
-
+def gemm_launch(dtype: str, tile: registry.Tile) -> registry.Launch:
+    """The Launch of textbook_gemm_kernel at `tile` (BLOCK_M, BLOCK_N, BLOCK_K) for `dtype` data."""
     signature = registry.signature(textbook_gemm_kernel, {name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "c_ptr")})
-    return registry.Launch(f"{dtype} {block_m}x{block_n}x{block_k} w{num_warps}s{num_stages}", signature,
-                           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), num_warps=num_warps,
-                           num_stages=num_stages, aligned=("M", "N", "K"), pipelined=True)
+    return registry.Launch.of(tile, f"{dtype} {tile.label}", signature, {}, aligned=("M", "N", "K"), pipelined=True)
 
 
-def dropout_gemm_launch(dtype: str, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int):
-    from padfree.kernels import registry
-
+def dropout_gemm_launch(dtype: str, tile: registry.Tile) -> registry.Launch:
+    """The Launch of textbook_dropout_gemm_kernel at `tile` for `dtype` data."""
     signature = registry.signature(textbook_dropout_gemm_kernel,
                                    {**{name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "c_ptr")}, "seed_ptr": "*i64"})
-    return registry.Launch(f"{dtype} {block_m}x{block_n}x{block_k} w{num_warps}s{num_stages}", signature,
-                           dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
-                           num_warps=num_warps, num_stages=num_stages, aligned=("M", "N", "K"), pipelined=True)
+    return registry.Launch.of(tile, f"{dtype} {tile.label}", signature, {}, aligned=("M", "N", "K"), pipelined=True)
 
 
-def attention_launch(kernel, dtype: str, block_m: int, block_n: int, head_dim: int, num_warps: int,
-                     num_stages: int, output: str = "dkdv"):
-    """A Launch of a textbook attention kernel; `output` ("dkdv", "dk", "dv") for the dk/dv kernel."""
-    from padfree.kernels import registry
-
+def attention_launch(kernel, dtype: str, tile: registry.Tile, head_dim: int, output: str = "dkdv") -> registry.Launch:
+    """A Launch of a textbook attention kernel at `tile` (BLOCK_M, BLOCK_N); `output` ("dkdv",
+    "dk", "dv") for the dk/dv kernel."""
     data = {name: f"*{dtype}" for name in ("Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ")}
     signature = registry.signature(kernel, {**data, "Lse": "*fp32", "Delta": "*fp32", "softmax_scale": "fp32"})
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim)
-    label = f"{dtype} d{head_dim} {block_m}x{block_n} w{num_warps}s{num_stages}"
+    constexprs = dict(HEAD_DIM=head_dim)
+    label = f"{dtype} d{head_dim} {tile.label}"
     if "OUTPUT" in signature:
         constexprs["OUTPUT"] = output
         label += f" {output} pass" if output != "dkdv" else ""
-    return registry.Launch(label, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
-                           aligned=("seqlen",), pipelined=True)
+    return registry.Launch.of(tile, label, signature, constexprs, aligned=("seqlen",), pipelined=True)
 
 
-def _register():
-    from padfree.kernels import registry
-
-    registry.register(textbook_gemm_kernel, lambda: [gemm_launch("bf16", 128, 128, 64, 8, 3)])
-    registry.register(textbook_dropout_gemm_kernel, lambda: [dropout_gemm_launch("bf16", 64, 64, 64, 4, 3)])
-    for kernel, tile in ((textbook_attention_fwd_kernel, (128, 64, 8, 3)),
-                         (textbook_attention_dkdv_kernel, (32, 128, 8, 2)),
-                         (textbook_attention_dq_kernel, (128, 32, 8, 2))):
-        registry.register(kernel, lambda kernel=kernel, tile=tile: [
-            attention_launch(kernel, "bf16", tile[0], tile[1], 128, tile[2], tile[3])])
-
-
-_register()
+registry.register(textbook_gemm_kernel, lambda: [gemm_launch("bf16", registry.Tile(128, 128, 64, 8, 3))])
+registry.register(textbook_dropout_gemm_kernel, lambda: [dropout_gemm_launch("bf16", registry.Tile(64, 64, 64, 4, 3))])
+for _kernel, _tile in ((textbook_attention_fwd_kernel, registry.Tile(128, 64, None, 8, 3)),
+                       (textbook_attention_dkdv_kernel, registry.Tile(32, 128, None, 8, 2)),
+                       (textbook_attention_dq_kernel, registry.Tile(128, 32, None, 8, 2))):
+    registry.register(_kernel, lambda kernel=_kernel, tile=_tile: [attention_launch(kernel, "bf16", tile, 128)])
+del _kernel, _tile  # not kernels of this module (tests look for *_kernel attributes)

@@ -18,7 +18,7 @@ def _row(kind: str, label: str, instr_per_mflop: float) -> efficiency.Efficiency
 def test_launch_is_the_registered_default_tile_of_sm90(kind, causal):
     name, index = predict.attention_launch(kind, 128, causal)
     launch = list(next(e for e in registry.all_kernels() if e.name == name).launches())[index]
-    tile = attention.tile_candidates(kind, 128, torch.bfloat16, 90)[0]
+    tile = attention.TILES.choices(attention.tile_key(kind, 128, torch.bfloat16), 90)[0]
     assert launch.constexprs["BLOCK_M"] == tile.block_m and launch.constexprs["BLOCK_N"] == tile.block_n
     assert (launch.num_warps, launch.num_stages) == (tile.num_warps, tile.num_stages)
     assert launch.constexprs["HAS_RIGHT"] == causal and launch.signature["Q"] == "*bf16"

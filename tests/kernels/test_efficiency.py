@@ -30,14 +30,15 @@ import json
 from dataclasses import asdict
 from padfree import compile_check, efficiency
 from padfree.kernels import textbook as t
+from padfree.kernels.registry import Tile
 
 for arch in (80, 90):
     for name, kernel, launch in (
             ("fwd w4", t.textbook_attention_fwd_kernel, t.attention_launch(t.textbook_attention_fwd_kernel, "bf16",
-                                                                            64, 64, 64, 4, 2)),
+                                                                            Tile(64, 64, None, 4, 2), 64)),
             ("fwd w8", t.textbook_attention_fwd_kernel, t.attention_launch(t.textbook_attention_fwd_kernel, "bf16",
-                                                                            64, 64, 64, 8, 2)),
-            ("gemm w8", t.textbook_gemm_kernel, t.gemm_launch("bf16", 64, 128, 64, 8, 3))):
+                                                                            Tile(64, 64, None, 8, 2), 64)),
+            ("gemm w8", t.textbook_gemm_kernel, t.gemm_launch("bf16", Tile(64, 128, 64, 8, 3)))):
         row = efficiency.analyze(compile_check.build(kernel, launch, arch), arch, name)
         print("ROW " + json.dumps(asdict(row)))
 '''

@@ -253,8 +253,75 @@ def test_compile_check_compiles_extended_launches_only_when_asked():
     fwd = next(launch for (name, _), launch in launches.items() if name.endswith("attention_fwd_kernel")
                and launch.constexprs["HEAD_DIM_PAD"] == 128 and "bf16" in launch.label
                and not launch.constexprs["STRIDED"]
-               and launch.constexprs["BLOCK_N"] == attention.tile_candidates("fwd", 128, attention.torch.bfloat16,
-                                                                             80)[0].block_n)
+               and launch.constexprs["BLOCK_N"] == attention.TILES.choices(
+                   attention.tile_key("fwd", 128, attention.torch.bfloat16), 80)[0].block_n)
     assert not fwd.extended
     assert any(launch.extended for (name, _), launch in launches.items() if name.endswith("lora_forward_kernel"))
     assert any(launch.extended for (name, _), launch in launches.items() if name.endswith("moe_down_kernel"))
+
+
+def _table():
+    tile = registry.Tile
+    return registry.TileTable(
+        {"a": tile(64, 64, 32, 4, 3), "b": tile(32, 32, 32, 4, 2)},
+        arch_defaults={90: {"a": tile(128, 128, 64, 8, 3)}},
+        candidates={"a": (tile(128, 64, 64, 4, 4), tile(64, 64, 32, 4, 3))},
+        only_on={("a", tile(128, 128, 64, 8, 3)): (90,), ("a", tile(128, 64, 64, 4, 4)): (80, 90)})
+
+
+def test_tile_labels_and_launch_options():
+    """The shapes compile-check prints, and the BLOCK_* constexprs a tile gives a kernel (None: not one)."""
+    assert registry.Tile(128, 64, None, 8, 3).label == "128x64 w8s3"
+    assert registry.Tile(128, 128, 64, 8, 3).label == "128x128x64 w8s3"
+    assert registry.Tile(64, None, 32, 4, 3).options == {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    launch = registry.Launch.of(registry.Tile(16, 32, None, 2, 1), "x", {}, {"FLAG": True}, archs=(90,))
+    assert (launch.constexprs, launch.num_warps, launch.num_stages, launch.archs) == (
+        {"BLOCK_M": 16, "BLOCK_N": 32, "FLAG": True}, 2, 1, (90,))
+
+
+def test_tile_table_defaults_candidates_and_arch_limits():
+    """Each arch's default first, then every other tile allowed there once; a tile limited to some
+    archs is neither picked nor registered elsewhere; only no arch's default is a candidate-only launch."""
+    table, tile = _table(), registry.Tile
+    assert table.choices("a", 80) == (tile(64, 64, 32, 4, 3), tile(128, 64, 64, 4, 4))
+    assert table.choices("a", 86) == (tile(64, 64, 32, 4, 3),)
+    assert table.choices("a", 90) == (tile(128, 128, 64, 8, 3), tile(64, 64, 32, 4, 3), tile(128, 64, 64, 4, 4))
+    assert table.choices("a") == (tile(64, 64, 32, 4, 3), tile(128, 128, 64, 8, 3), tile(128, 64, 64, 4, 4))
+    assert table.choices("b", 90) == (tile(32, 32, 32, 4, 2),)
+    assert list(table.registered("a")) == [(tile(64, 64, 32, 4, 3), registry.ARCHS, False),
+                                           (tile(128, 128, 64, 8, 3), (90,), False),
+                                           (tile(128, 64, 64, 4, 4), (80, 90), True)]
+
+
+def test_tile_table_override_forces_one_tile_and_restores():
+    table, forced = _table(), registry.Tile(16, 16, None, 4, 1)
+    with table.override(forced):
+        assert table.choices("a", 90) == table.choices("b") == (forced,)
+        assert list(table.registered("b")) == [(forced, registry.ARCHS, False)]
+    assert table.choices("b") == (registry.Tile(32, 32, 32, 4, 2),)
+
+
+def test_tile_table_launch_tunes_over_the_arch_choices(monkeypatch):
+    """TileTable.launch hands runtime.launch_tuned the choices of the tensor's arch."""
+    import torch
+
+    from padfree.kernels import runtime
+
+    seen = []
+    monkeypatch.setattr(runtime, "arch", lambda tensor: 86)
+    monkeypatch.setattr(runtime, "launch_tuned", lambda name, candidates, launch, tensor, shape: seen.append(
+        (name, candidates, shape)) or launch(candidates[0]))
+    table = _table()
+    assert table.launch("k", "a", lambda tile: tile.block_m, torch.empty(1), (3,)) == 64
+    assert seen == [("k", table.choices("a", 86), (3,))]
+
+
+def test_one_dot_and_one_dtype_map():
+    """Every family multiplies with padfree.kernels.common.dot and names dtypes from common.DTYPES."""
+    import torch
+
+    from padfree.kernels import common, lora, lora_mixture, moe
+
+    assert lora._dot is moe._dot is lora_mixture._dot is common.dot
+    assert {dtype: (info.name, info.size, info.precision) for dtype, info in common.DTYPES.items()} == {
+        torch.float16: ("fp16", 2, "tf32"), torch.bfloat16: ("bf16", 2, "tf32"), torch.float32: ("fp32", 4, "ieee")}

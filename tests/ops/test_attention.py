@@ -141,7 +141,8 @@ def test_every_tuning_candidate_at_head_dim_128(triton_cpu, kind, index):
     from padfree.kernels import attention as kernels
     from padfree.kernels import runtime
 
-    assert len(kernels.tile_candidates(kind, 128, torch.float16)) == {"fwd": 4, "dkdv": 1, "dq": 2}[kind]
+    choices = kernels.TILES.choices(kernels.tile_key(kind, 128, torch.float16))
+    assert len(choices) == {"fwd": 4, "dkdv": 1, "dq": 2}[kind]
     q, k, v, cu_q, cu_k = packed([130, 1, 70], [130, 1, 70], heads_q=2, heads_k=1, dim=128, dtype=torch.float16)
     with runtime.force_choice(f"attention_{kind}", index):
         check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0))
@@ -154,7 +155,8 @@ def test_tile_defaults_per_arch():
     from padfree.kernels import registry
 
     def shapes(kind, pad, arch):
-        return [(t.block_m, t.block_n, t.num_warps) for t in kernels.tile_candidates(kind, pad, torch.bfloat16, arch)]
+        tiles = kernels.TILES.choices(kernels.tile_key(kind, pad, torch.bfloat16), arch)
+        return [(t.block_m, t.block_n, t.num_warps) for t in tiles]
 
     assert shapes("fwd", 128, 90)[0] == (128, 128, 8) and shapes("fwd", 128, 80)[0] == (128, 64, 8)
     assert (128, 128, 8) not in shapes("fwd", 128, 80)
@@ -162,7 +164,7 @@ def test_tile_defaults_per_arch():
     assert [shapes(kind, 256, 90) for kind in ("fwd", "dq", "dkdv")] == [[(128, 16, 8)], [(128, 16, 8)],
                                                                         [(16, 128, 8)]]
     assert [shapes(kind, 256, 80) for kind in ("fwd", "dq", "dkdv")] == [[(64, 32, 8)], [(64, 32, 4)], [(16, 32, 8)]]
-    assert [t.passes for t in kernels.tile_candidates("dkdv", 256, torch.bfloat16, 90)] == [2]
+    assert [t.passes for t in kernels.TILES.choices(kernels.tile_key("dkdv", 256, torch.bfloat16), 90)] == [2]
     assert set(shapes("fwd", 128, None)) == set(shapes("fwd", 128, 90))
     entry = next(e for e in registry.all_kernels() if e.name.endswith(".attention_fwd_kernel"))
     archs = {launch.archs for launch in entry.launches() if " d128 128x128 " in launch.label}
@@ -177,7 +179,8 @@ def test_every_tile_at_head_dim_256(triton_cpu, index):
     from padfree.kernels import attention as kernels
     from padfree.kernels import runtime
 
-    counts = {kind: len(kernels.tile_candidates(kind, 256, torch.float16)) for kind in ("fwd", "dkdv", "dq")}
+    counts = {kind: len(kernels.TILES.choices(kernels.tile_key(kind, 256, torch.float16)))
+              for kind in ("fwd", "dkdv", "dq")}
     assert counts == {"fwd": 2, "dkdv": 2, "dq": 3}
     q, k, v, cu_q, cu_k = packed([70, 1, 33], [70, 1, 33], heads_q=2, heads_k=1, dim=256, dtype=torch.float16)
     with runtime.force_choice("attention_fwd", min(index, 1)), runtime.force_choice("attention_dkdv", min(index, 1)), \

@@ -142,7 +142,7 @@ def test_every_tuning_candidate_matches_float64(triton_cpu, launcher, index):
     from padfree.kernels import lora as kernels
     from padfree.kernels import runtime
 
-    assert len(kernels._FORWARD_LARGE) == 6 and len(kernels._DX_LARGE) == 3
+    assert len(kernels.FORWARD_TILES.choices((2, "large"))) == 6 and len(kernels.DX_TILES.choices((2, "large"))) == 3
     with runtime.force_choice(launcher, index):
         # M >= 1024 and N, K >= 256 select the large candidates for both the forward and dx
         _check((1030,), 260, [257], [16], torch.float16, True, 0.2 if launcher == "lora_dx" else 0.0)

@@ -103,7 +103,7 @@ def test_every_tuning_candidate_matches_float64(triton_cpu, tile, index):
     from padfree.kernels import moe as kernels
     from padfree.kernels import runtime
 
-    assert len(kernels._candidates(tile, fp32=False)) == CANDIDATE_COUNTS[tile]
+    assert len(kernels.TILES.choices((tile, 2))) == CANDIDATE_COUNTS[tile]
     # hidden and inter cross the 64/128 tiles; 70 tokens x top-2 over 5 experts cross the 64-row block
     with runtime.force_choice(f"moe_{tile}", index):
         check_experts(70, 5, 2, 136, 72, torch.float16)
@@ -115,24 +115,26 @@ def test_tiles_per_arch():
     from padfree.kernels import moe as kernels
     from padfree.kernels import registry
 
+    tiles = kernels.TILES
     limited = set()
     for tile, kernel in kernels.KERNELS.items():
+        key = (tile, 2)
         for arch in registry.ARCHS:
-            candidates = kernels._candidates(tile, False, arch)
-            assert candidates[0] == kernels._ARCH_TILES.get(arch, {}).get(tile, kernels.TILES[tile])
+            candidates = tiles.choices(key, arch)
+            assert candidates[0] == tiles.arch_defaults.get(arch, {}).get(key, tiles.defaults[key])
             assert len(set(candidates)) == len(candidates)
             for config in candidates:
-                assert arch in kernels._ONLY_ON.get((tile, config), registry.ARCHS), (tile, config, arch)
+                assert arch in tiles.archs(key, config), (tile, config, arch)
         name = f"padfree.kernels.moe.{kernel.fn.__name__}"
         entry = next(e for e in registry.all_kernels() if e.name == name)
         for launch in entry.launches():
             c = launch.constexprs
-            config = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], launch.num_warps, launch.num_stages)
-            if (tile, config) in kernels._ONLY_ON:
-                assert launch.archs == kernels._ONLY_ON[(tile, config)]
-                limited.add((tile, config))
-    assert limited == set(kernels._ONLY_ON)
-    assert kernels._candidates("gate_up", False, 90)[0] != kernels._candidates("gate_up", False, 80)[0]
+            config = registry.Tile(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], launch.num_warps, launch.num_stages)
+            if (key, config) in tiles.only_on:
+                assert launch.archs == tiles.only_on[(key, config)]
+                limited.add((key, config))
+    assert limited == set(tiles.only_on)
+    assert tiles.choices(("gate_up", 2), 90)[0] != tiles.choices(("gate_up", 2), 80)[0]
 
 
 def test_experts_are_deterministic(triton_cpu):

@@ -1,0 +1,47 @@
+"""What every kernel family shares: the dtype map and the one `dot`.
+
+Precision rule (one place): fp32 inputs multiply in exact IEEE fp32 (torch's default for fp32
+matmuls), never TF32, so fp32 results match a float64 reference to fp32 accuracy; 16-bit inputs
+take the tensor cores' native products, accumulated in fp32. A kernel gets the rule as its `IEEE`
+constexpr (`DTYPES[dtype].ieee`) and calls `dot`; the attention kernels take it as the
+`input_precision` string `PRECISION` (`DTYPES[dtype].precision`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class DType:
+    """A data dtype of the kernels: Triton's name for signatures ("fp16", "bf16", "fp32") and its
+    size in bytes."""
+
+    name: str
+    size: int
+
+    @property
+    def ieee(self) -> bool:
+        """Whether dots of this dtype run in IEEE fp32 (fp32 inputs; see the module docstring)."""
+        return self.size == 4
+
+    @property
+    def precision(self) -> str:
+        """tl.dot's input_precision for this dtype."""
+        return "ieee" if self.ieee else "tf32"
+
+
+# the data dtypes every kernel family takes, in the order the compile check registers them
+DTYPES = {torch.float16: DType("fp16", 2), torch.bfloat16: DType("bf16", 2), torch.float32: DType("fp32", 4)}
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in fp32; IEEE: exact fp32 products (fp32 inputs, see the module docstring)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
