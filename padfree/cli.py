@@ -94,7 +94,9 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also the extended launches: tuning candidates, fp16 twins of bf16 launches, "
                              "grid-stride attention variants of the flag subsets (see registry.Launch)")
     parser.add_argument("--efficiency", action="store_true",
-                        help="instead, the static efficiency report of the hot bf16 launches and its gate")
+                        help="instead, the static efficiency report of the hot bf16 launches (with --all: tuning "
+                             "candidates too) and its gate: exit 1 on a flagged row not in efficiency.ACCEPTED, "
+                             "or an accepted row that passes")
     parser.add_argument("--json", action="store_true", help="with --efficiency: JSON rows instead of a table")
 
 
@@ -107,11 +109,18 @@ def _compile_check(args: argparse.Namespace) -> int:
     if args.efficiency:
         from padfree import efficiency
 
-        rows = efficiency.run(args.arch or [80, 90], args.kernel, args.jobs)
+        rows = efficiency.run(args.arch or [80, 90], args.kernel, args.jobs, extended=args.all)
         print(efficiency.to_json(rows) if args.json else efficiency.table(rows))
         flagged = sum(bool(row.flags) for row in rows)
-        print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged", file=sys.stderr)
-        return 1 if flagged else 0
+        unexpected, stale = efficiency.verdict(rows)
+        print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged "
+              f"({flagged - len(unexpected)} of them accepted in efficiency.ACCEPTED)", file=sys.stderr)
+        for row in unexpected:
+            print(f"  flagged: {row.kernel} {row.label} sm_{row.arch}: {'; '.join(row.flags)}", file=sys.stderr)
+        for row in stale:
+            print(f"  passes now, remove it from efficiency.ACCEPTED: {row.kernel} {row.label} sm_{row.arch}",
+                  file=sys.stderr)
+        return 1 if unexpected or stale else 0
     archs = args.arch or list(registry.ARCHS)
     results = [] if args.cuda_only else compile_check.run(archs, args.kernel, args.jobs, extended=args.all)
     if args.cuda or args.cuda_only:

@@ -129,6 +129,50 @@ def _row(**changes) -> efficiency.Efficiency:
     return efficiency.Efficiency(**{**good, **changes})
 
 
+def test_verdict_fails_on_unaccepted_flags_and_on_accepted_rows_that_pass():
+    """CI's gate: a flagged row outside efficiency.ACCEPTED fails the run, and so does an accepted row
+    that passes (the list must shrink when a kernel is fixed); accepted flagged rows and passing
+    rows outside the list do not."""
+    accepted = next(iter(efficiency.ACCEPTED))
+    kernel, label, arch = accepted
+    flagged = dict(replication=1.5)
+    rows = {"accepted, flagged": _row(kernel=f"padfree.kernels.x.{kernel}", label=label, arch=arch, **flagged),
+            "accepted, passes": _row(kernel=kernel, label=label, arch=arch),
+            "other, flagged": _row(kernel=kernel, label=label + " other", arch=arch, **flagged),
+            "other, passes": _row(kernel=kernel, label=label + " other", arch=arch)}
+    for row in rows.values():
+        row.flags = efficiency.gate(row)
+    unexpected, stale = efficiency.verdict(list(rows.values()))
+    assert unexpected == [rows["other, flagged"]] and stale == [rows["accepted, passes"]]
+    assert efficiency.verdict([rows["accepted, flagged"], rows["other, passes"]]) == ([], [])
+
+
+def test_accepted_rows_are_registered_hot_launches():
+    """Every ACCEPTED entry names a hot launch registered for its arch, so a renamed label or a
+    removed tile cannot leave an entry that no run ever judges; CI (`compile-check --efficiency`
+    without --all) evaluates every accepted row that is not an extended launch."""
+    from padfree.kernels import registry
+
+    hot = {}
+    for entry in registry.all_kernels():
+        for launch in entry.launches():
+            if efficiency.is_hot(entry.name, launch):
+                for arch in launch.archs:
+                    hot[(entry.name.rsplit(".", 1)[-1], launch.label, arch)] = launch.extended
+    missing = [key for key in efficiency.ACCEPTED if key not in hot]
+    assert not missing, missing
+    ci = efficiency.hot_launches([80, 90], extended=False)
+    assert ci and len(ci) < len(efficiency.hot_launches([80, 90]))
+    assert all(not registry_launch.extended for registry_launch in _launches(ci))
+
+
+def _launches(keys):
+    from padfree.kernels import registry
+
+    entries = {entry.name: list(entry.launches()) for entry in registry.all_kernels()}
+    return [entries[name][index] for name, index, _ in keys]
+
+
 @pytest.mark.parametrize("changes, reason", [
     ({"replication": 1.5}, "replicated 1.50x"),
     ({"mma": "mma.sync"}, "mma.sync instead of wgmma"),
