@@ -150,8 +150,16 @@ def has_kernel(op: str, device: torch.device) -> bool:
         return False
 
 
-def status() -> dict[str, object]:
-    """For `padfree env`: whether `_C` loaded, how, or why not."""
+def status(build: bool = True) -> dict[str, object]:
+    """For `padfree env`: whether `_C` loaded, how, or why not. `build=False` (`env --no-build`)
+    neither builds nor remembers anything when `_C` is not loaded yet and has no ahead-of-time
+    build, so a later `load()` in the same process still builds it."""
+    if not build and _state["loaded"] is None:
+        try:
+            import padfree._C  # noqa: F401
+        except ImportError:
+            return {"loaded": False, "how": None, "cuda_kernels": False,
+                    "error": "not loaded yet (env --no-build: no just-in-time build to report on it)"}
     load()
     return {"loaded": bool(_state["loaded"]), "how": _state["how"], "error": _state["error"],
             "cuda_kernels": _state["loaded"] and torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -32,7 +32,6 @@ def _env_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _env(args: argparse.Namespace) -> int:
-    import os
     import platform
 
     import torch
@@ -62,9 +61,7 @@ def _env(args: argparse.Namespace) -> int:
     triton_mode = ("interpreter (TRITON_INTERPRET=1)" if runtime.interpreting() else "compiled") \
         if runtime.HAS_TRITON else "unavailable"
     rows.append(("Triton kernels", triton_mode))
-    if args.no_build and os.environ.get("PADFREE_BUILD_EXT") is None:
-        os.environ["PADFREE_BUILD_EXT"] = "0"
-    status = _ext.status()
+    status = _ext.status(build=not args.no_build)
     if status["loaded"]:
         rows.append(("padfree._C", f"loaded ({status['how']}), CUDA kernels: {'yes' if status['cuda_kernels'] else 'no'}"))
     else:

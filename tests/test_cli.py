@@ -11,6 +11,24 @@ def test_env_reports_versions_and_backends(capsys):
         assert row in out
 
 
+def test_env_no_build_leaves_the_extension_loadable(capsys, monkeypatch):
+    """`env --no-build` in a process that has not loaded padfree._C yet reports that, and a later
+    load in the same process still builds it (it used to set PADFREE_BUILD_EXT=0 for good)."""
+    import os
+
+    from padfree import _ext
+
+    monkeypatch.setattr(_ext, "_state", {**_ext._state, "loaded": None, "how": None, "error": None})
+    monkeypatch.setattr(_ext, "_fakes", {})  # the spy load registers nothing of the real process
+    builds = []
+    monkeypatch.setattr(_ext, "_build_just_in_time", lambda: builds.append(1) or "spy build")
+    assert cli.main(["env", "--no-build"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("padfree._C"))
+    assert "not loaded yet" in row and builds == [] and _ext._state["loaded"] is None
+    assert "PADFREE_BUILD_EXT" not in os.environ or os.environ["PADFREE_BUILD_EXT"] != "0"
+    assert _ext.load() and builds == [1] and _ext._state["how"] == "spy build"
+
+
 def test_unknown_subcommand_fails():
     done = subprocess.run([sys.executable, "-m", "padfree.cli", "frobnicate"], capture_output=True, text=True)
     assert done.returncode != 0 and "invalid choice" in done.stderr
