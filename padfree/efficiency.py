@@ -208,15 +208,9 @@ def gate(row: Efficiency) -> list[str]:
 # Rows the gate flags today, (kernel, launch label, arch) -> why they are accepted for now; docs/
 # efficiency.md ("Still open") gives the measurements. `verdict` fails a run on a flagged row not
 # listed here and on a listed row that now passes, so the list only ever shrinks to what holds.
-_VARIANTS = ("plain", "plain strided", "has_right", "has_right strided")
-_D256_AMPERE = ("head dim 256 on Ampere: tiles that keep mma.sync unreplicated spill, tiles that "
-                "do not spill replicate it (Triton lays the narrow score dots' warps over columns)")
 _MIXTURE_GATHER = ("gathered rows cost a 64-bit address and a mask per 16-byte vector against the rank-wide "
                    "MMA; memory-bound by 2-3x at r <= 64 by the model, so the issue overhead hides under HBM reads")
 ACCEPTED = {
-    **{("attention_fwd_kernel", f"bf16 d256 64x32 w8s2 {v}", 80): _D256_AMPERE for v in _VARIANTS},
-    **{("attention_bwd_dq_kernel", f"bf16 d256 64x32 w4s2 {v}", 80): _D256_AMPERE for v in _VARIANTS},
-    **{("attention_bwd_dkdv_kernel", f"bf16 d256 16x32 w8s2 {v}", 80): _D256_AMPERE for v in _VARIANTS},
     ("attention_bwd_dkdv_kernel", "bf16 d256 16x128 w8s2 dv pass has_right", 90):
         "8 B spill at 255 registers in the causal dv pass (the plain and strided variants do not spill)",
     **{("lora_mixture_grad_a_kernel", f"bf16 r{r}", arch): _MIXTURE_GATHER for r in (16, 32, 64) for arch in (80, 90)},

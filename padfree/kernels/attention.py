@@ -634,17 +634,21 @@ def tile_key(kind: str, head_dim_padded: int, dtype: torch.dtype) -> tuple[str, 
 _DEFAULTS = {
     ("fwd", 16, 2): _qk_tile(128, 64, 4, 3), ("fwd", 32, 2): _qk_tile(128, 64, 4, 3),
     ("fwd", 64, 2): _qk_tile(128, 64, 8, 3), ("fwd", 128, 2): _qk_tile(128, 64, 8, 3),
-    ("fwd", 256, 2): _qk_tile(64, 32, 8, 2),
+    ("fwd", 256, 2): _qk_tile(64, 64, 8, 2),
     ("dkdv", 16, 2): _qk_tile(32, 128, 4, 3), ("dkdv", 32, 2): _qk_tile(32, 128, 4, 3),
     ("dkdv", 64, 2): _qk_tile(16, 128, 8, 2), ("dkdv", 128, 2): _qk_tile(16, 128, 8, 2),
-    ("dkdv", 256, 2): _qk_tile(16, 32, 8, 2),
+    ("dkdv", 256, 2): _qk_tile(64, 16, 8, 2, passes=2),
     ("dq", 16, 2): _qk_tile(128, 32, 4, 3), ("dq", 32, 2): _qk_tile(128, 32, 4, 3),
     ("dq", 64, 2): _qk_tile(128, 32, 8, 2), ("dq", 128, 2): _qk_tile(128, 32, 8, 2),
-    ("dq", 256, 2): _qk_tile(64, 32, 4, 2),
+    ("dq", 256, 2): _qk_tile(64, 64, 8, 2),
 }
 for (_kind, _pad, _size), _t in list(_DEFAULTS.items()):
     _DEFAULTS[(_kind, _pad, 4)] = _qk_tile(max(16, _t.block_m // 2), max(16, _t.block_n // 2), _t.num_warps, 2,
                                            _t.passes)
+# fp32 at head dim 256 keeps tiles of its own: halved, the 64x64 8-warp forward and dq above need 100 and
+# 132 KB of shared memory (sm_86/89 have 99 KB) and spill
+_DEFAULTS.update({("fwd", 256, 4): _qk_tile(32, 16, 8, 2), ("dq", 256, 4): _qk_tile(32, 16, 4, 2),
+                  ("dkdv", 256, 4): _qk_tile(16, 16, 8, 2)})
 
 # A different default on one arch, where the compile check shows the base tile leaves speed on the
 # table. Hopper: 228 KiB of shared memory and wgmma fit the 128x128 forward without spills (sm_80
@@ -653,13 +657,17 @@ for (_kind, _pad, _size), _t in list(_DEFAULTS.items()):
 # registers a thread: the forward and dq run 128 rows on 8 warps 16 keys at a time
 # (64-row tiles on 4 warps spill: each thread then holds twice the load addresses), and dk/dv runs
 # 128 keys in two passes (dv, then dk: one accumulator each; the score GEMM K Q^T is computed in both,
-# 5 GEMMs for 4). On sm_80 the same tiles replicate their mma.sync work (Triton spreads the warps of
-# the 16-wide score GEMMs over columns), so it keeps the base tiles. See docs/efficiency.md.
+# 5 GEMMs for 4). On sm_80 the same tiles replicate their mma.sync work: there Triton lays the warps
+# of these chained dots over columns ([1, num_warps]), so the base head-dim-256 tiles give each warp
+# 8 score columns (fwd/dq BLOCK_N, dk/dv BLOCK_M = 8 * num_warps); dk/dv runs two passes there too
+# (one pass spills 32 B causal). See docs/efficiency.md.
 _ARCH_DEFAULTS = {90: {("fwd", 128, 2): _qk_tile(128, 128, 8, 3), ("dkdv", 64, 2): _qk_tile(32, 128, 8, 2),
                        ("fwd", 256, 2): _qk_tile(128, 16, 8, 3),
                        ("dq", 256, 2): _qk_tile(128, 16, 8, 2), ("dkdv", 256, 2): _qk_tile(16, 128, 8, 2, passes=2)},
-                  # the base head-dim-256 dq tile needs 100 KB of shared memory, over their 99 KB
-                  86: {("dq", 256, 2): _qk_tile(32, 32, 4, 2)}, 89: {("dq", 256, 2): _qk_tile(32, 32, 4, 2)}}
+                  # the base head-dim-256 forward and dq tiles need 104 and 136 KB of shared memory,
+                  # over their 99 KB
+                  86: {("fwd", 256, 2): _qk_tile(32, 32, 4, 2), ("dq", 256, 2): _qk_tile(32, 32, 4, 2)},
+                  89: {("fwd", 256, 2): _qk_tile(32, 32, 4, 2), ("dq", 256, 2): _qk_tile(32, 32, 4, 2)}}
 
 # More tiles for 16-bit head dim 128 (Llama-class models), timed on the GPU on first use per shape
 # with PADFREE_AUTOTUNE=1 (runtime.pick; the default is used otherwise). Each compiles for its archs
@@ -675,13 +683,12 @@ _CANDIDATES = {
 # The 128x64 4-stage forward needs 128 KB of shared memory, over the 99 KB of sm_86/sm_89
 # (runtime.launch_tuned also skips a candidate the GPU refuses).
 # Where an arch has its own tile it runs only that one: at head dim 256 Hopper's base tiles
-# replicate (forward, dk/dv) or spill (dq), and the base dq does not fit sm_86/sm_89.
+# replicate (forward, dk/dv) or spill (dq), and the base forward and dq do not fit sm_86/sm_89.
 TILES = registry.TileTable(_DEFAULTS, _ARCH_DEFAULTS, _CANDIDATES, only_on={
     **{(key, tile): (90,) for key, tile in _ARCH_DEFAULTS[90].items()},
-    (("dq", 256, 2), _qk_tile(32, 32, 4, 2)): (86, 89),
-    **{((kind, pad, 2), _DEFAULTS[kind, pad, 2]): (80, 86, 89)
-       for kind, pad in (("dkdv", 64), ("fwd", 256), ("dkdv", 256))},
-    (("dq", 256, 2), _DEFAULTS["dq", 256, 2]): (80,),
+    **{(key, tile): (86, 89) for key, tile in _ARCH_DEFAULTS[86].items()},
+    **{((kind, pad, 2), _DEFAULTS[kind, pad, 2]): (80, 86, 89) for kind, pad in (("dkdv", 64), ("dkdv", 256))},
+    **{((kind, 256, 2), _DEFAULTS[kind, 256, 2]): (80,) for kind in ("fwd", "dq")},
     (("fwd", 128, 2), _qk_tile(128, 64, 8, 4)): registry.BIG_SHARED_MEMORY_ARCHS})
 
 

@@ -160,11 +160,14 @@ def test_tile_defaults_per_arch():
 
     assert shapes("fwd", 128, 90)[0] == (128, 128, 8) and shapes("fwd", 128, 80)[0] == (128, 64, 8)
     assert (128, 128, 8) not in shapes("fwd", 128, 80)
-    # head dim 256: Hopper runs 128-row tiles on 8 warps (dk/dv in two passes), sm_80 the base tiles
+    # head dim 256: Hopper runs 128-row tiles on 8 warps, sm_80 the base tiles, sm_86/89 a forward
+    # and dq that fit 99 KB of shared memory; dk/dv runs in two passes on all of them
     assert [shapes(kind, 256, 90) for kind in ("fwd", "dq", "dkdv")] == [[(128, 16, 8)], [(128, 16, 8)],
                                                                         [(16, 128, 8)]]
-    assert [shapes(kind, 256, 80) for kind in ("fwd", "dq", "dkdv")] == [[(64, 32, 8)], [(64, 32, 4)], [(16, 32, 8)]]
-    assert [t.passes for t in kernels.TILES.choices(kernels.tile_key("dkdv", 256, torch.bfloat16), 90)] == [2]
+    assert [shapes(kind, 256, 80) for kind in ("fwd", "dq", "dkdv")] == [[(64, 64, 8)], [(64, 64, 8)], [(64, 16, 8)]]
+    assert [shapes(kind, 256, 86) for kind in ("fwd", "dq", "dkdv")] == [[(32, 32, 4)], [(32, 32, 4)], [(64, 16, 8)]]
+    assert [t.passes for arch in (80, 86, 89, 90)
+            for t in kernels.TILES.choices(kernels.tile_key("dkdv", 256, torch.bfloat16), arch)] == [2, 2, 2, 2]
     assert set(shapes("fwd", 128, None)) == set(shapes("fwd", 128, 90))
     entry = next(e for e in registry.all_kernels() if e.name.endswith(".attention_fwd_kernel"))
     archs = {launch.archs for launch in entry.launches() if " d128 128x128 " in launch.label}
@@ -173,17 +176,17 @@ def test_tile_defaults_per_arch():
 
 @pytest.mark.parametrize("index", range(3))
 def test_every_tile_at_head_dim_256(triton_cpu, index):
-    """Head dim 256 has its own tiles on each arch (sm_80: the base ones; sm_90: 128-row tiles and
-    dk/dv in two passes; sm_86/89: a dq tile that fits 99 KB of shared memory): every kernel must be
-    right with each (arch None lists all of them)."""
+    """Head dim 256 has its own tiles on each arch (sm_80: the base ones; sm_90: 128-row tiles;
+    sm_86/89: forward and dq tiles that fit 99 KB of shared memory; dk/dv in two passes on both
+    sm_80 and sm_90): every kernel must be right with each (arch None lists all of them)."""
     from padfree.kernels import attention as kernels
     from padfree.kernels import runtime
 
     counts = {kind: len(kernels.TILES.choices(kernels.tile_key(kind, 256, torch.float16)))
               for kind in ("fwd", "dkdv", "dq")}
-    assert counts == {"fwd": 2, "dkdv": 2, "dq": 3}
+    assert counts == {"fwd": 3, "dkdv": 2, "dq": 3}
     q, k, v, cu_q, cu_k = packed([70, 1, 33], [70, 1, 33], heads_q=2, heads_k=1, dim=256, dtype=torch.float16)
-    with runtime.force_choice("attention_fwd", min(index, 1)), runtime.force_choice("attention_dkdv", min(index, 1)), \
+    with runtime.force_choice("attention_fwd", index), runtime.force_choice("attention_dkdv", min(index, 1)), \
             runtime.force_choice("attention_dq", index):
         check_against_reference(q, k, v, cu_q, cu_k, window=(-1, 0))
 
