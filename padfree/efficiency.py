@@ -284,8 +284,7 @@ def reference_for(name: str, launch):
         m, n, k = (c[key] for key in shapes[short])
         # the kernels that drop out their operand in the main loop are held to a GEMM doing the same
         if short == "lora_da_kernel" or (c.get("DROPOUT") and short in _MAIN_LOOP_DROPOUT):
-            return textbook.textbook_dropout_gemm_kernel, textbook.dropout_gemm_launch("bf16",
-                                                                                       Tile(m, n, k, warps, stages))
+            return textbook.textbook_gemm_kernel, textbook.gemm_launch("bf16", Tile(m, n, k, warps, stages), dropout=True)
     elif name.startswith("padfree.kernels.moe."):
         # the gate_up kernel computes gate and up tiles of BLOCK_N columns from one row tile
         m, n, k = c["BLOCK_M"], c["BLOCK_N"] * (2 if short == "moe_gate_up_kernel" else 1), c["BLOCK_K"]

@@ -8,7 +8,7 @@ kernel is compared with the count the same tile costs in a kernel that does noth
 (The tests run them in the interpreter against float64, so the yardstick computes what it claims.)
 
 GEMM: c = a @ b^T with a (M, K) and b (N, K) row-major (the nn.Linear layout: y = x W^T).
-Dropout GEMM: c = (a * keep) @ b^T with keep the stream-0 mask of padfree's LoRA dropout
+With DROPOUT, c = (a * keep) @ b^T with keep the stream-0 mask of padfree's LoRA dropout
 (`lora.dropout_keep`, the same hash and bit split): the yardstick of the LoRA kernels that drop
 out their operand in the main loop (shrink with dropout, dA), whose random bits are work a plain
 GEMM does not do.
@@ -33,36 +33,24 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def textbook_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) tile of c = a @ b^T per program; M, N, K multiples of the tiles."""
+def textbook_gemm_kernel(a_ptr, b_ptr, c_ptr, seed_ptr, M, N, K, stride_am, stride_bn, stride_cm, threshold,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of c = a @ b^T per program; M, N, K multiples of the tiles. DROPOUT:
+    each a tile dropped out first (kept where its 16 mask bits >= threshold; seed read from seed_ptr)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + rows[:, None] * stride_am + ks[None, :]
     b_tile = b_ptr + cols[None, :] * stride_bn + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        acc = tl.dot(tl.load(a_tile), tl.load(b_tile), acc)
-        a_tile += BLOCK_K
-        b_tile += BLOCK_K
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty))
-
-
-@triton.jit
-def textbook_dropout_gemm_kernel(a_ptr, b_ptr, c_ptr, seed_ptr, M, N, K, stride_am, stride_bn, stride_cm, threshold,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """textbook_gemm_kernel with each a tile dropped out (kept where its 16 mask bits >= threshold)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    a_tile = a_ptr + rows[:, None] * stride_am + ks[None, :]
-    b_tile = b_ptr + cols[None, :] * stride_bn + ks[:, None]
-    seed = tl.load(seed_ptr)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        keep = dropout_keep(seed, 0, rows.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K)
-        acc = tl.dot(tl.where(keep, tl.load(a_tile), 0.0), tl.load(b_tile), acc)
+        a = tl.load(a_tile)
+        if DROPOUT:
+            a = tl.where(dropout_keep(seed, 0, rows.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), a, 0.0)
+        acc = tl.dot(a, tl.load(b_tile), acc)
         a_tile += BLOCK_K
         b_tile += BLOCK_K
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty))
@@ -163,17 +151,13 @@ def textbook_attention_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, stride_t, stride
 # ---- compile-check registry: the yardstick compiles at padfree's tiles (padfree.efficiency), here
 # at one representative bf16 tile each, so the plain compile check covers them too.
 
-def gemm_launch(dtype: str, tile: registry.Tile) -> registry.Launch:
-    """The Launch of textbook_gemm_kernel at `tile` (BLOCK_M, BLOCK_N, BLOCK_K) for `dtype` data."""
-    signature = registry.signature(textbook_gemm_kernel, {name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "c_ptr")})
-    return registry.Launch.of(tile, f"{dtype} {tile.label}", signature, {}, aligned=("M", "N", "K"), pipelined=True)
-
-
-def dropout_gemm_launch(dtype: str, tile: registry.Tile) -> registry.Launch:
-    """The Launch of textbook_dropout_gemm_kernel at `tile` for `dtype` data."""
-    signature = registry.signature(textbook_dropout_gemm_kernel,
+def gemm_launch(dtype: str, tile: registry.Tile, dropout: bool = False) -> registry.Launch:
+    """The Launch of textbook_gemm_kernel at `tile` (BLOCK_M, BLOCK_N, BLOCK_K) for `dtype` data; with
+    `dropout`, the dropout GEMM (label suffix " dropout")."""
+    signature = registry.signature(textbook_gemm_kernel,
                                    {**{name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "c_ptr")}, "seed_ptr": "*i64"})
-    return registry.Launch.of(tile, f"{dtype} {tile.label}", signature, {}, aligned=("M", "N", "K"), pipelined=True)
+    return registry.Launch.of(tile, f"{dtype} {tile.label}{' dropout' if dropout else ''}", signature,
+                              {"DROPOUT": dropout}, aligned=("M", "N", "K"), pipelined=True)
 
 
 def attention_launch(kernel, dtype: str, tile: registry.Tile, head_dim: int, output: str = "dkdv") -> registry.Launch:
@@ -189,8 +173,8 @@ def attention_launch(kernel, dtype: str, tile: registry.Tile, head_dim: int, out
     return registry.Launch.of(tile, label, signature, constexprs, aligned=("seqlen",), pipelined=True)
 
 
-registry.register(textbook_gemm_kernel, lambda: [gemm_launch("bf16", registry.Tile(128, 128, 64, 8, 3))])
-registry.register(textbook_dropout_gemm_kernel, lambda: [dropout_gemm_launch("bf16", registry.Tile(64, 64, 64, 4, 3))])
+registry.register(textbook_gemm_kernel, lambda: [gemm_launch("bf16", registry.Tile(128, 128, 64, 8, 3)),
+                                                 gemm_launch("bf16", registry.Tile(64, 64, 64, 4, 3), dropout=True)])
 for _kernel, _tile in ((textbook_attention_fwd_kernel, registry.Tile(128, 64, None, 8, 3)),
                        (textbook_attention_dkdv_kernel, registry.Tile(32, 128, None, 8, 2)),
                        (textbook_attention_dq_kernel, registry.Tile(128, 32, None, 8, 2))):

@@ -273,8 +273,8 @@ def test_textbook_attention_matches_float64(triton_cpu):
 def test_textbook_gemm_matches_float64(triton_cpu):
     a, b = torch.randn(32, 48, dtype=torch.float16), torch.randn(16, 48, dtype=torch.float16)
     c = torch.empty(32, 16, dtype=torch.float16)
-    textbook.textbook_gemm_kernel[(2, 1)](a, b, c, 32, 16, 48, a.stride(0), b.stride(0), c.stride(0),
-                                          BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    textbook.textbook_gemm_kernel[(2, 1)](a, b, c, torch.tensor([0]), 32, 16, 48, a.stride(0), b.stride(0),
+                                          c.stride(0), 0, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, DROPOUT=False)
     assert_close("c", c, a.double() @ b.double().t(), (a @ b.t()), factor=2)
 
 
@@ -286,9 +286,9 @@ def test_textbook_dropout_gemm_applies_the_lora_mask(triton_cpu):
     a, b = torch.randn(32, 48, dtype=torch.float16), torch.randn(16, 48, dtype=torch.float16)
     c = torch.empty(32, 16, dtype=torch.float16)
     seed, dropout_p = 1234, 0.3
-    textbook.textbook_dropout_gemm_kernel[(2, 1)](a, b, c, torch.tensor([seed]), 32, 16, 48, a.stride(0), b.stride(0),
-                                                  c.stride(0), lora_reference.keep_threshold(dropout_p),
-                                                  BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    textbook.textbook_gemm_kernel[(2, 1)](a, b, c, torch.tensor([seed]), 32, 16, 48, a.stride(0), b.stride(0),
+                                          c.stride(0), lora_reference.keep_threshold(dropout_p),
+                                          BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, DROPOUT=True)
     keep = lora_reference.keep_mask(seed, 0, 32, 48, dropout_p)
     assert 0.6 < keep.double().mean().item() < 0.8
     dropped = a * keep.to(a.dtype)
