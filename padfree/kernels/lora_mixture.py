@@ -69,6 +69,9 @@ from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
 ALIGN_BLOCK = moe.ALIGN_BLOCK  # the pair blocks of moe_down_kernel, reused for the expand
+# An expert's run is its pairs padded to a multiple of ALIGN_BLOCK: padding rows sit in its last
+# ALIGN_BLOCK rows only, so the weight-gradient loops run the steps before those without a token mask.
+RUN_PADDING = tl.constexpr(ALIGN_BLOCK)
 # The pair count changes every batch (one compiled variant, not one per divisibility of it).
 _PER_BATCH = ("num_pairs", "capacity", "num_tokens")
 
@@ -204,6 +207,34 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
     tl.store(hw_ptr + tile, (h * pair_scale).to(hw_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
+@triton.jit
+def _grad_b_step(acc, dy_cols, hw_tile, sorted_tokens_ptr, r0, steps, row_size, hw_row_size, num_tokens, n_ok, col_ok,
+                 IEEE: tl.constexpr, PADDED: tl.constexpr):
+    """acc += dy[tokens]^T hw of the BLOCK_M rows at r0; PADDED: rows may be padding (token num_tokens)."""
+    tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
+    mask = n_ok[:, None]
+    if PADDED:
+        mask = mask & (tokens < num_tokens)[None, :]
+    dy_t = tl.load(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, mask=mask, other=0.0)
+    return _dot(dy_t, tl.load(hw_tile + r0 * hw_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
+
+
+@triton.jit
+def _grad_a_step(acc, x_cols, dh_tile, sorted_tokens_ptr, r0, steps, row_size, dh_row_size, num_tokens, k_ok, col_ok,
+                 seed, k0, K, threshold, DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PADDED: tl.constexpr):
+    """acc += D(x[tokens])^T dh of the BLOCK_M rows at r0; PADDED as in _grad_b_step."""
+    tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
+    mask = k_ok[None, :]
+    if PADDED:
+        mask = mask & (tokens < num_tokens)[:, None]
+    x = tl.load(x_cols + tokens.to(tl.uint64)[:, None] * row_size, mask=mask, other=0.0)
+    if DROPOUT:
+        x = tl.where(dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), x,
+                     0.0).to(x.dtype)
+    return _dot(tl.trans(x), tl.load(dh_tile + r0 * dh_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
+
+
 @triton.jit(do_not_specialize=_PER_BATCH)
 def lora_mixture_grad_b_kernel(dy_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets_ptr, db_ptr, num_tokens, N, R,
                                stride_dym, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -228,11 +259,13 @@ def lora_mixture_grad_b_kernel(dy_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets
     hw_row_size = R.to(tl.int64)
     row_size = stride_dym.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
-        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-        dy_t = tl.load(dy_cols + tokens.to(tl.uint64)[None, :] * row_size,
-                       mask=(tokens < num_tokens)[None, :] & n_ok[:, None], other=0.0)
-        acc = _dot(dy_t, tl.load(hw_tile + r0 * hw_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
+    full_end = tl.maximum(end - RUN_PADDING, start)
+    for r0 in range(start, full_end, BLOCK_M):
+        acc = _grad_b_step(acc, dy_cols, hw_tile, sorted_tokens_ptr, r0, steps, row_size, hw_row_size, num_tokens,
+                           n_ok, col_ok, IEEE, False)
+    for r0 in range(full_end, end, BLOCK_M):
+        acc = _grad_b_step(acc, dy_cols, hw_tile, sorted_tokens_ptr, r0, steps, row_size, hw_row_size, num_tokens,
+                           n_ok, col_ok, IEEE, True)
     tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :], acc.to(db_ptr.dtype.element_ty),
              mask=n_ok[:, None] & col_ok[None, :])
 
@@ -264,14 +297,13 @@ def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_
     dh_row_size = R.to(tl.int64)
     row_size = stride_xm.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
-        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-        x = tl.load(x_cols + tokens.to(tl.uint64)[:, None] * row_size,
-                    mask=(tokens < num_tokens)[:, None] & k_ok[None, :], other=0.0)
-        if DROPOUT:
-            x = tl.where(dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), x,
-                         0.0).to(x.dtype)
-        acc = _dot(tl.trans(x), tl.load(dh_tile + r0 * dh_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
+    full_end = tl.maximum(end - RUN_PADDING, start)
+    for r0 in range(start, full_end, BLOCK_M):
+        acc = _grad_a_step(acc, x_cols, dh_tile, sorted_tokens_ptr, r0, steps, row_size, dh_row_size, num_tokens,
+                           k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, False)
+    for r0 in range(full_end, end, BLOCK_M):
+        acc = _grad_a_step(acc, x_cols, dh_tile, sorted_tokens_ptr, r0, steps, row_size, dh_row_size, num_tokens,
+                           k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, True)
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(da_ptr + expert.to(tl.int64) * R * K + cols[None, :] * K + ks[:, None], acc.to(da_ptr.dtype.element_ty),
