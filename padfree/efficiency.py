@@ -214,8 +214,7 @@ ACCEPTED = {
     ("attention_bwd_dkdv_kernel", "bf16 d256 16x128 w8s2 dv pass has_right", 90):
         "8 B spill at 255 registers in the causal dv pass (the plain and strided variants do not spill)",
     **{("lora_mixture_grad_a_kernel", f"bf16 r{r}", arch): _MIXTURE_GATHER for r in (16, 32, 64) for arch in (80, 90)},
-    **{("lora_mixture_grad_b_kernel", f"bf16 r{r}", arch): _MIXTURE_GATHER
-       for r, archs in ((16, (80, 90)), (32, (80, 90)), (64, (90,))) for arch in archs},
+    **{("lora_mixture_grad_b_kernel", f"bf16 r{r}", 90): _MIXTURE_GATHER for r in (16, 32, 64)},
 }
 
 
