@@ -69,9 +69,7 @@ from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
 ALIGN_BLOCK = moe.ALIGN_BLOCK  # the pair blocks of moe_down_kernel, reused for the expand
-# An expert's run is its pairs padded to a multiple of ALIGN_BLOCK: padding rows sit in its last
-# ALIGN_BLOCK rows only, so the weight-gradient loops run the steps before those without a token mask.
-RUN_PADDING = tl.constexpr(ALIGN_BLOCK)
+RUN_PADDING = moe.RUN_PADDING  # the weight-gradient loops mask padding only in a run's last ALIGN_BLOCK rows
 # The pair count changes every batch (one compiled variant, not one per divisibility of it).
 _PER_BATCH = ("num_pairs", "capacity", "num_tokens")
 

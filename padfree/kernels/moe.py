@@ -47,6 +47,9 @@ from padfree.kernels.common import DTYPES, DType
 from padfree.kernels.common import dot as _dot
 
 ALIGN_BLOCK = 64
+# An expert's run is its pairs padded to a multiple of ALIGN_BLOCK, so its padding rows sit in its
+# last ALIGN_BLOCK rows: the weight-gradient loops take the steps before those without a token mask.
+RUN_PADDING = tl.constexpr(ALIGN_BLOCK)
 
 
 @triton.jit
@@ -196,7 +199,7 @@ def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_
                                 IEEE: tl.constexpr):
     """dW2_e = sum over e's rows of dout[t]^T (w_p h_p): a grouped GEMM reducing over the pair rows,
     with w_p h_p from moe_down_backward_kernel. BLOCK_K divides ALIGN_BLOCK, so every step lies in
-    one expert's rows and needs no K mask."""
+    one expert's rows and needs no K mask; only the steps of its last ALIGN_BLOCK rows mask padding."""
     expert = tl.program_id(0)
     out_rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,10 +213,15 @@ def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_
     hw_row_size = inter.to(tl.int64)
     row_size = hidden.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_K):
+    full_end = tl.maximum(end - RUN_PADDING, start)
+    for r0 in range(start, full_end, BLOCK_K):
         # unsigned: token ids are >= 0, and a 32 x 32 -> 64-bit product is one instruction
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
         # an offset from fixed pointers: pointers advanced in the loop cost the pipelined loop more
+        acc = _step(grad_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_rows + r0 * hw_row_size,
+                    out_ok[:, None], col_ok[None, :], acc, IEEE)
+    for r0 in range(full_end, end, BLOCK_K):
+        tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
         acc = _step(grad_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_rows + r0 * hw_row_size,
                     (tokens < num_tokens)[None, :] & out_ok[:, None], col_ok[None, :], acc, IEEE)
     out = grad_w2_ptr + expert.to(tl.int64) * hidden * inter + out_rows[:, None] * inter + cols[None, :]
@@ -269,8 +277,13 @@ def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, p
     x_cols = x_ptr + cols[None, :]
     row_size = stride_xn.to(tl.uint32, bitcast=True).to(tl.uint64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_K):
+    full_end = tl.maximum(end - RUN_PADDING, start)
+    for r0 in range(start, full_end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)  # unsigned: see the dW2 kernel
+        acc = _step(grad_rows + r0 * grad_row_size, x_cols + tokens.to(tl.uint64)[:, None] * row_size,
+                    out_ok[:, None], col_ok[None, :], acc, IEEE)
+    for r0 in range(full_end, end, BLOCK_K):
+        tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
         acc = _step(grad_rows + r0 * grad_row_size, x_cols + tokens.to(tl.uint64)[:, None] * row_size,
                     out_ok[:, None], (tokens < num_tokens)[:, None] & col_ok[None, :], acc, IEEE)
     out = grad_w1_ptr + expert.to(tl.int64) * (2 * inter) * hidden + out_rows[:, None] * hidden + cols[None, :]
