@@ -13,8 +13,8 @@ transformers is registered or patched until `patch` or `register` is called, and
 `padfree._C` are only loaded when an op first needs them.
 """
 
-from importlib import import_module
 
+from padfree import _lazy
 from padfree._backend import use_backend
 
 __version__ = "0.1.0"
@@ -35,13 +35,4 @@ _LAZY = {
 __all__ = ["use_backend", "__version__", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'padfree' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy.exports("padfree", globals(), _LAZY)
