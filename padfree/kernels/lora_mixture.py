@@ -65,6 +65,7 @@ from padfree.kernels import lora, moe, registry, runtime
 from padfree.kernels.common import DTYPES
 from padfree.kernels.common import dot as _dot
 from padfree.kernels.lora import _shrink_step, dropout_keep
+from padfree.kernels.moe import _step
 from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
@@ -206,22 +207,10 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
 
 
 @triton.jit
-def _grad_b_step(acc, dy_cols, hw_tile, sorted_tokens_ptr, r0, steps, row_size, hw_row_size, num_tokens, n_ok, col_ok,
-                 IEEE: tl.constexpr, PADDED: tl.constexpr):
-    """acc += dy[tokens]^T hw of the BLOCK_M rows at r0; PADDED: rows may be padding (token num_tokens)."""
-    tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-    mask = n_ok[:, None]
-    if PADDED:
-        mask = mask & (tokens < num_tokens)[None, :]
-    dy_t = tl.load(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, mask=mask, other=0.0)
-    return _dot(dy_t, tl.load(hw_tile + r0 * hw_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
-
-
-@triton.jit
 def _grad_a_step(acc, x_cols, dh_tile, sorted_tokens_ptr, r0, steps, row_size, dh_row_size, num_tokens, k_ok, col_ok,
                  seed, k0, K, threshold, DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
                  PADDED: tl.constexpr):
-    """acc += D(x[tokens])^T dh of the BLOCK_M rows at r0; PADDED as in _grad_b_step."""
+    """acc += D(x[tokens])^T dh of the BLOCK_M rows at r0; PADDED: rows may be padding (token num_tokens)."""
     tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
     mask = k_ok[None, :]
     if PADDED:
@@ -259,11 +248,13 @@ def lora_mixture_grad_b_kernel(dy_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_M):
-        acc = _grad_b_step(acc, dy_cols, hw_tile, sorted_tokens_ptr, r0, steps, row_size, hw_row_size, num_tokens,
-                           n_ok, col_ok, IEEE, False)
+        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
+        acc = _step(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_tile + r0 * hw_row_size, n_ok[:, None],
+                    col_ok[None, :], acc, IEEE)
     for r0 in range(full_end, end, BLOCK_M):
-        acc = _grad_b_step(acc, dy_cols, hw_tile, sorted_tokens_ptr, r0, steps, row_size, hw_row_size, num_tokens,
-                           n_ok, col_ok, IEEE, True)
+        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
+        acc = _step(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_tile + r0 * hw_row_size,
+                    (tokens < num_tokens)[None, :] & n_ok[:, None], col_ok[None, :], acc, IEEE)
     tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :], acc.to(db_ptr.dtype.element_ty),
              mask=n_ok[:, None] & col_ok[None, :])
 
