@@ -48,11 +48,12 @@ def saved_bytes(forward: Callable[[], object], existing) -> int:
 
 
 def run(benchmark, fn: Callable[[], object], *, device: torch.device, flops: float | None = None,
-        bytes_moved: float | None = None, rounds: int | None = None, warmup_rounds: int = 3,
-        forward: Callable[[], object] | None = None, existing=(), **extra) -> None:
+        bytes_moved: float | None = None, tokens: int | None = None, rounds: int | None = None,
+        warmup_rounds: int = 3, forward: Callable[[], object] | None = None, existing=(), **extra) -> None:
     """Time `fn` (synchronised) with pytest-benchmark and record the standard extra_info.
 
-    `flops` / `bytes_moved` are per call of `fn`; TFLOP/s and GB/s use the median time.
+    `flops` / `bytes_moved` / `tokens` are per call of `fn`; TFLOP/s, GB/s and tokens/s use the
+    median time, and are left out under --benchmark-disable (or xdist), where nothing is timed.
     `forward` (the forward half of a forward+backward `fn`) is run once more, untimed, to count
     its saved activations beyond the `existing` tensors (inputs and weights).
     Extra keyword arguments (shape, dtype, backend, ...) go into extra_info as they are.
@@ -83,3 +84,5 @@ def run(benchmark, fn: Callable[[], object], *, device: torch.device, flops: flo
         info["tflops"] = flops / median / 1e12
     if bytes_moved is not None:
         info["gbps"] = bytes_moved / median / 1e9
+    if tokens is not None:
+        info["tokens_per_s"] = tokens / median

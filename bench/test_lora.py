@@ -88,5 +88,4 @@ def test_lora_linear(benchmark, bench_device, grid, hidden, rank, impl, mode):
     common.run(benchmark, fwd if mode == "fwd" else fwd_bwd, device=bench_device,
                flops=_flops(tokens, hidden, rank, impl, mode), shape=(tokens, hidden, hidden), rank=rank,
                dtype=dtype, backend=impl, mode=mode, forward=(lambda: forward(x)) if mode == "fwd_bwd" else None,
-               existing=[x, layers.weight, layers.lora_a, layers.lora_b])
-    benchmark.extra_info["tokens_per_s"] = tokens / benchmark.extra_info["median_s"]
+               existing=[x, layers.weight, layers.lora_a, layers.lora_b], tokens=tokens)

@@ -142,8 +142,8 @@ def test_lora_mixture(benchmark, bench_device, grid, experts, impl, mode):
         backend = _backend.resolve("lora_linear", x.device)
     _time(benchmark, bench_device, forward, leaves, grad, mode, backend=backend,
           flops=_flops(tokens, hidden, rank, 1 if impl == "lora" else TOP_K, mode),
-          shape=(tokens, hidden, hidden), rank=rank, experts=experts, top_k=TOP_K, dtype=dtype, impl=impl)
-    benchmark.extra_info["tokens_per_s"] = tokens / benchmark.extra_info["median_s"]
+          shape=(tokens, hidden, hidden), rank=rank, experts=experts, top_k=TOP_K, dtype=dtype, impl=impl,
+          tokens=tokens)
     if impl == "padfree" and backend == "triton":
         benchmark.extra_info["path"] = _path(layer.lora_a)
 
@@ -186,5 +186,4 @@ def test_lora_per_sequence(benchmark, bench_device, grid, impl, mode):
         backend = _backend.resolve("lora_linear", x.device)
     _time(benchmark, bench_device, forward, leaves, grad, mode, backend=backend,
           flops=_flops(tokens, hidden, rank, 1, mode), shape=(tokens, hidden, hidden), rank=rank,
-          adapters=ADAPTERS, sequences=SEQUENCES, dtype=dtype, impl=impl)
-    benchmark.extra_info["tokens_per_s"] = tokens / benchmark.extra_info["median_s"]
+          adapters=ADAPTERS, sequences=SEQUENCES, dtype=dtype, impl=impl, tokens=tokens)
