@@ -711,7 +711,8 @@ MASK_BLOCK = 32
 TABLE_ORDERS = ("length", "causal_queries", "causal_keys")
 
 
-def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "length") -> torch.Tensor:
+def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "length",
+                cache: bool = True) -> torch.Tensor:
     """int32 (2 G + 1,): G entries of (sequence, block index inside it), as two rows of G (sequence
     B = the tail of padding tokens, B + 1 = nothing to do), then the number of entries with work
     (real blocks and the tail's), which come first. G depends on shapes only; the count lives on
@@ -722,8 +723,9 @@ def block_table(cu_seqlens: torch.Tensor, total: int, block: int, order: str = "
     buffer) builds them again. Inference tensors have no version counter and are not cached.
     While a CUDA graph is being captured the table is built inside the graph and not cached: a
     replay after `static_cu_seqlens.copy_(new)` must rebuild it from the new offsets, and a table
-    from the graph's memory pool must never be served to eager code."""
-    if _capturing(cu_seqlens):
+    from the graph's memory pool must never be served to eager code. With `cache=False` (the
+    public op inside torch.compile) it is built and not kept."""
+    if not cache or _capturing(cu_seqlens):
         return _build_block_table(cu_seqlens, total, block, order)
     try:
         version = cu_seqlens._version
@@ -811,9 +813,10 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
 
 @runtime.on_input_device
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, window_left, window_right, softcap,
-            alibi_slopes, dropout_p, seed):
+            alibi_slopes, dropout_p, seed, *, cache_tables=True):
     """Launch the forward; returns out (total_q, Hq, D) and lse (Hq, total_q) fp32. `max_seqlen_q`
-    only keys a tuned tile (the grid comes from the block table)."""
+    only keys a tuned tile (the grid comes from the block table); `cache_tables` goes to
+    `block_table`."""
     total_q, num_heads, head_dim = q.shape
     out = runtime.empty((total_q, num_heads, head_dim), q.dtype, q.device)
     lse = runtime.empty((num_heads, total_q), torch.float32, q.device)
@@ -824,7 +827,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, wi
     alibi, stride_alibi = _alibi_args(alibi_slopes, lse)
 
     def launch(tile):
-        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"), cache_tables)
         entries, programs = _grid_size(blocks, total_q, tile.block_m)
         attention_fwd_kernel[(programs, num_heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, blocks, alibi,
@@ -853,8 +856,9 @@ def _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads) ->
 
 @runtime.on_input_device
 def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, window_left,
-             window_right, softcap, alibi_slopes, dropout_p, seed):
-    """Launch the backward; returns dq, dk, dv in the dtypes of q, k, v."""
+             window_right, softcap, alibi_slopes, dropout_p, seed, *, cache_tables=True):
+    """Launch the backward; returns dq, dk, dv in the dtypes of q, k, v. `cache_tables` goes to
+    `block_table`."""
     total_q, num_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     dq = runtime.empty(q.shape, q.dtype, q.device)
@@ -873,7 +877,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     shape = _tuning_shape(pad, flags, total_q, max_seqlen_q, num_heads, num_kv_heads)
 
     def launch_dkdv(tile):
-        blocks = block_table(cu_seqlens_k, total_k, tile.block_n, _table_order(flags, "keys"))
+        blocks = block_table(cu_seqlens_k, total_k, tile.block_n, _table_order(flags, "keys"), cache_tables)
         entries, programs = _grid_size(blocks, total_k, tile.block_n)
         for output in dkdv_outputs(tile):
             attention_bwd_dkdv_kernel[(programs, num_kv_heads)](
@@ -885,7 +889,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                 HEAD_DIM_PAD=pad, **flags, STRIDED=programs < entries, OUTPUT=output, **tile.options)
 
     def launch_dq(tile):
-        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"))
+        blocks = block_table(cu_seqlens_q, total_q, tile.block_m, _table_order(flags, "queries"), cache_tables)
         entries, programs = _grid_size(blocks, total_q, tile.block_m)
         attention_bwd_dq_kernel[(programs, num_heads)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, blocks, alibi,

@@ -29,12 +29,15 @@ import functools
 import torch
 
 DEVICE_TYPES = ("cpu", "cuda")
+# Asked once here, not per call: torch.compile (Dynamo of torch 2.11) cannot trace
+# torch.amp.is_autocast_available and would break the graph at every op.
+_AUTOCAST_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(t))
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype of the autocast region active for `device`'s type, or None outside one (and for
     device types autocast does not know, e.g. meta)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    if device.type in _AUTOCAST_TYPES and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 

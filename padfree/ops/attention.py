@@ -38,11 +38,14 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                 window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
                 dropout_p: float, seed: torch.Tensor, backend: str,
-                s_aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                s_aux: torch.Tensor | None = None, cache_tables: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cache_tables`: whether the Triton kernels may keep their block tables on `cu_seqlens` for
+    the next layer (`kernels.attention.block_table`); the public op passes False inside
+    torch.compile."""
     if backend == "triton":
         out, lse = _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                                      dropout_p, seed)
+                                      dropout_p, seed, cache_tables=cache_tables)
         return _add_sinks(out, lse, s_aux)
     out, lse = reference.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
                                    window_right, softcap, alibi_slopes, dropout_p, seed, s_aux=s_aux)
@@ -51,7 +54,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
 
 @_forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, softcap, alibi_slopes, dropout_p, seed, backend, s_aux=None):
+      window_right, softcap, alibi_slopes, dropout_p, seed, backend, s_aux=None, cache_tables=True):
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     return out, lse
@@ -63,21 +66,21 @@ def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                  max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
                  window_right: int, softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
-                 seed: torch.Tensor, backend: str,
-                 s_aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 seed: torch.Tensor, backend: str, s_aux: torch.Tensor | None = None,
+                 cache_tables: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """With sinks, `out` and `lse` are the forward's (sink-corrected) ones: the Triton backward
     then needs nothing else (see `_add_sinks`), the reference recomputes P with `s_aux`."""
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    softmax_scale, window_left, window_right, softcap,
-                                   alibi_slopes, dropout_p, seed)
+                                   alibi_slopes, dropout_p, seed, cache_tables=cache_tables)
     return reference.attention_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
                                         window_right, softcap, alibi_slopes, dropout_p, seed, s_aux=s_aux)
 
 
 @_backward_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, softcap, alibi_slopes, dropout_p, seed, backend, s_aux=None):
+      window_left, window_right, softcap, alibi_slopes, dropout_p, seed, backend, s_aux=None, cache_tables=True):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -119,11 +122,11 @@ def _sink_gradient(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, s_a
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-     window_right, softcap, alibi_slopes, dropout_p, seed, backend, s_aux) = inputs
+     window_right, softcap, alibi_slopes, dropout_p, seed, backend, s_aux, cache_tables) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed, s_aux)
     ctx.options = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                   dropout_p, backend)
+                   dropout_p, backend, cache_tables)
     ctx.mark_non_differentiable(lse)
 
 
@@ -131,13 +134,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed, s_aux = ctx.saved_tensors
     (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p,
-     backend) = ctx.options
+     backend, cache_tables) = ctx.options
     dout = dout.contiguous()
     dq, dk, dv = _backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                               max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-                              softcap, alibi_slopes, dropout_p, seed, backend, s_aux)
+                              softcap, alibi_slopes, dropout_p, seed, backend, s_aux, cache_tables)
     ds_aux = _sink_gradient(dout, out, lse, s_aux) if s_aux is not None and ctx.needs_input_grad[15] else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, ds_aux
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, ds_aux, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -280,9 +283,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     value_dim = v.shape[-1]
     if backend == "triton" and value_dim != q.shape[-1]:
         q, k, v = _common_head_dim(q, k, v)
+    # Inside torch.compile no block table is cached on cu_seqlens: CUDA-graph trees
+    # (mode="reduce-overhead") warm a graph up with its allocations in the graph's private pool,
+    # where a cached table would outlive the run (torch raises) or reach eager code later.
     out, lse = _forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                            window_left, window_right, float(softcap), alibi_slopes, float(dropout_p), seed,
-                           backend, s_aux)
+                           backend, s_aux, not torch.compiler.is_compiling())
     out = out[..., :value_dim] if out.shape[-1] != value_dim else out
     return (out, lse) if return_lse else out
 

@@ -312,8 +312,8 @@ def test_torch_compile_fullgraph_forward_and_backward(triton_cpu, monkeypatch, d
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     launches = []
     forward, backward = kernels.forward, kernels.backward
-    monkeypatch.setattr(kernels, "forward", lambda *args: launches.append("fwd") or forward(*args))
-    monkeypatch.setattr(kernels, "backward", lambda *args: launches.append("bwd") or backward(*args))
+    monkeypatch.setattr(kernels, "forward", lambda *args, **kw: launches.append("fwd") or forward(*args, **kw))
+    monkeypatch.setattr(kernels, "backward", lambda *args, **kw: launches.append("bwd") or backward(*args, **kw))
 
     def step(q, k, v, cu_q, cu_k):
         return padfree.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=True, dropout_p=dropout_p).square().sum()

@@ -77,7 +77,7 @@ def test_public_ops_draw_the_seed_on_the_input_device_from_its_generator(triton_
         q, k, v, cu = _attention_inputs()
         launcher = attention_kernels.forward
         monkeypatch.setattr(attention_kernels, "forward",
-                            lambda *args: seeds.append(args[-1].clone()) or launcher(*args))
+                            lambda *args, **kw: seeds.append(args[-1].clone()) or launcher(*args, **kw))
 
         def call():
             return padfree.varlen_attention(q, k, v, cu, cu, 20, 20, dropout_p=0.25)
@@ -113,6 +113,33 @@ def test_block_table_is_built_inside_a_capture_not_served_from_the_cache(monkeyp
     assert all(torch.equal(table, warm) for table in captured)
     monkeypatch.setattr(attention_kernels, "_capturing", lambda tensor: False)
     assert attention_kernels.block_table(cu, 40, 16) is warm, "a table built in a capture must not be cached"
+
+
+def test_compiled_attention_builds_its_block_tables_without_keeping_them(small_tiles, monkeypatch):
+    """Inside torch.compile every call builds its tables and none is kept on `cu_seqlens`: CUDA-graph
+    trees (mode="reduce-overhead") warm a graph up with its allocations in the graph's private
+    pool, and a table kept from there outlives the run (torch raised "tensor(s) in the cudagraph
+    pool not tracked as outputs" on an H200). Eager calls keep them for the next layer."""
+    builds = []
+    build = attention_kernels._build_block_table
+    monkeypatch.setattr(attention_kernels, "_build_block_table", lambda *args: builds.append(args) or build(*args))
+    q, k, v, cu = _attention_inputs()
+    leaves = tuple(t.requires_grad_() for t in (q, k, v))
+
+    def step(q, k, v, cu):
+        return padfree.varlen_attention(q, k, v, cu, cu, 20, 20, causal=True).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        got = torch.autograd.grad(compiled(*leaves, cu), leaves)
+    assert len(builds) == 6, "forward, dk/dv and dq build one table each, every step"
+    assert not hasattr(cu, "_padfree_block_tables")
+    builds.clear()
+    for _ in range(2):
+        want = torch.autograd.grad(step(*leaves, cu), leaves)
+    assert len(builds) == 2 and hasattr(cu, "_padfree_block_tables"), "eager: the query and key tables, once"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def _capture(fn):
