@@ -130,6 +130,55 @@ def markdown(path: str | Path, modes: tuple[str, ...] = ("padded_sorted", "paddi
     return "\n".join(lines)
 
 
+def _implementation(bench: dict) -> str:
+    info = bench["extra_info"]
+    return info.get("impl") or info["backend"]
+
+
+def suite_markdown(path: str | Path, baselines: tuple[str, ...], impl: str = "padfree") -> str:
+    """A Markdown table of a pytest-benchmark JSON written by a bench/test_*.py suite: per case
+    `impl` ran, its median time and TFLOP/s, and per baseline the ratio of the baseline's median
+    time to `impl`'s (> 1: `impl` is faster) with, in brackets, the range the two interquartile
+    ranges allow (baseline q1 / impl q3 to baseline q3 / impl q1). A case is a test id without its
+    implementation and size tokens; a baseline missing from a case shows as "-".
+
+    Docs quote GPU results through this (a test regenerates it), never by retyping them.
+    """
+    benchmarks = json.loads(Path(path).read_text())["benchmarks"]
+    tests = {bench["name"].partition("[")[0] for bench in benchmarks}
+    cases: dict[str, dict[str, dict]] = {}
+    for bench in benchmarks:
+        name = _implementation(bench)
+        test, _, params = bench["name"].partition("[")
+        words = [p for p in params.rstrip("]").split("-") if p not in (name, "full", "quick")]
+        case = " ".join(([test.removeprefix("test_")] if len(tests) > 1 else []) + words)
+        cases.setdefault(case, {})[name] = bench
+    info = benchmarks[0]["extra_info"]
+    versions = info["versions"]
+    lines = [f"{info['device']}, torch {versions['torch']}, Triton {versions['triton']}, {info['date']}, "
+             f"{benchmarks[0]['stats']['rounds']} rounds per case, from `{Path(path).as_posix()}`:",
+             "",
+             f"| case | {impl} median ms | {impl} TFLOP/s | " + " | ".join(f"{b} / {impl}" for b in baselines) + " |",
+             "|---|---|---|" + "---|" * len(baselines)]
+    for case, by_name in cases.items():
+        if impl not in by_name:
+            continue
+        mine = by_name[impl]["stats"]
+        cells = []
+        for baseline in baselines:
+            other = by_name.get(baseline)
+            if other is None:
+                cells.append("-")
+                continue
+            theirs = other["stats"]
+            cells.append(f"{theirs['median'] / mine['median']:.2f}x "
+                         f"({theirs['q1'] / mine['q3']:.2f}-{theirs['q3'] / mine['q1']:.2f})")
+        tflops = by_name[impl]["extra_info"].get("tflops")
+        lines.append(f"| {case} | {mine['median'] * 1e3:.3f} | {'-' if tflops is None else f'{tflops:.0f}'} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -29,3 +29,28 @@ def test_bench_suites_run_on_cpu(tmp_path, timed):
             assert b["extra_info"]["median_s"] == b["stats"]["median"]
             if "test_lora" in b["fullname"]:
                 assert b["extra_info"]["tokens_per_s"] > 0
+
+
+def _bench(name, impl, median, q1, q3, tflops=None):
+    info = {"backend": impl, "device": "GPU-X", "date": "2026-01-02", "versions": {"torch": "9.9", "triton": "8.8"}}
+    if tflops is not None:
+        info["tflops"] = tflops
+    return {"name": name, "extra_info": info, "stats": {"median": median, "q1": q1, "q3": q3, "rounds": 20}}
+
+
+def test_suite_markdown_gives_median_ratios_and_the_range_the_quartiles_allow(tmp_path):
+    from padfree.benchmark import report
+
+    path = tmp_path / "lora.json"
+    path.write_text(json.dumps({"benchmarks": [
+        _bench("test_lora_linear[full-h64-r8-padfree-fwd]", "padfree", 0.002, 0.0018, 0.0025, tflops=123.4),
+        _bench("test_lora_linear[full-h64-r8-base-fwd]", "base", 0.003, 0.0027, 0.0036),
+        _bench("test_lora_linear[full-h64-r8-padfree-fwd_bwd]", "padfree", 0.004, 0.004, 0.004),
+        _bench("test_lora_linear[full-h64-r8-peft-fwd]", "peft", 0.001, 0.001, 0.001)]}))
+    assert report.suite_markdown(path, ("base", "peft")).splitlines() == [
+        f"GPU-X, torch 9.9, Triton 8.8, 2026-01-02, 20 rounds per case, from `{path.as_posix()}`:",
+        "",
+        "| case | padfree median ms | padfree TFLOP/s | base / padfree | peft / padfree |",
+        "|---|---|---|---|---|",
+        "| h64 r8 fwd | 2.000 | 123 | 1.50x (1.08-2.00) | 0.50x (0.40-0.56) |",
+        "| h64 r8 fwd_bwd | 4.000 | - | - | - |"]
