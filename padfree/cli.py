@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("padfree.cli", "print versions, usable backends, GPU and padfree._C state"),
@@ -95,19 +96,34 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
                              "candidates too) and its gate: exit 1 on a flagged row not in efficiency.ACCEPTED, "
                              "or an accepted row that passes")
     parser.add_argument("--json", action="store_true", help="with --efficiency: JSON rows instead of a table")
+    parser.add_argument("--baseline", default=None, metavar="REPORT.json",
+                        help="with --efficiency: judge the rows against this report of the same launches "
+                             "(`--json`, usually under another Triton) instead of the gate: exit 1 on a launch "
+                             "that no longer compiles, changes MMA kind, replicates more, or whose main loop "
+                             "grows past efficiency.MAX_TRITON_GROWTH")
 
 
 def _compile_check(args: argparse.Namespace) -> int:
     from padfree import compile_check
     from padfree.kernels import registry
 
-    if args.json and not args.efficiency:
-        raise ValueError("--json goes with --efficiency")
+    if (args.json or args.baseline) and not args.efficiency:
+        raise ValueError("--json and --baseline go with --efficiency")
     if args.efficiency:
         from padfree import efficiency
 
+        baseline = None if args.baseline is None else efficiency.from_json(Path(args.baseline).read_text())
         rows = efficiency.run(args.arch or [80, 90], args.kernel, args.jobs, extended=args.all)
         print(efficiency.to_json(rows) if args.json else efficiency.table(rows))
+        if baseline is not None:
+            import triton
+
+            failures = efficiency.against_baseline(rows, baseline)
+            print(f"against {args.baseline} (Triton {triton.__version__} here): {len(rows) - len(failures)} "
+                  f"as good, {len(failures)} worse", file=sys.stderr)
+            for row, why in failures:
+                print(f"  worse: {row.kernel} {row.label} sm_{row.arch}: {why}", file=sys.stderr)
+            return 1 if failures else 0
         flagged = sum(bool(row.flags) for row in rows)
         unexpected, stale = efficiency.verdict(rows)
         print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged "

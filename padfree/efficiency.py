@@ -230,6 +230,44 @@ def verdict(rows: list["Efficiency"]) -> tuple[list["Efficiency"], list["Efficie
     return unexpected, stale
 
 
+# ---- the same launches under another Triton ---------------------------------------------------------
+# The JIT compiles with the Triton the user's torch pins, which need not be the one the gate reads
+# (CI's 3.9; torch 2.11 pins 3.6, which once ran the LoRA GEMM loops at 2.2x their 3.9 count).
+# `against_baseline` judges a report of one Triton by the rows of another's: a launch fails when it
+# no longer compiles, changes MMA kind, replicates more, or its main loop grows past this factor.
+MAX_TRITON_GROWTH = 1.25
+
+
+def from_json(text: str) -> list[Efficiency]:
+    """Rows written by `to_json` (the `ratio` key, a derived property, is dropped)."""
+    return [Efficiency(**{key: value for key, value in row.items() if key != "ratio"}) for row in json.loads(text)]
+
+
+def against_baseline(rows: list[Efficiency], baseline: list[Efficiency]) -> list[tuple[Efficiency, str]]:
+    """(row, why) for each row that compiles worse than the same (kernel, launch, arch) of
+    `baseline`, a report of the same launches under another Triton; a row the baseline lacks fails
+    too (the two reports must cover the same launches)."""
+    by_key = {_key(row): row for row in baseline}
+    failures = []
+    for row in rows:
+        other = by_key.get(_key(row))
+        if other is None:
+            failures.append((row, "not in the baseline report"))
+        elif row.error:
+            failures.append((row, f"does not compile: {row.error}"))
+        elif row.mma != other.mma:
+            failures.append((row, f"{row.mma} instead of the baseline's {other.mma}"))
+        elif row.replication > other.replication + 0.005:
+            failures.append((row, f"MMA replicated {row.replication:.2f}x, the baseline {other.replication:.2f}x"))
+        elif row.instr_per_mflop is None:
+            failures.append((row, "no MMA main loop found in the SASS"))
+        elif other.instr_per_mflop and row.instr_per_mflop > MAX_TRITON_GROWTH * other.instr_per_mflop:
+            failures.append((row, f"main loop {row.instr_per_mflop / other.instr_per_mflop:.2f}x the baseline's "
+                                  f"instructions per MFLOP ({row.instr_per_mflop:.0f} against "
+                                  f"{other.instr_per_mflop:.0f})"))
+    return failures
+
+
 # ---- which launches, and their references ---------------------------------------------------------
 
 ATTENTION = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")

@@ -350,3 +350,41 @@ def test_moe_layer_charges_padding_compute_and_bytes():
     target = efficiency.moe_layer(ideal, **efficiency.MOE_TARGET)
     assert slower["forward+backward"] > target["forward+backward"]
     assert efficiency.grouped_mm_break_even(slower) < efficiency.grouped_mm_break_even(target)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"instr_per_mflop": 800.0 * 1.3}, "1.30x the baseline's instructions"),
+    ({"mma": "mma.sync"}, "mma.sync instead of the baseline's wgmma"),
+    ({"replication": 2.0}, "replicated 2.00x"),
+    ({"error": "out of resources"}, "does not compile"),
+    ({"instr_per_mflop": None}, "no MMA main loop"),
+    ({"label": "renamed"}, "not in the baseline report"),
+])
+def test_against_baseline_flags_each_rule(changes, reason):
+    """A report under another Triton (the one a user's torch pins) against the gate's: each way a
+    launch can compile worse fails it; within MAX_TRITON_GROWTH, or better, passes."""
+    baseline = [_row(kernel="padfree.kernels.x.k")]
+    assert efficiency.against_baseline([_row(kernel="padfree.kernels.x.k", instr_per_mflop=800.0 * 1.2)], baseline) == []
+    assert efficiency.against_baseline([_row(kernel="padfree.kernels.x.k", instr_per_mflop=400.0, spill=64)],
+                                       baseline) == []
+    (row, why), = efficiency.against_baseline([_row(kernel="padfree.kernels.x.k", **changes)], baseline)
+    assert reason in why, why
+
+
+def test_report_json_round_trips():
+    rows = [_row(kernel="padfree.kernels.x.k", flags=["spills 8 B"]), _row(label="m", error="boom", instr_per_mflop=None)]
+    assert efficiency.from_json(efficiency.to_json(rows)) == rows
+
+
+def test_cli_baseline_judges_the_report_against_another(monkeypatch, tmp_path, capsys):
+    """`compile-check --efficiency --baseline REPORT.json` exits 1 on a launch worse than the
+    report's, 0 otherwise, whatever the gate's own flags (another Triton's rows may differ)."""
+    from padfree import cli
+
+    baseline = tmp_path / "triton39.json"
+    baseline.write_text(efficiency.to_json([_row(kernel="padfree.kernels.x.k")]))
+    for instr, code in ((800.0 * 1.2, 0), (800.0 * 2.2, 1)):
+        here = [_row(kernel="padfree.kernels.x.k", instr_per_mflop=instr, spill=16, flags=["spills 16 B"])]
+        monkeypatch.setattr(efficiency, "run", lambda *args, **kwargs: here)
+        assert cli.main(["compile-check", "--efficiency", "--baseline", str(baseline)]) == code
+        assert ("2.20x the baseline's" in capsys.readouterr().err) == bool(code)
