@@ -45,7 +45,8 @@ def _env(args: argparse.Namespace) -> int:
     try:
         import triton
 
-        rows.append(("triton", triton.__version__))
+        reason = runtime.unchecked_triton(triton.__version__)
+        rows.append(("triton", f"{triton.__version__} ({'unchecked: ' + reason if reason else 'checked'})"))
     except ImportError:
         rows.append(("triton", "not installed"))
     for name in ("transformers", "peft", "flash_attn"):

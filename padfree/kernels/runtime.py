@@ -236,6 +236,30 @@ def shape_bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
+# The Tritons padfree's compiled kernels are checked under: CI compiles and gates every hot launch
+# under both (docs/efficiency.md), and the one GPU run had 3.6 (torch 2.11 pins it).
+CHECKED_TRITONS = ("3.6", "3.9")
+
+
+def unchecked_triton(version: str) -> str | None:
+    """Why a Triton version is not one padfree checks its kernels under, or None when it is."""
+    if ".".join(version.split(".")[:2]) in CHECKED_TRITONS:
+        return None
+    return (f"padfree checks its kernels under Triton {' and '.join(CHECKED_TRITONS)}, not {version}: "
+            "they may compile to slower code or fail to compile")
+
+
+@functools.cache
+def _warn_unchecked_triton() -> None:
+    """Once per process, at the first launch on a GPU."""
+    import warnings
+
+    import triton
+
+    if (reason := unchecked_triton(triton.__version__)) is not None:
+        warnings.warn(f"padfree: {reason}", UserWarning, stacklevel=4)
+
+
 def on_input_device(launcher):
     """Decorator: run `launcher` with its first tensor argument's GPU as the current CUDA device.
     Triton launches on the current device, so without this a layer on cuda:1 (a model spread
@@ -248,6 +272,7 @@ def on_input_device(launcher):
         first = next(arg for arg in args if isinstance(arg, torch.Tensor))
         if first.device.type != "cuda":
             return launcher(*args, **kwargs)
+        _warn_unchecked_triton()
         with torch.cuda.device(first.device):
             return launcher(*args, **kwargs)
 
