@@ -7,7 +7,8 @@
 #   bench/gpu.sh --lease OUT     # the subset that fits a 10-minute lease (below), 8 files in OUT
 #
 # --lease: the gpu tests; attention (every case), LoRA at hidden 4096 (every rank), MoE at 16k
-# tokens (padfree and grouped_mm), the LoRA mixture forward+backward, and `padfree bench --quick`.
+# tokens (padfree and grouped_mm), the LoRA mixture forward+backward, `padfree bench --quick`, and
+# Nsight Compute's counters for the attention kernels of one forward+backward (where ncu exists).
 # The Triton JIT compiles first, for every case at once (pytest-xdist, timing off) next to the gpu
 # tests, so the timed runs that follow, one at a time, find a warm cache; each stage has a time
 # limit, so a slow one costs its own results and not the rest. No autotune runs, no plot.
@@ -68,7 +69,7 @@ all_ids=$(python3 -m pytest bench --collect-only -q --bench-size full 2>/dev/nul
 ids() { grep -E "$1" <<<"$all_ids"; }
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6" || true)  # serial when absent
 echo "== padfree env (it builds padfree._C), the gpu tests and the JIT warm-up of every timed case, at once"
-limited 240 python3 -m padfree.cli env >"$out/env-$stamp.txt" 2>&1 &
+limited 240 python3 -m padfree.cli env >/tmp/env.txt 2>&1 &
 env=$!
 limited 240 python3 -m pytest -m gpu -q $xdist tests >"$out/gpu-tests-$stamp.txt" 2>&1 &
 tests=$!
@@ -77,7 +78,7 @@ limited 240 python3 -m pytest -q $xdist --benchmark-disable --bench-size full \
 warm=$!
 limited 240 python3 -m padfree.cli bench --device cuda --quick --steps 1 --warmup 0 --no-progress >/tmp/warm-e2e.txt 2>&1 || true
 wait $env $warm $tests || true  # the timed runs below have the GPU to themselves
-cat "$out/env-$stamp.txt"
+cat /tmp/env.txt
 tail -n 3 /tmp/warm.txt /tmp/warm-e2e.txt
 echo "== gpu tests: $(tail -n 1 "$out/gpu-tests-$stamp.txt") ($((SECONDS - start)) s)"
 for suite in attention lora moe lora_mixture; do
@@ -88,5 +89,14 @@ for suite in attention lora moe lora_mixture; do
 done
 echo "== padfree bench --device cuda --quick ($((SECONDS - start)) s)"
 limited 150 python3 -m padfree.cli bench --device cuda --quick --no-progress --json "$out/e2e-$stamp.json"
+echo "== ncu: the attention kernels of one padfree forward+backward at the suite's size ($((SECONDS - start)) s)"
+if command -v ncu >/dev/null; then
+    limited 120 ncu --clock-control none --target-processes all --kernel-name regex:'attention_(fwd|bwd)' \
+        --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats python3 -m pytest -q --bench-size full --benchmark-disable \
+        "bench/test_attention.py::test_attention[forward_backward-padfree_varlen]" >"$out/ncu-attention-$stamp.txt" 2>&1
+else
+    echo "ncu not found: no hardware counters"
+fi
 echo "== done ($((SECONDS - start)) s)"
 sleep 1  # let tee write the log
