@@ -7,8 +7,9 @@
 #   bench/gpu.sh --lease OUT     # the subset that fits a 10-minute lease (below), 8 files in OUT
 #
 # --lease: the gpu tests; attention (every case), LoRA at hidden 4096 (every rank), MoE at 16k
-# tokens (padfree and grouped_mm), the LoRA mixture forward+backward, `padfree bench --quick`, and
-# Nsight Compute's counters for the attention kernels of one forward+backward (where ncu exists).
+# tokens (padfree and grouped_mm), the LoRA mixture forward+backward, `padfree bench --quick`, the
+# padfree attention cases again with PADFREE_AUTOTUNE=1, and Nsight Compute's counters for the
+# attention kernels of one forward+backward (where ncu exists; into the log).
 # The Triton JIT compiles first, for every case at once (pytest-xdist, timing off) next to the gpu
 # tests, so the timed runs that follow, one at a time, find a warm cache; each stage has a time
 # limit, so a slow one costs its own results and not the rest. No autotune runs, no plot.
@@ -89,12 +90,15 @@ for suite in attention lora moe lora_mixture; do
 done
 echo "== padfree bench --device cuda --quick ($((SECONDS - start)) s)"
 limited 150 python3 -m padfree.cli bench --device cuda --quick --no-progress --json "$out/e2e-$stamp.json"
+echo "== attention with PADFREE_AUTOTUNE=1: every candidate tile timed, the choices logged ($((SECONDS - start)) s)"
+limited 150 env PADFREE_AUTOTUNE=1 python3 -m pytest -q --bench-size full -o log_cli=true --log-cli-level=INFO \
+    --benchmark-json "$out/attention-autotune-$stamp.json" $(ids 'test_attention\.py::.*padfree_varlen')
 echo "== ncu: the attention kernels of one padfree forward+backward at the suite's size ($((SECONDS - start)) s)"
 if command -v ncu >/dev/null; then
     limited 120 ncu --clock-control none --target-processes all --kernel-name regex:'attention_(fwd|bwd)' \
         --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats python3 -m pytest -q --bench-size full --benchmark-disable \
-        "bench/test_attention.py::test_attention[forward_backward-padfree_varlen]" >"$out/ncu-attention-$stamp.txt" 2>&1
+        "bench/test_attention.py::test_attention[forward_backward-padfree_varlen]"
 else
     echo "ncu not found: no hardware counters"
 fi
