@@ -155,15 +155,11 @@ def lora_shrink_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, stride_xm, stride_ar, stri
     a_tile = a_ptr + tl.minimum(cols, R - 1)[None, :] * stride_ar + ks[:, None]
     whole = K - K % BLOCK_K
     for k0 in range(0, whole, BLOCK_K):
-        acc = _shrink_step(acc, x_tile, a_tile, rows, k0, ks, K, seed, stream, threshold, DROPOUT, IEEE, BLOCK_K,
-                           False)
-        x_tile += BLOCK_K
-        a_tile += BLOCK_K
-    if whole < K:  # from pointers built again, not the loop's (see lora_forward_kernel)
-        kt = whole + ks
-        acc = _shrink_step(acc, x_ptr + tl.minimum(rows, M - 1)[:, None] * stride_xm + kt[None, :],
-                           a_ptr + tl.minimum(cols, R - 1)[None, :] * stride_ar + kt[:, None], rows, whole, ks, K,
-                           seed, stream, threshold, DROPOUT, IEEE, BLOCK_K, True)
+        acc = _shrink_step(acc, x_tile + k0, a_tile + k0, rows, k0, ks, K, seed, stream, threshold, DROPOUT, IEEE,
+                           BLOCK_K, False)
+    if whole < K:
+        acc = _shrink_step(acc, x_tile + whole, a_tile + whole, rows, whole, ks, K, seed, stream, threshold, DROPOUT,
+                           IEEE, BLOCK_K, True)
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(xa_ptr + rows[:, None] * stride_xam + cols[None, :], acc.to(xa_ptr.dtype.element_ty),
@@ -183,24 +179,18 @@ def lora_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, M, N, K, R
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Whole BLOCK_K steps, then the partial one; rows past M and columns past N read row M - 1 and
-    # column N - 1 (their results are never stored): the main loop's loads need no masks.
+    # column N - 1 (their results are never stored): the main loop's loads need no masks. Each step
+    # loads at an offset from fixed pointer tiles, as the MoE kernels do: pointer tensors advanced
+    # in the loop cost it more (2-3x its instructions under Triton 3.6, torch 2.11's).
     ks = tl.arange(0, BLOCK_K)
     x_tile = x_ptr + tl.minimum(rows, M - 1)[:, None] * stride_xm + ks[None, :]
     w_tile = w_ptr + tl.minimum(cols, N - 1)[None, :] * stride_wn + ks[:, None]
     whole = K - K % BLOCK_K
-    for _ in range(0, whole, BLOCK_K):
-        acc = _dot(tl.load(x_tile), tl.load(w_tile), acc, IEEE)
-        x_tile += BLOCK_K
-        w_tile += BLOCK_K
+    for k0 in range(0, whole, BLOCK_K):
+        acc = _dot(tl.load(x_tile + k0), tl.load(w_tile + k0), acc, IEEE)
     if whole < K:
-        # From pointers built again: pointer tensors the loop carries and that are read after it
-        # make Triton 3.6 (torch 2.11's) update each element every step, 2.3x the loop's
-        # instructions on sm_90 (216 against 94); Triton 3.9 compiles both forms alike.
-        kt = whole + ks
-        acc = _dot(tl.load(x_ptr + tl.minimum(rows, M - 1)[:, None] * stride_xm + kt[None, :],
-                           mask=kt[None, :] < K, other=0.0),
-                   tl.load(w_ptr + tl.minimum(cols, N - 1)[None, :] * stride_wn + kt[:, None],
-                           mask=kt[:, None] < K, other=0.0), acc, IEEE)
+        acc = _dot(tl.load(x_tile + whole, mask=ks[None, :] < K - whole, other=0.0),
+                   tl.load(w_tile + whole, mask=ks[:, None] < K - whole, other=0.0), acc, IEEE)
     if scaling != 0.0:
         # One fp32 accumulator for both sums (a second one costs registers, spills wide tiles):
         # acc / s + xa B^T, times s. The two fp32 roundings are far below the 16-bit inputs' own.
@@ -230,16 +220,12 @@ def _accumulate_dy_w(acc, dy_ptr, w_ptr, N, stride_dym, stride_wn, rows, ks, M, 
     w_tile = w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks[None, :]
     k_ok = ks[None, :] < K
     whole = N - N % BLOCK_N
-    for _ in range(0, whole, BLOCK_N):
-        acc = _dot(tl.load(dy_tile), tl.load(w_tile, mask=k_ok, other=0.0), acc, IEEE)
-        dy_tile += BLOCK_N
-        w_tile += BLOCK_N * stride_wn
-    if whole < N:  # from pointers built again, not the loop's (see lora_forward_kernel)
-        nt = whole + ns
-        dy = tl.load(dy_ptr + tl.minimum(rows, M - 1)[:, None] * stride_dym + nt[None, :], mask=nt[None, :] < N,
-                     other=0.0)
-        w = tl.load(w_ptr + nt[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=(nt[:, None] < N) & k_ok,
-                    other=0.0)
+    w_step = tl.full([], stride_wn, tl.int64)  # 64-bit steps; not .to: the JIT makes a stride of 1 a constant
+    for n0 in range(0, whole, BLOCK_N):
+        acc = _dot(tl.load(dy_tile + n0), tl.load(w_tile + n0 * w_step, mask=k_ok, other=0.0), acc, IEEE)
+    if whole < N:
+        dy = tl.load(dy_tile + whole, mask=ns[None, :] < N - whole, other=0.0)
+        w = tl.load(w_tile + whole * w_step, mask=(ns[:, None] < N - whole) & k_ok, other=0.0)
         acc = _dot(dy, w, acc, IEEE)
     return acc
 
