@@ -13,7 +13,6 @@ transformers is registered or patched until `patch` or `register` is called, and
 `padfree._C` are only loaded when an op first needs them.
 """
 
-
 from padfree import _lazy
 from padfree._backend import use_backend
 

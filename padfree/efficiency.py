@@ -590,7 +590,7 @@ def moe_prediction_table(rows: list[Efficiency]) -> str:
 if __name__ == "__main__":
     # python -m padfree.efficiency REPORT.json: the model's predictions for a saved --json report
     with open(sys.argv[1]) as handle:
-        saved = [Efficiency(**{k: v for k, v in row.items() if k != "ratio"}) for row in json.load(handle)]
+        saved = from_json(handle.read())
     print(prediction_table(saved))
     if any(".moe." in row.kernel and row.arch == 90 for row in saved):
         print()

@@ -19,9 +19,9 @@ padfree.kernels.common.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
-import contextlib
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
