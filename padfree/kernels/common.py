@@ -1,4 +1,4 @@
-"""What every kernel family shares: the dtype map and the one `dot`.
+"""What every kernel family shares: the dtype map, the one `dot`, and 64-bit scalar arguments.
 
 Precision rule (one place): fp32 inputs multiply in exact IEEE fp32 (torch's default for fp32
 matmuls), never TF32, so fp32 results match a float64 reference to fp32 accuracy; 16-bit inputs
@@ -45,3 +45,18 @@ def dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+# A kernel's int argument as a 64-bit scalar, for offsets past 2^31: not `arg.to(...)`, since the JIT
+# turns an int argument equal to 1 (a rank, a dimension, a stride) into a constant, which has no `.to`.
+@triton.jit
+def int64(value):
+    """The int32 scalar `value` sign-extended to int64."""
+    return tl.full([], value, tl.int64)
+
+
+@triton.jit
+def uint64(value):
+    """The non-negative int32 scalar `value` zero-extended to uint64: a product with another
+    zero-extended 32-bit value is one 32 x 32 -> 64-bit multiply."""
+    return tl.full([], value, tl.uint32).to(tl.uint64)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
-from padfree.kernels.common import DTYPES
+from padfree.kernels.common import DTYPES, int64
 from padfree.kernels.common import dot as _dot
 from padfree.reference import lora as reference
 
@@ -220,7 +220,7 @@ def _accumulate_dy_w(acc, dy_ptr, w_ptr, N, stride_dym, stride_wn, rows, ks, M, 
     w_tile = w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks[None, :]
     k_ok = ks[None, :] < K
     whole = N - N % BLOCK_N
-    w_step = tl.full([], stride_wn, tl.int64)  # 64-bit steps; not .to: the JIT makes a stride of 1 a constant
+    w_step = int64(stride_wn)
     for n0 in range(0, whole, BLOCK_N):
         acc = _dot(tl.load(dy_tile + n0), tl.load(w_tile + n0 * w_step, mask=k_ok, other=0.0), acc, IEEE)
     if whole < N:

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import lora, moe, registry, runtime
-from padfree.kernels.common import DTYPES
+from padfree.kernels.common import DTYPES, int64, uint64
 from padfree.kernels.common import dot as _dot
 from padfree.kernels.lora import _shrink_step, dropout_keep
 from padfree.kernels.moe import _step
@@ -243,8 +243,8 @@ def lora_mixture_grad_b_kernel(dy_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets
     steps = tl.arange(0, BLOCK_M)
     dy_cols = dy_ptr + ns[:, None]
     hw_tile = hw_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
-    hw_row_size = R.to(tl.int64)
-    row_size = stride_dym.to(tl.uint32, bitcast=True).to(tl.uint64)
+    hw_row_size = int64(R)
+    row_size = uint64(stride_dym)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_M):
@@ -283,8 +283,8 @@ def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_
     steps = tl.arange(0, BLOCK_M)
     x_cols = x_ptr + ks[None, :]
     dh_tile = dh_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
-    dh_row_size = R.to(tl.int64)
-    row_size = stride_xm.to(tl.uint32, bitcast=True).to(tl.uint64)
+    dh_row_size = int64(R)
+    row_size = uint64(stride_xm)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_M):

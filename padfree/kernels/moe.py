@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
-from padfree.kernels.common import DTYPES, DType
+from padfree.kernels.common import DTYPES, DType, int64, uint64
 from padfree.kernels.common import dot as _dot
 
 ALIGN_BLOCK = 64
@@ -192,7 +192,7 @@ def moe_down_backward_kernel(grad_out_ptr, w2_ptr, gate_up_ptr, sorted_pairs_ptr
     tl.store(grad_rows + inter, grad_up.to(grad_gate_up_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
+@triton.jit(do_not_specialize=["num_tokens"])
 def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets_ptr, grad_w2_ptr,
                                 num_tokens, hidden, inter,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -210,8 +210,8 @@ def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_
     ks = tl.arange(0, BLOCK_K)
     grad_cols = grad_out_ptr + out_rows[:, None]
     hw_rows = hw_ptr + ks[:, None].to(tl.int64) * inter + cols[None, :]
-    hw_row_size = inter.to(tl.int64)
-    row_size = hidden.to(tl.uint32, bitcast=True).to(tl.uint64)
+    hw_row_size = int64(inter)
+    row_size = uint64(hidden)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_K):
@@ -258,7 +258,7 @@ def moe_gate_up_backward_input_kernel(grad_gate_up_ptr, w1_ptr, sorted_pairs_ptr
              acc.to(grad_x_pairs_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
+@triton.jit(do_not_specialize=["num_tokens"])
 def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_ptr, grad_w1_ptr,
                                    num_tokens, hidden, inter, stride_xn,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -273,9 +273,9 @@ def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, p
     end = tl.load(padded_offsets_ptr + expert + 1)
     ks = tl.arange(0, BLOCK_K)
     grad_rows = grad_gate_up_ptr + ks[None, :].to(tl.int64) * (2 * inter) + out_rows[:, None]
-    grad_row_size = (2 * inter).to(tl.int64)
+    grad_row_size = int64(2 * inter)
     x_cols = x_ptr + cols[None, :]
-    row_size = stride_xn.to(tl.uint32, bitcast=True).to(tl.uint64)
+    row_size = uint64(stride_xn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_K):

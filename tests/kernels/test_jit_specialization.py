@@ -15,7 +15,9 @@ import pytest
 import torch
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from padfree.kernels import attention, lora
+from padfree.kernels import attention, lora, lora_mixture, moe
+from padfree.ops import moe as moe_ops
+
 
 class Recorder:
     """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
@@ -42,11 +44,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from padfree.kernels import attention, lora
-from tests.kernels.test_jit_specialization import record_launches
+from padfree.kernels import attention, lora, lora_mixture, moe
+from tests.kernels.test_jit_specialization import mixture_launches, moe_launches, record_launches
 
 launches = []
-for module in (attention, lora):
+for module in (attention, lora, moe, lora_mixture):
     record_launches(module, launches)
 
 # One row / one token, rank 1: every batch-varying integer is 1 (and the seed, read on the device).
@@ -59,6 +61,9 @@ q = torch.randn(1, 2, 64, dtype=torch.float16)
 cu = torch.tensor([0, 1], dtype=torch.int32)
 out, lse = attention.forward(q, q, q, cu, cu, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
 attention.backward(q, q, q, q, q, lse, cu, cu, 1, 0.125, -1, 0, 0.0, None, 0.1, SEED)
+# the many-experts mixture (257 experts of rank 1) and a MoE layer with every dimension 1
+mixture_launches(1, 257, 1, 1)
+moe_launches(1, 1, 1, 1)
 
 target = GPUTarget("cuda", 80, 32)
 backend = make_backend(target)
@@ -89,19 +94,28 @@ def compiled_for_sm80():
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line.split(" ", 2) for line in done.stdout.splitlines() if line.startswith(("COMPILED", "FAILED"))]
-    return {name: (status, rest) for status, name, rest in lines}
+    results = {}
+    for status, name, rest in lines:  # a kernel launched twice (moe_down_kernel) keeps a failure
+        if name not in results or status == "FAILED":
+            results[name] = (status, rest)
+    return results
 
 
 @pytest.mark.slow
 def test_launches_with_every_batch_varying_integer_equal_to_one_compile_for_sm80(compiled_for_sm80):
     """A dropout seed of 1 passed as an int became a constant and `seed.to(...)` failed to compile
-    (about one call in 2^31). Every kernel the LoRA and attention launchers start is compiled here
-    exactly as the JIT would for one token and rank 1, with the seed 1 (now read on the device)."""
+    (about one call in 2^31); so did `R.to(...)` in the many-experts mixture at rank 1. Every kernel
+    the LoRA, attention, MoE and mixture launchers start is compiled here exactly as the JIT would
+    for one token, rank 1 (and a MoE layer with every dimension 1), with the seed 1 (now read on the
+    device)."""
     failed = {name: rest for name, (status, rest) in compiled_for_sm80.items() if status == "FAILED"}
     assert not failed, failed
-    assert set(compiled_for_sm80) == {"lora_shrink_kernel", "lora_forward_kernel", "lora_dx_kernel",
-                                      "lora_da_kernel", "attention_fwd_kernel", "attention_bwd_delta_kernel",
-                                      "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
+    assert set(compiled_for_sm80) == {
+        "lora_shrink_kernel", "lora_forward_kernel", "lora_dx_kernel", "lora_da_kernel", "attention_fwd_kernel",
+        "attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
+        *(f"lora_mixture_{name}_kernel" for name in ("shrink", "grad_h", "grad_b", "grad_a", "grad_x")),
+        *(f"moe_{name}_kernel" for name in ("gate_up", "down", "down_backward", "gate_up_backward_input",
+                                            "down_weight_grad", "gate_up_weight_grad"))}
     for name, (_, rest) in compiled_for_sm80.items():
         constants = set(rest.split()[-1].split(",")) if len(rest.split()) > 2 else set()
         assert not constants & {"M", "total_q", "num_seqs", "num_blocks"}, (name, constants)
@@ -147,6 +161,30 @@ def _lora_launches(rows, seed):
     lora.backward_input_and_a([torch.randn(rows, 32)], x, [weight], torch.randn(rows, 4), lora_a, [4], 0.1, seed)
 
 
+def mixture_launches(tokens, experts, rank, top_k, seed=7, dtype=torch.float16):
+    """The LoRA mixture's forward and backward on the many-experts kernels (experts * rank > 256)."""
+    k, n = 64, 32
+    x, weight, dy = torch.randn(tokens, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(tokens, n, dtype=dtype)
+    lora_a, lora_b = torch.randn(experts, rank, k, dtype=dtype), torch.randn(experts, n, rank, dtype=dtype)
+    index = (torch.arange(tokens)[:, None] + torch.arange(top_k)) % experts
+    weights, seed = torch.rand(tokens, top_k), torch.tensor(seed)
+    _, h = lora_mixture.forward(x, weight, None, lora_a, lora_b, 2.0, index, weights, 0.1, seed)
+    lora_mixture.backward(dy, x, weight, h, lora_a, lora_b, 2.0, index, weights, 0.1, seed)
+
+
+def moe_launches(tokens, hidden, inter, top_k, experts=4, dtype=torch.float16):
+    """The grouped MoE layer's forward and backward kernels."""
+    x, dy = torch.randn(tokens, hidden, dtype=dtype), torch.randn(tokens, hidden, dtype=dtype)
+    gate_up_proj = torch.randn(experts, 2 * inter, hidden, dtype=dtype)
+    down_proj = torch.randn(experts, hidden, inter, dtype=dtype)
+    index = (torch.arange(tokens)[:, None] + torch.arange(top_k)) % experts
+    weights = torch.rand(tokens * top_k)
+    sorted_pairs, block_expert, padded_offsets, pair_position = moe_ops.moe_align(index, experts, moe.ALIGN_BLOCK)
+    _, gate_up = moe.forward(x, gate_up_proj, down_proj, weights, top_k, sorted_pairs, block_expert)
+    moe.backward(dy, x, gate_up_proj, down_proj, weights, gate_up, top_k, sorted_pairs, block_expert,
+                 padded_offsets, pair_position)
+
+
 def _attention_launches(lengths, seed, max_seqlen):
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), 2, 64)
@@ -169,6 +207,27 @@ def test_lora_kernels_compile_once_for_every_row_count_and_seed(monkeypatch):
     assert {name for name, _ in keys[0]} == {"lora_shrink_kernel", "lora_forward_kernel", "lora_dx_kernel",
                                              "lora_da_kernel"}
     assert all(key == keys[0] for key in keys[1:])
+
+
+def test_moe_and_mixture_kernels_compile_once_for_every_token_count(monkeypatch):
+    """Token (so pair and capacity) counts of 1, multiples of 16 and others: one compiled variant per
+    grouped MoE and many-experts mixture kernel. The weight-gradient kernels once named an argument
+    they do not have in do_not_specialize, so their token count made new variants."""
+    launches = record_launches(moe, [], monkeypatch.setattr)
+    record_launches(lora_mixture, launches, monkeypatch.setattr)
+    variants = {}
+    for tokens, seed in ((1, 1), (16, 16), (37, 12345), (256, 2**31 - 2)):
+        launches.clear()
+        mixture_launches(tokens, 20, 16, 2, seed)
+        moe_launches(tokens, 64, 32, 2)
+        for name, key in _keys(launches):
+            variants.setdefault(name, set()).add(tuple(key))
+    assert set(variants) == {*(f"lora_mixture_{name}_kernel" for name in ("shrink", "grad_h", "grad_b", "grad_a",
+                                                                           "grad_x")),
+                             *(f"moe_{name}_kernel" for name in ("gate_up", "down", "down_backward",
+                                                                  "gate_up_backward_input", "down_weight_grad",
+                                                                  "gate_up_weight_grad"))}
+    assert all(len(keys) == 1 for keys in variants.values()), {n: k for n, k in variants.items() if len(k) > 1}
 
 
 def test_attention_kernels_compile_once_for_every_batch_and_max_seqlen(monkeypatch):
