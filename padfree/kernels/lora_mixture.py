@@ -42,8 +42,8 @@ w_p and (through h_p) on A_e and x:
     dL/dw_p = s <dy_m, h_p B_e^T> = s <a_p, h_p>                 lora_mixture_grad_h_kernel
     dh_p    = s w_p a_p                                          (same kernel; dh (capacity, r),
                                                                   and hw_p = s w_p h_p for dB)
-    dB_e    = sum_{p in e} dy_m(p)^T hw_p                        lora_mixture_grad_b_kernel
-    dA_e    = sum_{p in e} dh_p^T D(x_m(p))                      lora_mixture_grad_a_kernel
+    dB_e    = sum_{p in e} dy_m(p)^T hw_p                        lora_mixture_weight_grad_kernel
+    dA_e    = sum_{p in e} dh_p^T D(x_m(p))                      (the same kernel, transposed store)
     dx_m    = dy_m W + sum_{p of m} D(dh_p A_e(p))               lora_mixture_grad_x_kernel: row p
               of an (M * k, K) buffer, D applied in its epilogue (D is diagonal, its own adjoint),
               summed over each token's k rows; dy W by torch
@@ -65,7 +65,6 @@ from padfree.kernels import lora, moe, registry, runtime
 from padfree.kernels.common import DTYPES, int64, uint64
 from padfree.kernels.common import dot as _dot
 from padfree.kernels.lora import _shrink_step, dropout_keep
-from padfree.kernels.moe import _step
 from padfree.reference import lora as lora_reference
 
 MAX_TOTAL_RANK = 256
@@ -173,7 +172,7 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
                                BLOCK_R: tl.constexpr):
     """a = dy[m(p)] B_e (reduction over N) for the rank tile program_id(1); stores
     dw_partial[tile, i] = s <a, h_i> over the tile's columns, dh[i] = s w_p a and hw[i] = s w_p h_i
-    (dB's right operand, so that lora_mixture_grad_b_kernel gathers no weights). Padding rows
+    (dB's right operand, so that lora_mixture_weight_grad_kernel gathers no weights). Padding rows
     (w = 0, h = 0) store zeros."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
@@ -207,68 +206,43 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
 
 
 @triton.jit
-def _grad_a_step(acc, x_cols, dh_tile, sorted_tokens_ptr, r0, steps, row_size, dh_row_size, num_tokens, k_ok, col_ok,
-                 seed, k0, K, threshold, DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PADDED: tl.constexpr):
-    """acc += D(x[tokens])^T dh of the BLOCK_M rows at r0; PADDED: rows may be padding (token num_tokens)."""
+def _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, row_size, d_row_size, num_tokens, k_ok,
+                      col_ok, seed, k0, K, threshold, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PADDED: tl.constexpr):
+    """acc += D(x[tokens])^T d of the BLOCK_M rows at r0; PADDED: rows may be padding (token num_tokens)."""
     tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-    mask = k_ok[None, :]
+    mask = k_ok[:, None]
     if PADDED:
-        mask = mask & (tokens < num_tokens)[:, None]
-    x = tl.load(x_cols + tokens.to(tl.uint64)[:, None] * row_size, mask=mask, other=0.0)
+        mask = mask & (tokens < num_tokens)[None, :]
+    x_t = tl.load(x_rows + tokens.to(tl.uint64)[None, :] * row_size, mask=mask, other=0.0)
     if DROPOUT:
-        x = tl.where(dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K), x,
-                     0.0).to(x.dtype)
-    return _dot(tl.trans(x), tl.load(dh_tile + r0 * dh_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
+        keep = dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K)
+        x_t = tl.where(tl.trans(keep), x_t, 0.0).to(x_t.dtype)
+    return _dot(x_t, tl.load(d_tile + r0 * d_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def lora_mixture_grad_b_kernel(dy_ptr, hw_ptr, sorted_tokens_ptr, padded_offsets_ptr, db_ptr, num_tokens, N, R,
-                               stride_dym, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK_M: tl.constexpr):
-    """dB_e[n, c] = sum over e's rows i of dy[t_i, n] hw[i, c] (hw = s w_p h, stored rounded to the
-    data dtype by lora_mixture_grad_h_kernel, as a 16-bit GEMM of dy^T (s * w * h) would round it);
-    grid (expert, N tile, rank tile). The structure of moe_down_weight_grad_kernel: dy rows gathered
-    through the sorted token table (padding rows: token num_tokens, masked off), unsigned 32 x 32 ->
-    64-bit row offsets, both operands at offsets from fixed pointer tiles; BLOCK_M divides
-    ALIGN_BLOCK, so a step never crosses an expert's padded run. The column and rank masks do not
-    change in the loop (clamped indices along the contiguous dimensions would cost the vector loads)."""
-    expert = tl.program_id(0)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    start = tl.load(padded_offsets_ptr + expert)
-    end = tl.load(padded_offsets_ptr + expert + 1)
-    n_ok = ns < N
-    col_ok = cols < R
-    steps = tl.arange(0, BLOCK_M)
-    dy_cols = dy_ptr + ns[:, None]
-    hw_tile = hw_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
-    hw_row_size = int64(R)
-    row_size = uint64(stride_dym)
-    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    full_end = tl.maximum(end - RUN_PADDING, start)
-    for r0 in range(start, full_end, BLOCK_M):
-        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-        acc = _step(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_tile + r0 * hw_row_size, n_ok[:, None],
-                    col_ok[None, :], acc, IEEE)
-    for r0 in range(full_end, end, BLOCK_M):
-        tokens = tl.load(sorted_tokens_ptr + r0 + steps).to(tl.uint32, bitcast=True)
-        acc = _step(dy_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_tile + r0 * hw_row_size,
-                    (tokens < num_tokens)[None, :] & n_ok[:, None], col_ok[None, :], acc, IEEE)
-    tl.store(db_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :], acc.to(db_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & col_ok[None, :])
+def lora_mixture_weight_grad_kernel(d_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_ptr, out_ptr, num_tokens, K, R,
+                                    stride_xm, stride_out_k, stride_out_r, seed_ptr, threshold, keep_scale,
+                                    DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+                                    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out_e[k, c] = sum over e's rows i of D(x)[t_i, k] d[i, c], stored at k * stride_out_k +
+    c * stride_out_r of expert e's (K, R) block; grid (expert, K tile, rank tile). Both expert weight
+    gradients:
 
+        dA_e^T = D(x)^T dh     x = x, d = dh, DROPOUT; strides (1, K) store dA_e (r, K)
+        dB_e   = dy^T hw       x = dy, d = hw (= s w_p h, rounded to the data dtype by
+                               lora_mixture_grad_h_kernel as a 16-bit GEMM of dy^T (s w h) would
+                               round it); strides (r, 1) store dB_e (N, r)
 
-@triton.jit(do_not_specialize=_PER_BATCH)
-def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_ptr, da_ptr, num_tokens, K, R,
-                               stride_xm, seed_ptr, threshold, keep_scale, DROPOUT: tl.constexpr,
-                               IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK_M: tl.constexpr):
-    """dA_e[c, k] = sum over e's rows i of dh[i, c] D(x)[t_i, k]; grid (expert, K tile, rank tile).
-    Computed transposed, dA_e^T = D(x)^T dh, so the MMA rows are BLOCK_K columns of x, not the rank
-    (as lora_da_kernel does, for Hopper's wgmma); the x rows are loaded as stored (rows along the
-    pairs, contiguous along K) and transposed in registers. Steps and gathers as in
-    lora_mixture_grad_b_kernel."""
+    dA_e is computed transposed so the MMA rows are BLOCK_K columns of x, not the rank (as
+    lora_da_kernel does, for Hopper's wgmma). The x rows are gathered through the sorted token table
+    (padding rows: token num_tokens, masked off) straight into the transposed (BLOCK_K, BLOCK_M)
+    tile (loaded as rows and transposed in registers, sm_80 issued 1.2-1.3x the instructions), with
+    unsigned 32 x 32 -> 64-bit row offsets; both operands at offsets from fixed pointer tiles; BLOCK_M
+    divides ALIGN_BLOCK, so a step never crosses an expert's padded run. The column and rank masks do
+    not change in the loop (clamped indices along the contiguous dimensions would cost the vector
+    loads). The structure of moe_down_weight_grad_kernel, with dropout and either store."""
     expert = tl.program_id(0)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
@@ -281,22 +255,22 @@ def lora_mixture_grad_a_kernel(dh_ptr, x_ptr, sorted_tokens_ptr, padded_offsets_
     k_ok = ks < K
     col_ok = cols < R
     steps = tl.arange(0, BLOCK_M)
-    x_cols = x_ptr + ks[None, :]
-    dh_tile = dh_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
-    dh_row_size = int64(R)
+    x_rows = x_ptr + ks[:, None]
+    d_tile = d_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
+    d_row_size = int64(R)
     row_size = uint64(stride_xm)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_M):
-        acc = _grad_a_step(acc, x_cols, dh_tile, sorted_tokens_ptr, r0, steps, row_size, dh_row_size, num_tokens,
-                           k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, False)
+        acc = _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, row_size, d_row_size, num_tokens,
+                                k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, False)
     for r0 in range(full_end, end, BLOCK_M):
-        acc = _grad_a_step(acc, x_cols, dh_tile, sorted_tokens_ptr, r0, steps, row_size, dh_row_size, num_tokens,
-                           k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, True)
+        acc = _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, row_size, d_row_size, num_tokens,
+                                k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, True)
     if DROPOUT:
         acc = acc * keep_scale
-    tl.store(da_ptr + expert.to(tl.int64) * R * K + cols[None, :] * K + ks[:, None], acc.to(da_ptr.dtype.element_ty),
-             mask=col_ok[None, :] & k_ok[:, None])
+    out = out_ptr + expert.to(tl.int64) * R * K + ks[:, None] * stride_out_k + cols[None, :] * stride_out_r
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -337,16 +311,16 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
 # Tiles (registry.Tile) of the many-experts kernels per (kernel, element size), as each kernel
 # takes them. The pair-block kernels (shrink, grad_h, grad_x) take BLOCK_M = ALIGN_BLOCK rows; their
 # second block is the reduction step (shrink: BLOCK_K over K, grad_h: BLOCK_N over N) or the output
-# columns (grad_x: BLOCK_K over K); grad_b / grad_a take their output tile over N / K (BLOCK_N /
-# BLOCK_K) and reduce over an expert's rows, BLOCK_M of them a step, with BLOCK_M equal to that
-# output tile (the padded runs are multiples of ALIGN_BLOCK, so of it too). 64 in 16-bit, 4 warps
+# columns (grad_x: BLOCK_K over K); weight_grad takes its output tile over K (or N: BLOCK_K) and
+# reduces over an expert's rows, BLOCK_M of them a step, with BLOCK_M equal to that output tile
+# (the padded runs are multiples of ALIGN_BLOCK, so of it too). 64 in 16-bit, 4 warps
 # (with 64-row tiles 8 warps would replicate the MMA), 3 stages; fp32 runs IEEE FMA dots (tests, not
 # speed) on 32 with 2 stages. The rank tile BLOCK_R is the rank rounded up to a power of two in
 # 16..64 (16..32 in fp32: its 64-wide FMA tiles spill); larger ranks run several rank tiles.
 def _tiles(size: int) -> dict[tuple[str, int], registry.Tile]:
     block, stages = (64, 3) if size == 2 else (32, 2)
     shapes = {"shrink": (ALIGN_BLOCK, None, block), "grad_h": (ALIGN_BLOCK, block, None),
-              "grad_b": (block, block, None), "grad_a": (block, None, block), "grad_x": (ALIGN_BLOCK, None, block)}
+              "weight_grad": (block, None, block), "grad_x": (ALIGN_BLOCK, None, block)}
     return {(name, size): registry.Tile(*shape, num_warps=4, num_stages=stages) for name, shape in shapes.items()}
 
 
@@ -426,13 +400,16 @@ def _segmented_backward(dy, x, weight, h, lora_a, lora_b, scaling, top_k_index, 
     # each row's token (padding rows: the sentinel M * k // k = M), as the MoE weight gradients read it
     sorted_tokens = sorted_pairs // top_k
     d_lora_b = runtime.empty(lora_b.shape, lora_b.dtype, x.device)
-    _launch("grad_b", lora_mixture_grad_b_kernel, lambda tile: (num_experts, _cdiv(n, tile.block_n), rank_tiles), x,
-            dy, hw, sorted_tokens, padded_offsets, d_lora_b, m, n, rank, dy.stride(0), BLOCK_R=block_r)
+    _launch("weight_grad", lora_mixture_weight_grad_kernel,
+            lambda tile: (num_experts, _cdiv(n, tile.block_k), rank_tiles), x,
+            hw, dy, sorted_tokens, padded_offsets, d_lora_b, m, n, rank, dy.stride(0), rank, 1,
+            **_dropout_args(0.0, seed), BLOCK_R=block_r)
 
     d_lora_a = runtime.empty(lora_a.shape, lora_a.dtype, x.device)
-    _launch("grad_a", lora_mixture_grad_a_kernel, lambda tile: (num_experts, _cdiv(k, tile.block_k), rank_tiles), x,
-            dh, x, sorted_tokens, padded_offsets, d_lora_a, m, k, rank, x.stride(0), **_dropout_args(dropout_p, seed),
-            BLOCK_R=block_r)
+    _launch("weight_grad", lora_mixture_weight_grad_kernel,
+            lambda tile: (num_experts, _cdiv(k, tile.block_k), rank_tiles), x,
+            dh, x, sorted_tokens, padded_offsets, d_lora_a, m, k, rank, x.stride(0), 1, k,
+            **_dropout_args(dropout_p, seed), BLOCK_R=block_r)
 
     if not input_grad:
         return x.new_empty(0), d_lora_a, d_lora_b, d_weights
@@ -477,12 +454,24 @@ _INDEX_POINTERS = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "padd
                    "keep_scale": "fp32"}
 
 
+def _variants(kernel) -> tuple[tuple[str, bool | None, dict[str, int]], ...]:
+    """(label suffix, DROPOUT (None: the kernel has no such flag), run-time values) of each code
+    variant the launchers start: dropout off and on where the kernel has it; the weight gradient as
+    dA (its store contiguous along K: stride_out_k = 1, a constant to the JIT), with and without
+    dropout, and as dB (contiguous along the rank)."""
+    if kernel is lora_mixture_weight_grad_kernel:
+        return ((" dA", False, {"stride_out_k": 1}), (" dA dropout", True, {"stride_out_k": 1}),
+                (" dB", False, {"stride_out_r": 1}))
+    if "DROPOUT" in kernel.arg_names:
+        return (("", False, {}), (" dropout", True, {}))
+    return (("", None, {}),)
+
+
 def _launches(kernel, aligned: tuple[str, ...]):
-    """Every launch the launchers above pick: each data dtype, each rank tile, dropout off and on
-    where the kernel has it. Ranks and model dimensions get the multiple-of-16 hint of the usual
-    r = 16, 32, 64 and hidden sizes; another rank JIT-compiles the same code without that hint."""
+    """Every launch the launchers above pick: each data dtype, each rank tile, each `_variants`.
+    Ranks and model dimensions get the multiple-of-16 hint of the usual r = 16, 32, 64 and hidden
+    sizes; another rank JIT-compiles the same code without that hint."""
     name = kernel.fn.__name__.removeprefix("lora_mixture_").removesuffix("_kernel")
-    has_dropout = "DROPOUT" in kernel.arg_names
 
     def launches():
         for info in DTYPES.values():
@@ -490,12 +479,12 @@ def _launches(kernel, aligned: tuple[str, ...]):
             signature = registry.signature(kernel, {**data, **_INDEX_POINTERS})
             for tile, archs, _ in TILES.registered((name, info.size)):
                 for block_r in _PAIR_BLOCK_R[info.size]:
-                    for dropout in ((False, True) if has_dropout else (False,)):
+                    for suffix, dropout, values in _variants(kernel):
                         constexprs = {"BLOCK_R": block_r, "IEEE": info.ieee}
-                        if has_dropout:
+                        if dropout is not None:
                             constexprs["DROPOUT"] = dropout
-                        yield registry.Launch.of(tile, f"{info.name} r{block_r}{' dropout' if dropout else ''}",
-                                                 signature, constexprs, archs=archs, aligned=aligned, pipelined=True,
+                        yield registry.Launch.of(tile, f"{info.name} r{block_r}{suffix}", signature, constexprs,
+                                                 archs=archs, aligned=aligned, pipelined=True, values=values,
                                                  extended=info.name == "fp16")
 
     registry.register(kernel, launches)
@@ -503,8 +492,7 @@ def _launches(kernel, aligned: tuple[str, ...]):
 
 _launches(lora_mixture_shrink_kernel, ("K", "R"))
 _launches(lora_mixture_grad_h_kernel, ("N", "R"))
-_launches(lora_mixture_grad_b_kernel, ("N", "R"))
-_launches(lora_mixture_grad_a_kernel, ("K", "R"))
+_launches(lora_mixture_weight_grad_kernel, ("K", "R"))
 _launches(lora_mixture_grad_x_kernel, ("K", "R"))
 
 

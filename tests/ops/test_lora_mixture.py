@@ -218,8 +218,8 @@ def test_no_tokens(request, backend):
 
 
 # ----------------------------------------------------------------------------- many experts (E * r > 256)
-SEGMENTED_KERNELS = ("lora_mixture_shrink_kernel", "lora_mixture_grad_h_kernel", "lora_mixture_grad_b_kernel",
-                     "lora_mixture_grad_a_kernel", "lora_mixture_grad_x_kernel")
+SEGMENTED_KERNELS = ("lora_mixture_shrink_kernel", "lora_mixture_grad_h_kernel", "lora_mixture_weight_grad_kernel",
+                     "lora_mixture_grad_x_kernel")
 
 
 class LaunchCounter:
@@ -273,7 +273,9 @@ def test_many_experts_kernels_match_float64(triton_cpu, kernel_calls, segmented_
     # K = 40, N = 36: past one 32-wide fp32 tile, inside one 64-wide 16-bit tile (masked)
     args = _inputs(12, 40, 36, experts, rank, top_k, dtype, bias)
     grads = _check(args, dropout_p)
-    assert _launch_counts(segmented_launches) == dict.fromkeys([*SEGMENTED_KERNELS, "moe_down_kernel"], 1)
+    # the weight-gradient kernel runs twice: dA and dB
+    assert _launch_counts(segmented_launches) == {**dict.fromkeys([*SEGMENTED_KERNELS, "moe_down_kernel"], 1),
+                                                  "lora_mixture_weight_grad_kernel": 2}
     assert all(c.count == 0 for c in kernel_calls.values())  # not the gated single-LoRA path
     _assert_unchosen_experts_get_zero(args, grads)
 
@@ -301,20 +303,19 @@ def test_many_experts_frozen_input_skips_dx(triton_cpu, segmented_launches):
     for name in grads:
         assert_close(f"d{name}", grads[name], oracle[name], None, factor=1)
     assert segmented_launches["lora_mixture_grad_x_kernel"].count == 0
-    assert segmented_launches["lora_mixture_grad_a_kernel"].count == 1
+    assert segmented_launches["lora_mixture_weight_grad_kernel"].count == 2
     _assert_unchosen_experts_get_zero(args, grads)
 
 
 def test_many_experts_efficiency_yardsticks():
-    """The efficiency gate holds the launches that drop out x in their main loop (shrink, grad_a) to
+    """The efficiency gate holds the launches that drop out x in their main loop (shrink, dA) to
     the dropout GEMM, every other many-experts launch (grad_x's mask is in its epilogue) to the plain
     GEMM, each at the launch's own (rows, columns, reduction) tile."""
     from padfree import efficiency
     from padfree.kernels import registry, textbook
 
     tiles = {"shrink": ("BLOCK_M", "BLOCK_R", "BLOCK_K"), "grad_h": ("BLOCK_M", "BLOCK_R", "BLOCK_N"),
-             "grad_b": ("BLOCK_N", "BLOCK_R", "BLOCK_M"), "grad_a": ("BLOCK_K", "BLOCK_R", "BLOCK_M"),
-             "grad_x": ("BLOCK_M", "BLOCK_K", "BLOCK_R")}
+             "weight_grad": ("BLOCK_K", "BLOCK_R", "BLOCK_M"), "grad_x": ("BLOCK_M", "BLOCK_K", "BLOCK_R")}
     seen = set()
     for entry in registry.all_kernels():
         short = entry.name.rsplit(".", 1)[-1]
@@ -325,13 +326,13 @@ def test_many_experts_efficiency_yardsticks():
             if not efficiency.is_hot(entry.name, launch):
                 continue
             kernel, reference = efficiency.reference_for(entry.name, launch)
-            dropout_loop = launch.constexprs.get("DROPOUT", False) and part in ("shrink", "grad_a")
+            dropout_loop = launch.constexprs.get("DROPOUT", False) and part in ("shrink", "weight_grad")
             assert kernel is textbook.textbook_gemm_kernel and reference.constexprs["DROPOUT"] == dropout_loop
             assert tuple(reference.constexprs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) == \
                 tuple(launch.constexprs[key] for key in tiles[part])
             seen.add((part, dropout_loop))
-    assert seen == {("shrink", False), ("shrink", True), ("grad_h", False), ("grad_b", False), ("grad_a", False),
-                    ("grad_a", True), ("grad_x", False)}
+    assert seen == {("shrink", False), ("shrink", True), ("grad_h", False), ("weight_grad", False),
+                    ("weight_grad", True), ("grad_x", False)}
 
 
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16),
