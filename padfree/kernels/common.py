@@ -1,4 +1,5 @@
-"""What every kernel family shares: the dtype map, the one `dot`, and 64-bit scalar arguments.
+"""What every kernel family shares: the dtype map, the one `dot`, the whole-steps-then-tail reduction
+loop, and 64-bit scalar arguments.
 
 Precision rule (one place): fp32 inputs multiply in exact IEEE fp32 (torch's default for fp32
 matmuls), never TF32, so fp32 results match a float64 reference to fp32 accuracy; 16-bit inputs
@@ -45,6 +46,25 @@ def dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def reduce_tiles(acc, a_tile, b_tile, b_step, size, b_cols_ok, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a[:, :size] @ b[:size, :] in BLOCK-wide reduction steps. a_tile points at the
+    (rows, BLOCK) tile of a's first BLOCK reduction columns (contiguous along them), b_tile at the
+    (BLOCK, cols) tile of b's first BLOCK rows, whose rows lie b_step elements apart. The whole steps
+    load without a reduction mask, then the partial one with it; b's column mask `b_cols_ok` (cols,)
+    is the same every step (a clamped index along b's contiguous columns would cost the vector
+    loads). Loads at an offset from the fixed tiles: advancing pointer tensors costs the pipelined
+    loop more (Triton 3.6 updates every element every step)."""
+    whole = size - size % BLOCK
+    for s0 in range(0, whole, BLOCK):
+        acc = dot(tl.load(a_tile + s0), tl.load(b_tile + s0 * b_step, mask=b_cols_ok[None, :], other=0.0), acc, IEEE)
+    if whole < size:
+        step_ok = tl.arange(0, BLOCK) < size - whole
+        acc = dot(tl.load(a_tile + whole, mask=step_ok[None, :], other=0.0),
+                  tl.load(b_tile + whole * b_step, mask=step_ok[:, None] & b_cols_ok[None, :], other=0.0), acc, IEEE)
+    return acc
 
 
 # A kernel's int argument as a 64-bit scalar, for offsets past 2^31: not `arg.to(...)`, since the JIT

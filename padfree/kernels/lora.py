@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
-from padfree.kernels.common import DTYPES, int64
+from padfree.kernels.common import DTYPES, int64, reduce_tiles
 from padfree.kernels.common import dot as _dot
 from padfree.reference import lora as reference
 
@@ -218,16 +218,7 @@ def _accumulate_dy_w(acc, dy_ptr, w_ptr, N, stride_dym, stride_wn, rows, ks, M, 
     ns = tl.arange(0, BLOCK_N)
     dy_tile = dy_ptr + tl.minimum(rows, M - 1)[:, None] * stride_dym + ns[None, :]
     w_tile = w_ptr + ns[:, None].to(tl.int64) * stride_wn + ks[None, :]
-    k_ok = ks[None, :] < K
-    whole = N - N % BLOCK_N
-    w_step = int64(stride_wn)
-    for n0 in range(0, whole, BLOCK_N):
-        acc = _dot(tl.load(dy_tile + n0), tl.load(w_tile + n0 * w_step, mask=k_ok, other=0.0), acc, IEEE)
-    if whole < N:
-        dy = tl.load(dy_tile + whole, mask=ns[None, :] < N - whole, other=0.0)
-        w = tl.load(w_tile + whole * w_step, mask=(ns[:, None] < N - whole) & k_ok, other=0.0)
-        acc = _dot(dy, w, acc, IEEE)
-    return acc
+    return reduce_tiles(acc, dy_tile, w_tile, int64(stride_wn), N, ks < K, BLOCK_N, IEEE)
 
 
 @triton.jit

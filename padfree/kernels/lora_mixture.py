@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import lora, moe, registry, runtime
-from padfree.kernels.common import DTYPES, int64, uint64
+from padfree.kernels.common import DTYPES, int64, reduce_tiles, uint64
 from padfree.kernels.common import dot as _dot
 from padfree.kernels.lora import _shrink_step, dropout_keep
 from padfree.reference import lora as lora_reference
@@ -182,20 +182,10 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
     cols = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < R
     rows, pairs, valid, tokens = _pair_rows(sorted_pairs_ptr, block, num_pairs, top_k, BLOCK_M)
-    # Whole steps, then the partial one, as in lora_mixture_shrink_kernel; the rank mask along B's
-    # contiguous dimension does not change in the loop (a clamped index there would cost the
-    # vector loads).
     ns = tl.arange(0, BLOCK_N)
     dy_tile = dy_ptr + tokens[:, None] * stride_dym + ns[None, :]
     b_tile = b_ptr + expert.to(tl.int64) * N * R + ns[:, None] * R + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    whole = N - N % BLOCK_N
-    for n0 in range(0, whole, BLOCK_N):
-        acc = _dot(tl.load(dy_tile + n0), tl.load(b_tile + n0 * R, mask=col_ok[None, :], other=0.0), acc, IEEE)
-    if whole < N:
-        n_ok = ns < N - whole
-        acc = _dot(tl.load(dy_tile + whole, mask=n_ok[None, :], other=0.0),
-                   tl.load(b_tile + whole * R, mask=n_ok[:, None] & col_ok[None, :], other=0.0), acc, IEEE)
+    acc = reduce_tiles(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), dy_tile, b_tile, R, N, col_ok, BLOCK_N, IEEE)
     tile = rows[:, None] * R + cols[None, :]
     h = tl.load(h_ptr + tile, mask=col_ok[None, :], other=0.0).to(tl.float32)
     tl.store(dw_partial_ptr + tile_r.to(tl.int64) * capacity + rows,
@@ -291,14 +281,7 @@ def lora_mixture_grad_x_kernel(dh_ptr, a_ptr, sorted_pairs_ptr, block_expert_ptr
     dh_tile = dh_ptr + rows[:, None] * R + rs[None, :]
     k_ok = ks < K
     a_tile = a_ptr + expert.to(tl.int64) * R * K + rs[:, None] * K + ks[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    whole = R - R % BLOCK_R
-    for r0 in range(0, whole, BLOCK_R):
-        acc = _dot(tl.load(dh_tile + r0), tl.load(a_tile + r0 * K, mask=k_ok[None, :], other=0.0), acc, IEEE)
-    if whole < R:
-        r_ok = rs < R - whole
-        acc = _dot(tl.load(dh_tile + whole, mask=r_ok[None, :], other=0.0),
-                   tl.load(a_tile + whole * K, mask=r_ok[:, None] & k_ok[None, :], other=0.0), acc, IEEE)
+    acc = reduce_tiles(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), dh_tile, a_tile, K, R, k_ok, BLOCK_R, IEEE)
     if DROPOUT:
         seed = tl.load(seed_ptr)
         keep = dropout_keep(seed, 0, tokens, k0, (K + 1) // 2, threshold, BLOCK_K)
