@@ -4,8 +4,13 @@ Every suite records, per benchmark, `extra_info` with shape, dtype, backend, dev
 versions, TFLOP/s (from the FLOP count the suite passes in), GB/s (from the bytes it passes in),
 peak memory (CUDA) and, for the forward+backward cases, `saved_bytes`: the activations the
 forward saves for backward (`padfree.benchmark.memory.SavedTensors`, any device). Timings
-synchronise the device inside the timed function, so pytest-benchmark's wall-clock stats are
-device times; rounds rotate nothing, so suites size their inputs well past the L2 cache on a GPU.
+synchronise the device inside the timed function, so pytest-benchmark's wall-clock stats are what
+a caller waits for: the host's work to launch the kernels plus the device's; rounds rotate nothing,
+so suites size their inputs well past the L2 cache on a GPU. On CUDA `run` also splits a call into
+`host_s` (the host's time to return from an unsynchronised call on an idle device: Python,
+checks, launches) and `device_s` (CUDA events around the call queued behind a sleep kernel, so the
+host has launched every kernel before the device reaches the first: the kernels' time alone),
+medians over the same number of rounds.
 """
 
 from __future__ import annotations
@@ -38,6 +43,35 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+# The sleep kernel before a `device_s` measurement holds the stream for twice the host time the
+# round just measured (at least 5 ms), counted in cycles of a clock no GPU here exceeds (2 GHz).
+SLEEP_CLOCK_HZ = 2e9
+MIN_SLEEP_S = 5e-3
+
+
+def host_and_device_seconds(fn: Callable[[], object], device: torch.device, rounds: int) -> tuple[float, float]:
+    """(median host seconds to launch `fn` on an idle CUDA device, median device seconds of its
+    kernels): see the module docstring."""
+    import statistics
+    import time
+
+    host, kernels = [], []
+    for _ in range(rounds):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - started)
+        synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(SLEEP_CLOCK_HZ * max(MIN_SLEEP_S, 2 * host[-1])))
+        begin.record()
+        fn()
+        end.record()
+        synchronize(device)
+        kernels.append(begin.elapsed_time(end) / 1e3)
+    return statistics.median(host), statistics.median(kernels)
 
 
 def saved_bytes(forward: Callable[[], object], existing) -> int:
@@ -80,6 +114,8 @@ def run(benchmark, fn: Callable[[], object], *, device: torch.device, flops: flo
         return
     median = benchmark.stats.stats.median
     info["median_s"] = median
+    if device.type == "cuda":
+        info["host_s"], info["device_s"] = host_and_device_seconds(fn, device, rounds)
     if flops is not None:
         info["tflops"] = flops / median / 1e12
     if bytes_moved is not None:

@@ -71,19 +71,25 @@ def attention_seconds(lengths: list[int], heads: int, head_dim: int, causal: boo
 
 def compare(benchmark_json: dict, jobs: int | None = None) -> str:
     """A Markdown table: each padfree attention benchmark of a pytest-benchmark JSON, its measured
-    median, the prediction, and measured / predicted."""
+    median, the prediction, and measured / predicted; where the run recorded them (CUDA runs since
+    bench/common.py splits a call), also the host's launch time and the kernels' device time, and
+    device / predicted, which leaves the host out of the comparison."""
     from padfree import efficiency
 
     cases = [b for b in benchmark_json["benchmarks"] if b.get("extra_info", {}).get("backend") == "padfree_varlen"]
     if not cases:
         raise ValueError("no padfree_varlen benchmark in this JSON (is it bench/test_attention.py's?)")
-    lines = ["| benchmark | measured ms | predicted ms (static, H100) | measured / predicted |", "|---|---|---|---|"]
+    split = any("device_s" in case["extra_info"] for case in cases)
+    header = ["benchmark", "measured ms", "predicted ms (static, H100)", "measured / predicted"]
+    if split:
+        header += ["host ms", "device ms", "device / predicted"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in cases:
         info = case["extra_info"]
         shape = info["shape"]
         if "lengths" not in shape or info.get("dtype") != "torch.bfloat16":
             lines.append(f"| {case['name']} | {case['stats']['median'] * 1e3:.4g} | no prediction (needs bf16 and "
-                         "the recorded lengths) | - |")
+                         "the recorded lengths) | -" + " | -" * (len(header) - 4) + " |")
             continue
         backward = info["pass_name"] == "forward_backward"
         wanted = {kind: attention_launch(kind, shape["head_dim"], shape["causal"])
@@ -93,7 +99,14 @@ def compare(benchmark_json: dict, jobs: int | None = None) -> str:
         predicted = attention_seconds(shape["lengths"], shape["heads"], shape["head_dim"], shape["causal"],
                                       backward, rows)
         measured = case["stats"]["median"]
-        lines.append(f"| {case['name']} | {measured * 1e3:.4g} | {predicted * 1e3:.4g} | {measured / predicted:.2f} |")
+        cells = [case["name"], f"{measured * 1e3:.4g}", f"{predicted * 1e3:.4g}", f"{measured / predicted:.2f}"]
+        if split:
+            if "device_s" in info:
+                cells += [f"{info['host_s'] * 1e3:.4g}", f"{info['device_s'] * 1e3:.4g}",
+                          f"{info['device_s'] / predicted:.2f}"]
+            else:
+                cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -73,6 +73,14 @@ def test_compare_analyzes_the_launches_it_predicts_with(monkeypatch):
     measured, predicted, ratio = (float(cell) for cell in line.split("|")[2:5])
     assert (measured, predicted) == (2.0, pytest.approx(expected * 1e3, rel=1e-3))
     assert ratio == pytest.approx(2e-3 / expected, rel=1e-2)
+    assert "device ms" not in table  # a run without the host/device split (CPU, or before it)
+
+    # a CUDA run also recorded the host's launch time and the kernels' device time
+    report["benchmarks"][0]["extra_info"].update(host_s=0.5e-3, device_s=1.25e-3)
+    line = next(line for line in predict.compare(report).splitlines() if "padfree_varlen" in line)
+    host, device, device_ratio = (float(cell) for cell in line.split("|")[5:8])
+    assert (host, device) == (0.5, 1.25)
+    assert device_ratio == pytest.approx(1.25e-3 / expected, rel=1e-2)
 
 
 def test_compare_refuses_a_json_without_padfree_runs():

@@ -54,3 +54,43 @@ def test_suite_markdown_gives_median_ratios_and_the_range_the_quartiles_allow(tm
         "|---|---|---|---|---|",
         "| h64 r8 fwd | 2.000 | 123 | 1.50x (1.08-2.00) | 0.50x (0.40-0.56) |",
         "| h64 r8 fwd_bwd | 4.000 | - | - | - |"]
+
+
+def test_cuda_timing_splits_host_launch_time_from_device_time(monkeypatch):
+    """On CUDA, `common.run` adds host_s (an unsynchronised call on an idle device) and device_s
+    (CUDA events around the call, queued behind a sleep kernel so the device runs the kernels
+    back to back). Checked with the CUDA calls faked: the order of the calls and which clock each
+    number comes from."""
+    import torch
+
+    from bench import common
+
+    log, clock = [], [0.0]
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            log.append("record")
+            self.at = len(log)
+
+        def elapsed_time(self, other):
+            return 2.5 * (other.at - self.at)  # milliseconds
+
+    def fn():
+        log.append("fn")
+        clock[0] += 0.004
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(f"sleep {cycles}"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: log.append("sync"))
+    monkeypatch.setattr("time.perf_counter", lambda: clock[0])
+    host, device = common.host_and_device_seconds(fn, torch.device("cuda", 0), rounds=3)
+    # the sleep covers twice the host time just measured, at least MIN_SLEEP_S
+    cycles = int(common.SLEEP_CLOCK_HZ * max(common.MIN_SLEEP_S, 2 * 0.004))
+    one_round = ["sync", "fn", "sync", f"sleep {cycles}", "record", "fn", "record", "sync"]
+    assert log == one_round * 3
+    assert host == 0.004  # the host clock around the unsynchronised call only
+    assert device == 2.5 * 2 / 1e3  # begin and end events two log entries apart, in seconds
