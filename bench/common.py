@@ -16,6 +16,8 @@ medians over the same number of rounds.
 from __future__ import annotations
 
 import datetime
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -54,9 +56,6 @@ MIN_SLEEP_S = 5e-3
 def host_and_device_seconds(fn: Callable[[], object], device: torch.device, rounds: int) -> tuple[float, float]:
     """(median host seconds to launch `fn` on an idle CUDA device, median device seconds of its
     kernels): see the module docstring."""
-    import statistics
-    import time
-
     host, kernels = [], []
     for _ in range(rounds):
         synchronize(device)

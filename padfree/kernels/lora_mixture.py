@@ -437,21 +437,18 @@ _INDEX_POINTERS = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "padd
                    "keep_scale": "fp32"}
 
 
-def _variants(kernel) -> tuple[tuple[str, bool | None, dict[str, int]], ...]:
-    """(label suffix, DROPOUT (None: the kernel has no such flag), run-time values) of each code
-    variant the launchers start: dropout off and on where the kernel has it; the weight gradient as
-    dA (its store contiguous along K: stride_out_k = 1, a constant to the JIT), with and without
-    dropout, and as dB (contiguous along the rank)."""
-    if kernel is lora_mixture_weight_grad_kernel:
-        return ((" dA", False, {"stride_out_k": 1}), (" dA dropout", True, {"stride_out_k": 1}),
-                (" dB", False, {"stride_out_r": 1}))
-    if "DROPOUT" in kernel.arg_names:
-        return (("", False, {}), (" dropout", True, {}))
-    return (("", None, {}),)
+# (label suffix, DROPOUT (None: the kernel has no such flag), run-time values) of each code variant a
+# launcher starts: dropout off and on where the kernel has it
+_DROPOUT_VARIANTS = (("", False, {}), (" dropout", True, {}))
+_PLAIN = (("", None, {}),)
+# the weight gradient as dA (its store contiguous along K: stride_out_k = 1, a constant to the JIT),
+# with and without dropout, and as dB (contiguous along the rank)
+_WEIGHT_GRAD_VARIANTS = ((" dA", False, {"stride_out_k": 1}), (" dA dropout", True, {"stride_out_k": 1}),
+                         (" dB", False, {"stride_out_r": 1}))
 
 
-def _launches(kernel, aligned: tuple[str, ...]):
-    """Every launch the launchers above pick: each data dtype, each rank tile, each `_variants`.
+def _launches(kernel, aligned: tuple[str, ...], variants=_PLAIN):
+    """Every launch the launchers above pick: each data dtype, each rank tile, each of `variants`.
     Ranks and model dimensions get the multiple-of-16 hint of the usual r = 16, 32, 64 and hidden
     sizes; another rank JIT-compiles the same code without that hint."""
     name = kernel.fn.__name__.removeprefix("lora_mixture_").removesuffix("_kernel")
@@ -462,7 +459,7 @@ def _launches(kernel, aligned: tuple[str, ...]):
             signature = registry.signature(kernel, {**data, **_INDEX_POINTERS})
             for tile, archs, _ in TILES.registered((name, info.size)):
                 for block_r in _PAIR_BLOCK_R[info.size]:
-                    for suffix, dropout, values in _variants(kernel):
+                    for suffix, dropout, values in variants:
                         constexprs = {"BLOCK_R": block_r, "IEEE": info.ieee}
                         if dropout is not None:
                             constexprs["DROPOUT"] = dropout
@@ -473,10 +470,10 @@ def _launches(kernel, aligned: tuple[str, ...]):
     registry.register(kernel, launches)
 
 
-_launches(lora_mixture_shrink_kernel, ("K", "R"))
+_launches(lora_mixture_shrink_kernel, ("K", "R"), _DROPOUT_VARIANTS)
 _launches(lora_mixture_grad_h_kernel, ("N", "R"))
-_launches(lora_mixture_weight_grad_kernel, ("K", "R"))
-_launches(lora_mixture_grad_x_kernel, ("K", "R"))
+_launches(lora_mixture_weight_grad_kernel, ("K", "R"), _WEIGHT_GRAD_VARIANTS)
+_launches(lora_mixture_grad_x_kernel, ("K", "R"), _DROPOUT_VARIANTS)
 
 
 # ----------------------------------------------------------------------------- shared-input groups

@@ -18,6 +18,12 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from padfree.kernels import attention, lora, lora_mixture, moe
 from padfree.ops import moe as moe_ops
 
+# every kernel the grouped MoE and many-experts mixture launchers start
+MOE_AND_MIXTURE_KERNELS = {
+    *(f"lora_mixture_{name}_kernel" for name in ("shrink", "grad_h", "weight_grad", "grad_x")),
+    *(f"moe_{name}_kernel" for name in ("gate_up", "down", "down_backward", "gate_up_backward_input",
+                                        "down_weight_grad", "gate_up_weight_grad"))}
+
 
 class Recorder:
     """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
@@ -113,9 +119,7 @@ def test_launches_with_every_batch_varying_integer_equal_to_one_compile_for_sm80
     assert set(compiled_for_sm80) == {
         "lora_shrink_kernel", "lora_forward_kernel", "lora_dx_kernel", "lora_da_kernel", "attention_fwd_kernel",
         "attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
-        *(f"lora_mixture_{name}_kernel" for name in ("shrink", "grad_h", "weight_grad", "grad_x")),
-        *(f"moe_{name}_kernel" for name in ("gate_up", "down", "down_backward", "gate_up_backward_input",
-                                            "down_weight_grad", "gate_up_weight_grad"))}
+        *MOE_AND_MIXTURE_KERNELS}
     for name, (_, rest) in compiled_for_sm80.items():
         constants = set(rest.split()[-1].split(",")) if len(rest.split()) > 2 else set()
         assert not constants & {"M", "total_q", "num_seqs", "num_blocks"}, (name, constants)
@@ -164,7 +168,8 @@ def _lora_launches(rows, seed):
 def mixture_launches(tokens, experts, rank, top_k, seed=7, dtype=torch.float16):
     """The LoRA mixture's forward and backward on the many-experts kernels (experts * rank > 256)."""
     k, n = 64, 32
-    x, weight, dy = torch.randn(tokens, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(tokens, n, dtype=dtype)
+    x, weight = torch.randn(tokens, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    dy = torch.randn(tokens, n, dtype=dtype)
     lora_a, lora_b = torch.randn(experts, rank, k, dtype=dtype), torch.randn(experts, n, rank, dtype=dtype)
     index = (torch.arange(tokens)[:, None] + torch.arange(top_k)) % experts
     weights, seed = torch.rand(tokens, top_k), torch.tensor(seed)
@@ -224,10 +229,7 @@ def test_moe_and_mixture_kernels_compile_once_for_every_token_count(monkeypatch)
         for name, key in _keys(launches):  # the weight-gradient kernel runs twice (dA, dB): the nth launch
             seen.append(name)
             variants.setdefault((name, seen.count(name)), set()).add(tuple(key))
-    assert {name for name, _ in variants} == {*(f"lora_mixture_{name}_kernel" for name in ("shrink", "grad_h", "weight_grad", "grad_x")),
-                             *(f"moe_{name}_kernel" for name in ("gate_up", "down", "down_backward",
-                                                                  "gate_up_backward_input", "down_weight_grad",
-                                                                  "gate_up_weight_grad"))}
+    assert {name for name, _ in variants} == MOE_AND_MIXTURE_KERNELS
     assert all(len(keys) == 1 for keys in variants.values()), {n: k for n, k in variants.items() if len(k) > 1}
 
 
