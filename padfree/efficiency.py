@@ -208,16 +208,10 @@ def gate(row: Efficiency) -> list[str]:
 # Rows the gate flags today, (kernel, launch label, arch) -> why they are accepted for now; docs/
 # efficiency.md ("Still open") gives the measurements. `verdict` fails a run on a flagged row not
 # listed here and on a listed row that now passes, so the list only ever shrinks to what holds.
-_MIXTURE_GATHER = ("each gathered 16-byte vector costs a token read back from shared memory and a 64-bit address "
-                   "against a rank-wide wgmma (sm_80 passes); doing about r FLOPs per byte it reads, the main loop's "
-                   "issue and MMA time is 1/4 (r16) to 1/2 (r64) of its HBM time by the model, so the overhead "
-                   "hides under the reads")
 ACCEPTED = {
     ("attention_bwd_dkdv_kernel", "bf16 d256 16x128 w8s2 dv pass has_right", 90):
         "8 B spill at 255 registers in the causal dv pass: one value stored before the loops and loaded after "
         "them (the plain and strided variants do not spill)",
-    **{("lora_mixture_weight_grad_kernel", f"bf16 r{r} {output}", 90): _MIXTURE_GATHER
-       for r in (16, 32, 64) for output in ("dA", "dB")},
 }
 
 

@@ -1,5 +1,5 @@
 """What every kernel family shares: the dtype map, the one `dot`, the whole-steps-then-tail reduction
-loop, and 64-bit scalar arguments.
+loop, 64-bit scalar arguments and gathered-row offsets.
 
 Precision rule (one place): fp32 inputs multiply in exact IEEE fp32 (torch's default for fp32
 matmuls), never TF32, so fp32 results match a float64 reference to fp32 accuracy; 16-bit inputs
@@ -80,3 +80,16 @@ def uint64(value):
     """The non-negative int32 scalar `value` zero-extended to uint64: a product with another
     zero-extended 32-bit value is one 32 x 32 -> 64-bit multiply."""
     return tl.full([], value, tl.uint32).to(tl.uint64)
+
+
+@triton.jit
+def row_offsets(ptr, rows, stride):
+    """The uint64 element offsets rows * stride from `ptr` of gathered rows (rows: uint32 row
+    indices, stride: a non-negative int32 argument). For 16-bit data they are written as byte
+    offsets shifted back, (rows * 2 stride) >> 1, with 2 stride < 2^32: LLVM cancels the shift
+    against the pointer's own x2, so each gathered address is one 32 x 32 + 64-bit multiply-add
+    (mad.wide.u32), not a multiply, a shift and a 64-bit add (4 -> 1 SASS instructions a vector on
+    sm_90). fp32 (tests, not speed) keeps the plain product: 4 stride need not fit 32 bits."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        return (rows.to(tl.uint64) * (tl.full([], stride, tl.uint32) * 2).to(tl.uint64)) >> 1
+    return rows.to(tl.uint64) * uint64(stride)

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import lora, moe, registry, runtime
-from padfree.kernels.common import DTYPES, int64, reduce_tiles, uint64
+from padfree.kernels.common import DTYPES, reduce_tiles, row_offsets
 from padfree.kernels.common import dot as _dot
 from padfree.kernels.lora import _shrink_step, dropout_keep
 from padfree.reference import lora as lora_reference
@@ -196,7 +196,7 @@ def lora_mixture_grad_h_kernel(dy_ptr, b_ptr, h_ptr, sorted_pairs_ptr, block_exp
 
 
 @triton.jit
-def _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, row_size, d_row_size, num_tokens, k_ok,
+def _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, stride_xm, R, num_tokens, k_ok,
                       col_ok, seed, k0, K, threshold, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_K: tl.constexpr, PADDED: tl.constexpr):
     """acc += D(x[tokens])^T d of the BLOCK_M rows at r0; PADDED: rows may be padding (token num_tokens)."""
@@ -204,11 +204,12 @@ def _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, row_siz
     mask = k_ok[:, None]
     if PADDED:
         mask = mask & (tokens < num_tokens)[None, :]
-    x_t = tl.load(x_rows + tokens.to(tl.uint64)[None, :] * row_size, mask=mask, other=0.0)
+    x_t = tl.load(x_rows + row_offsets(x_rows, tokens[None, :], stride_xm), mask=mask, other=0.0)
     if DROPOUT:
         keep = dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K)
         x_t = tl.where(tl.trans(keep), x_t, 0.0).to(x_t.dtype)
-    return _dot(x_t, tl.load(d_tile + r0 * d_row_size, mask=col_ok[None, :], other=0.0), acc, IEEE)
+    d = tl.load(d_tile + row_offsets(d_tile, tl.full([], r0, tl.uint32), R), mask=col_ok[None, :], other=0.0)
+    return _dot(x_t, d, acc, IEEE)
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
@@ -228,11 +229,12 @@ def lora_mixture_weight_grad_kernel(d_ptr, x_ptr, sorted_tokens_ptr, padded_offs
     dA_e is computed transposed so the MMA rows are BLOCK_K columns of x, not the rank (as
     lora_da_kernel does, for Hopper's wgmma). The x rows are gathered through the sorted token table
     (padding rows: token num_tokens, masked off) straight into the transposed (BLOCK_K, BLOCK_M)
-    tile (loaded as rows and transposed in registers, sm_80 issued 1.2-1.3x the instructions), with
-    unsigned 32 x 32 -> 64-bit row offsets; both operands at offsets from fixed pointer tiles; BLOCK_M
-    divides ALIGN_BLOCK, so a step never crosses an expert's padded run. The column and rank masks do
-    not change in the loop (clamped indices along the contiguous dimensions would cost the vector
-    loads). The structure of moe_down_weight_grad_kernel, with dropout and either store."""
+    tile (loaded as rows and transposed in registers, sm_80 issued 1.2-1.3x the instructions); both
+    operands at `row_offsets` from fixed pointer tiles (one 32 x 32 + 64-bit multiply-add an
+    address); BLOCK_M divides ALIGN_BLOCK, so a step never crosses an expert's padded run. The
+    column and rank masks do not change in the loop (clamped indices along the contiguous
+    dimensions would cost the vector loads). The structure of moe_down_weight_grad_kernel, with
+    dropout and either store."""
     expert = tl.program_id(0)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
@@ -247,15 +249,13 @@ def lora_mixture_weight_grad_kernel(d_ptr, x_ptr, sorted_tokens_ptr, padded_offs
     steps = tl.arange(0, BLOCK_M)
     x_rows = x_ptr + ks[:, None]
     d_tile = d_ptr + steps[:, None].to(tl.int64) * R + cols[None, :]
-    d_row_size = int64(R)
-    row_size = uint64(stride_xm)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_M):
-        acc = _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, row_size, d_row_size, num_tokens,
+        acc = _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, stride_xm, R, num_tokens,
                                 k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, False)
     for r0 in range(full_end, end, BLOCK_M):
-        acc = _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, row_size, d_row_size, num_tokens,
+        acc = _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, stride_xm, R, num_tokens,
                                 k_ok, col_ok, seed, k0, K, threshold, DROPOUT, IEEE, BLOCK_K, True)
     if DROPOUT:
         acc = acc * keep_scale
@@ -307,7 +307,13 @@ def _tiles(size: int) -> dict[tuple[str, int], registry.Tile]:
     return {(name, size): registry.Tile(*shape, num_warps=4, num_stages=stages) for name, shape in shapes.items()}
 
 
-TILES = registry.TileTable({**_tiles(2), **_tiles(4)})
+# sm_90's 16-bit weight gradient runs 2 stages: its gathered loop issues 1.12-1.19x the plain GEMM's
+# instructions per MFLOP there, against 1.16-1.21x with 3 (sm_80 the reverse: 2 stages 1.05-1.28x,
+# 3 stages 0.84-0.99x); 64x64 tiles are 6-10 CTAs an SM, which hide the loads the stage does not.
+_WEIGHT_GRAD_SM90 = registry.Tile(64, None, 64, num_warps=4, num_stages=2)
+TILES = registry.TileTable({**_tiles(2), **_tiles(4)}, arch_defaults={90: {("weight_grad", 2): _WEIGHT_GRAD_SM90}},
+                           only_on={(("weight_grad", 2), _tiles(2)["weight_grad", 2]): (80, 86, 89),
+                                    (("weight_grad", 2), _WEIGHT_GRAD_SM90): (90,)})
 _PAIR_BLOCK_R = {2: (16, 32, 64), 4: (16, 32)}
 
 

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from padfree.kernels import registry, runtime
-from padfree.kernels.common import DTYPES, DType, int64, uint64
+from padfree.kernels.common import DTYPES, DType, row_offsets
 from padfree.kernels.common import dot as _dot
 
 ALIGN_BLOCK = 64
@@ -210,19 +210,19 @@ def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_
     ks = tl.arange(0, BLOCK_K)
     grad_cols = grad_out_ptr + out_rows[:, None]
     hw_rows = hw_ptr + ks[:, None].to(tl.int64) * inter + cols[None, :]
-    hw_row_size = int64(inter)
-    row_size = uint64(hidden)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_K):
-        # unsigned: token ids are >= 0, and a 32 x 32 -> 64-bit product is one instruction
+        # unsigned: token ids are >= 0; row_offsets makes each address one 32 x 32 + 64-bit multiply-add
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
         # an offset from fixed pointers: pointers advanced in the loop cost the pipelined loop more
-        acc = _step(grad_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_rows + r0 * hw_row_size,
+        acc = _step(grad_cols + row_offsets(grad_cols, tokens[None, :], hidden),
+                    hw_rows + row_offsets(hw_rows, tl.full([], r0, tl.uint32), inter),
                     out_ok[:, None], col_ok[None, :], acc, IEEE)
     for r0 in range(full_end, end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
-        acc = _step(grad_cols + tokens.to(tl.uint64)[None, :] * row_size, hw_rows + r0 * hw_row_size,
+        acc = _step(grad_cols + row_offsets(grad_cols, tokens[None, :], hidden),
+                    hw_rows + row_offsets(hw_rows, tl.full([], r0, tl.uint32), inter),
                     (tokens < num_tokens)[None, :] & out_ok[:, None], col_ok[None, :], acc, IEEE)
     out = grad_w2_ptr + expert.to(tl.int64) * hidden * inter + out_rows[:, None] * inter + cols[None, :]
     tl.store(out, acc.to(grad_w2_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
@@ -273,18 +273,18 @@ def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, p
     end = tl.load(padded_offsets_ptr + expert + 1)
     ks = tl.arange(0, BLOCK_K)
     grad_rows = grad_gate_up_ptr + ks[None, :].to(tl.int64) * (2 * inter) + out_rows[:, None]
-    grad_row_size = int64(2 * inter)
     x_cols = x_ptr + cols[None, :]
-    row_size = uint64(stride_xn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)  # unsigned: see the dW2 kernel
-        acc = _step(grad_rows + r0 * grad_row_size, x_cols + tokens.to(tl.uint64)[:, None] * row_size,
+        acc = _step(grad_rows + row_offsets(grad_rows, tl.full([], r0, tl.uint32), 2 * inter),
+                    x_cols + row_offsets(x_cols, tokens[:, None], stride_xn),
                     out_ok[:, None], col_ok[None, :], acc, IEEE)
     for r0 in range(full_end, end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
-        acc = _step(grad_rows + r0 * grad_row_size, x_cols + tokens.to(tl.uint64)[:, None] * row_size,
+        acc = _step(grad_rows + row_offsets(grad_rows, tl.full([], r0, tl.uint32), 2 * inter),
+                    x_cols + row_offsets(x_cols, tokens[:, None], stride_xn),
                     out_ok[:, None], (tokens < num_tokens)[:, None] & col_ok[None, :], acc, IEEE)
     out = grad_w1_ptr + expert.to(tl.int64) * (2 * inter) * hidden + out_rows[:, None] * hidden + cols[None, :]
     tl.store(out, acc.to(grad_w1_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
