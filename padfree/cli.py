@@ -94,8 +94,7 @@ def _compile_check_arguments(parser: argparse.ArgumentParser) -> None:
                              "grid-stride attention variants of the flag subsets (see registry.Launch)")
     parser.add_argument("--efficiency", action="store_true",
                         help="instead, the static efficiency report of the hot bf16 launches (with --all: tuning "
-                             "candidates too) and its gate: exit 1 on a flagged row not in efficiency.ACCEPTED, "
-                             "or an accepted row that passes")
+                             "candidates too) and its gate: exit 1 when a row is flagged")
     parser.add_argument("--json", action="store_true", help="with --efficiency: JSON rows instead of a table")
     parser.add_argument("--baseline", default=None, metavar="REPORT.json",
                         help="with --efficiency: judge the rows against this report of the same launches "
@@ -125,16 +124,11 @@ def _compile_check(args: argparse.Namespace) -> int:
             for row, why in failures:
                 print(f"  worse: {row.kernel} {row.label} sm_{row.arch}: {why}", file=sys.stderr)
             return 1 if failures else 0
-        flagged = sum(bool(row.flags) for row in rows)
-        unexpected, stale = efficiency.verdict(rows)
-        print(f"efficiency gate: {len(rows) - flagged} pass, {flagged} flagged "
-              f"({flagged - len(unexpected)} of them accepted in efficiency.ACCEPTED)", file=sys.stderr)
-        for row in unexpected:
+        flagged = [row for row in rows if row.flags]
+        print(f"efficiency gate: {len(rows) - len(flagged)} pass, {len(flagged)} flagged", file=sys.stderr)
+        for row in flagged:
             print(f"  flagged: {row.kernel} {row.label} sm_{row.arch}: {'; '.join(row.flags)}", file=sys.stderr)
-        for row in stale:
-            print(f"  passes now, remove it from efficiency.ACCEPTED: {row.kernel} {row.label} sm_{row.arch}",
-                  file=sys.stderr)
-        return 1 if unexpected or stale else 0
+        return 1 if flagged else 0
     archs = args.arch or list(registry.ARCHS)
     results = [] if args.cuda_only else compile_check.run(archs, args.kernel, args.jobs, extended=args.all)
     if args.cuda or args.cuda_only:

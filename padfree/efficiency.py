@@ -205,28 +205,6 @@ def gate(row: Efficiency) -> list[str]:
     return flags
 
 
-# Rows the gate flags today, (kernel, launch label, arch) -> why they are accepted for now; docs/
-# efficiency.md ("Still open") gives the measurements. `verdict` fails a run on a flagged row not
-# listed here and on a listed row that now passes, so the list only ever shrinks to what holds.
-ACCEPTED = {
-    ("attention_bwd_dkdv_kernel", "bf16 d256 16x128 w8s2 dv pass has_right", 90):
-        "8 B spill at 255 registers in the causal dv pass: one value stored before the loops and loaded after "
-        "them (the plain and strided variants do not spill)",
-}
-
-
-def _key(row: "Efficiency") -> tuple[str, str, int]:
-    return row.kernel.rsplit(".", 1)[-1], row.label, row.arch
-
-
-def verdict(rows: list["Efficiency"]) -> tuple[list["Efficiency"], list["Efficiency"]]:
-    """(flagged rows not in ACCEPTED, rows in ACCEPTED that pass): the gate fails when either is
-    non-empty. Only the rows given are judged (a run over some kernels or archs judges those)."""
-    unexpected = [row for row in rows if row.flags and _key(row) not in ACCEPTED]
-    stale = [row for row in rows if not row.flags and _key(row) in ACCEPTED]
-    return unexpected, stale
-
-
 # ---- the same launches under another Triton ---------------------------------------------------------
 # The JIT compiles with the Triton the user's torch pins, which need not be the one the gate reads
 # (CI's 3.9; torch 2.11 pins 3.6, which once ran the LoRA GEMM loops at 2.2x their 3.9 count).
@@ -238,6 +216,10 @@ MAX_TRITON_GROWTH = 1.25
 def from_json(text: str) -> list[Efficiency]:
     """Rows written by `to_json` (the `ratio` key, a derived property, is dropped)."""
     return [Efficiency(**{key: value for key, value in row.items() if key != "ratio"}) for row in json.loads(text)]
+
+
+def _key(row: Efficiency) -> tuple[str, str, int]:
+    return row.kernel.rsplit(".", 1)[-1], row.label, row.arch
 
 
 def against_baseline(rows: list[Efficiency], baseline: list[Efficiency]) -> list[tuple[Efficiency, str]]:

@@ -451,14 +451,19 @@ def _dkdv_entry(entry, seed, Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, Blocks
             slope = 0.0
             if ALIBI:
                 slope = tl.load(Alibi + seq * stride_alibi + head)
-            # masked query blocks [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi); unrolled
-            bounds = (lo, full_lo, full_hi, hi)
+            # unmasked query blocks [full_lo, full_hi), then masked [full_hi, hi), then masked [lo, full_lo),
+            # unrolled. The causal diagonal ([lo, full_lo)) goes last, as it does in the forward and dq:
+            # ptxas computes the addresses of a loop's first loads before the loops ahead of it, and
+            # those would stay live across the loop with the most live values (head dim 256, sm_90: the
+            # causal dv pass spilled 8 B at 255 registers with the diagonal first, 250 and none last)
+            starts = (full_lo, full_hi, lo)
+            stops = (full_hi, hi, full_lo)
             for part in tl.static_range(3):
-                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, bounds[part], bounds[part + 1],
+                dk, dv = _dkdv_queries(dk, dv, k, v, Q, DOut, Lse, Delta, q_start, starts[part], stops[part],
                                        head, stride_qt, stride_qh, stride_dot, stride_doh, total_q, offs_n, tile_m,
                                        offs_d, d_ok, sq, sk, diagonal, softmax_scale, softcap, slope, window_left,
                                        window_right, dropout_p, seed, seq, num_heads, BLOCK_M, HAS_LEFT, HAS_RIGHT,
-                                       SOFTCAP, ALIBI, DROPOUT, PRECISION, part != 1, OUTPUT)
+                                       SOFTCAP, ALIBI, DROPOUT, PRECISION, part != 0, OUTPUT)
         if OUTPUT != "dv":
             tl.store(_tile(DK, k_start + block_start, stride_dkt, kv_head, stride_dkh, tile_n, offs_d),
                      (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_ok)
