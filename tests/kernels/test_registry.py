@@ -237,6 +237,17 @@ def test_compile_check_fails_a_config_over_the_shared_memory_of_its_arch(tmp_pat
         assert "ok=False" in lines[arch] and f"{arch} allows 101376 B" in lines[arch], lines
 
 
+def test_compile_check_queues_retargeted_archs_after_the_builds_they_reuse():
+    """sm_86/sm_89 jobs retarget sm_80's build; queued after every build, they find it in Triton's
+    cache instead of a second worker compiling it again (CI's compile check: sm_86 was 4.4x sm_89)."""
+    from padfree import compile_check
+
+    jobs = compile_check.plan([80, 86, 89, 90])
+    retargeted = [index for index, (_, _, arch) in enumerate(jobs) if arch in compile_check.SAME_PTX_AS]
+    built = [index for index, (_, _, arch) in enumerate(jobs) if arch not in compile_check.SAME_PTX_AS]
+    assert retargeted and built and max(built) < min(retargeted)
+
+
 def test_compile_check_compiles_extended_launches_only_when_asked():
     from padfree import compile_check
     from padfree.kernels import attention
