@@ -85,11 +85,13 @@ def uint64(value):
 @triton.jit
 def row_offsets(ptr, rows, stride):
     """The uint64 element offsets rows * stride from `ptr` of gathered rows (rows: uint32 row
-    indices, stride: a non-negative int32 argument). For 16-bit data they are written as byte
+    indices, or a non-negative int32 scalar such as a loop's row; stride: a non-negative int32
+    argument). For 16-bit data they are written as byte
     offsets shifted back, (rows * 2 stride) >> 1, with 2 stride < 2^32: LLVM cancels the shift
     against the pointer's own x2, so each gathered address is one 32 x 32 + 64-bit multiply-add
     (mad.wide.u32), not a multiply, a shift and a 64-bit add (4 -> 1 SASS instructions a vector on
     sm_90). fp32 (tests, not speed) keeps the plain product: 4 stride need not fit 32 bits."""
+    rows = tl.cast(rows, tl.uint32, bitcast=True).to(tl.uint64)
     if ptr.dtype.element_ty.primitive_bitwidth == 16:
-        return (rows.to(tl.uint64) * (tl.full([], stride, tl.uint32) * 2).to(tl.uint64)) >> 1
-    return rows.to(tl.uint64) * uint64(stride)
+        return (rows * (tl.full([], stride, tl.uint32) * 2).to(tl.uint64)) >> 1
+    return rows * uint64(stride)

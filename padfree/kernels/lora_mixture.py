@@ -208,7 +208,7 @@ def _weight_grad_step(acc, x_rows, d_tile, sorted_tokens_ptr, r0, steps, stride_
     if DROPOUT:
         keep = dropout_keep(seed, 0, tokens.to(tl.int64), k0, (K + 1) // 2, threshold, BLOCK_K)
         x_t = tl.where(tl.trans(keep), x_t, 0.0).to(x_t.dtype)
-    d = tl.load(d_tile + row_offsets(d_tile, tl.full([], r0, tl.uint32), R), mask=col_ok[None, :], other=0.0)
+    d = tl.load(d_tile + row_offsets(d_tile, r0, R), mask=col_ok[None, :], other=0.0)
     return _dot(x_t, d, acc, IEEE)
 
 

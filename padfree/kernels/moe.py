@@ -217,12 +217,12 @@ def moe_down_weight_grad_kernel(grad_out_ptr, hw_ptr, sorted_tokens_ptr, padded_
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
         # an offset from fixed pointers: pointers advanced in the loop cost the pipelined loop more
         acc = _step(grad_cols + row_offsets(grad_cols, tokens[None, :], hidden),
-                    hw_rows + row_offsets(hw_rows, tl.full([], r0, tl.uint32), inter),
+                    hw_rows + row_offsets(hw_rows, r0, inter),
                     out_ok[:, None], col_ok[None, :], acc, IEEE)
     for r0 in range(full_end, end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
         acc = _step(grad_cols + row_offsets(grad_cols, tokens[None, :], hidden),
-                    hw_rows + row_offsets(hw_rows, tl.full([], r0, tl.uint32), inter),
+                    hw_rows + row_offsets(hw_rows, r0, inter),
                     (tokens < num_tokens)[None, :] & out_ok[:, None], col_ok[None, :], acc, IEEE)
     out = grad_w2_ptr + expert.to(tl.int64) * hidden * inter + out_rows[:, None] * inter + cols[None, :]
     tl.store(out, acc.to(grad_w2_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
@@ -278,12 +278,12 @@ def moe_gate_up_weight_grad_kernel(grad_gate_up_ptr, x_ptr, sorted_tokens_ptr, p
     full_end = tl.maximum(end - RUN_PADDING, start)
     for r0 in range(start, full_end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)  # unsigned: see the dW2 kernel
-        acc = _step(grad_rows + row_offsets(grad_rows, tl.full([], r0, tl.uint32), 2 * inter),
+        acc = _step(grad_rows + row_offsets(grad_rows, r0, 2 * inter),
                     x_cols + row_offsets(x_cols, tokens[:, None], stride_xn),
                     out_ok[:, None], col_ok[None, :], acc, IEEE)
     for r0 in range(full_end, end, BLOCK_K):
         tokens = tl.load(sorted_tokens_ptr + r0 + ks).to(tl.uint32, bitcast=True)
-        acc = _step(grad_rows + row_offsets(grad_rows, tl.full([], r0, tl.uint32), 2 * inter),
+        acc = _step(grad_rows + row_offsets(grad_rows, r0, 2 * inter),
                     x_cols + row_offsets(x_cols, tokens[:, None], stride_xn),
                     out_ok[:, None], (tokens < num_tokens)[:, None] & col_ok[None, :], acc, IEEE)
     out = grad_w1_ptr + expert.to(tl.int64) * (2 * inter) * hidden + out_rows[:, None] * hidden + cols[None, :]
